@@ -5,6 +5,7 @@
 //! pass in the current time and fresh random bytes; everything here can be tested in
 //! microseconds.
 
+pub mod detect;
 pub mod id;
 pub mod path;
 pub mod run;

@@ -1,0 +1,53 @@
+//! Limits and timeouts of the app-traffic listener.
+
+use std::time::Duration;
+
+/// Tunables of a [`crate::Router`] and its listener.
+///
+/// The defaults suit a single machine serving a handful of apps; every field explains what it
+/// protects against.
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    /// Largest request body forwarded to an app. A declared `Content-Length` above it is
+    /// refused with 413 before any byte of the body is read; a streamed body is cut off when it
+    /// crosses it.
+    pub max_request_body: u64,
+    /// How long opening a connection to an app may take before the request fails with 504.
+    pub connect_timeout: Duration,
+    /// How long the app may take to send its response headers before the request fails with
+    /// 504. Bodies are not bounded: long downloads and event streams are legitimate.
+    pub response_header_timeout: Duration,
+    /// How long an idle keep-alive connection to an app is kept for reuse.
+    pub pool_idle_timeout: Duration,
+    /// Idle keep-alive connections kept per route and I/O thread; more concurrent requests
+    /// open more connections, but only this many stay open once idle.
+    pub pool_max_idle_per_upstream: usize,
+    /// How long a client may take to send a complete request head (slowloris guard).
+    pub header_read_timeout: Duration,
+    /// Connections accepted at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// Dedicated I/O threads serving the listener, each with its own single-threaded runtime
+    /// that keeps a connection, and the upstream connections it uses, on one thread (default:
+    /// one per CPU; about 15-20% more proxied requests per second than a shared work-stealing
+    /// runtime in `docs/bench-router.md`). 0 serves on the runtime that calls [`crate::serve`].
+    pub io_threads: usize,
+    /// After the shutdown signal, how long in-flight requests may run before their
+    /// connections are dropped.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            max_request_body: 100 * 1024 * 1024,
+            connect_timeout: Duration::from_secs(5),
+            response_header_timeout: Duration::from_secs(60),
+            pool_idle_timeout: Duration::from_secs(30),
+            pool_max_idle_per_upstream: 32,
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            io_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! App-traffic router: a host-based HTTP reverse proxy and static file server with an
+//! atomically swappable routing table.
+//!
+//! The router knows nothing about runs, the store or sandboxes. The engine fills the table
+//! ([`Router::set`], [`Router::remove`], [`Router::replace_all`]) with a [`Route`] per host:
+//! an [`Upstream`] it can open connections to, a [`StaticSite`] directory, or an
+//! [`Unavailable`] page; [`serve`] answers requests on the app-traffic listener.
+//!
+//! Invariants:
+//! - no lock on the request path: one `ArcSwap` load per request;
+//! - no body is ever buffered whole: requests and responses stream in both directions;
+//! - no internal detail (error text, socket or host path) reaches a visitor: router-made
+//!   responses are fixed pages named by `X-Slipway-Error` ([`ErrorCode`]);
+//! - an upstream route's connection pool dies with the route: once the route left the table
+//!   and its last request finished, no connection to the old instance stays open.
+//!
+//! Status codes: unknown host 404, malformed host 400, stopped 410, failed deploy 503
+//! (`deploy_failed`), not ready 503 + `Retry-After`, app refusing connections or answering
+//! garbage 502, connect or response-header timeout 504, body over the limit 413.
+//!
+//! Proxying: HTTP/1.1 and HTTP/2 (prior knowledge) from clients, HTTP/1.1 with keep-alive to
+//! apps, one small connection pool per upstream route (and I/O thread); hop-by-hop headers are
+//! dropped both ways; `X-Forwarded-For` gets the client address appended, `X-Forwarded-Proto`
+//! (`http`) and `X-Forwarded-Host` are set by the router alone; the client's `Host` is passed
+//! on unchanged. `Upgrade` requests (WebSocket) are proxied and the two connections spliced.
+//!
+//! Static sites ([`StaticSite`]): strong `ETag` from file identity and change times,
+//! `Last-Modified`, conditional requests, single byte ranges, precompressed `.br`/`.gz`
+//! siblings, `/dir` → 308 `/dir/` → `dir/index.html`, optional SPA fallback, no listings, no
+//! dotfiles (except `.well-known`), nothing outside the root (`openat2` + `RESOLVE_BENEATH`;
+//! absolute symlinks are refused), HTML `no-cache`, other files `public, max-age=300`.
+
+mod body;
+mod config;
+mod error_page;
+mod host;
+mod proxy;
+mod server;
+mod static_files;
+mod table;
+
+pub use body::{BoxError, RouterBody};
+pub use config::RouterConfig;
+pub use error_page::{ErrorCode, ERROR_HEADER};
+pub use server::serve;
+pub use static_files::{StaticSite, StaticSiteError};
+pub use table::{Drain, Route, RouteError, Router, Unavailable, UnavailableKind, Upstream};

@@ -1,0 +1,496 @@
+//! Reverse proxy to app instances: HTTP/1.1 with pooled keep-alive connections, streaming
+//! bodies both ways, and HTTP Upgrade (WebSocket) splicing.
+
+use std::error::Error as _;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use hyper::body::{Body as _, Incoming};
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{
+    HeaderName, HeaderValue, CONNECTION, EXPECT, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
+use hyper::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
+use tracing::{debug, warn};
+
+use crate::body::{BodyTooLarge, LimitedBody, RouterBody};
+use crate::config::RouterConfig;
+use crate::error_page::{error_response, ErrorCode};
+use crate::table::{InFlightGuard, Upstream};
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// The connection pool of one upstream route. It lives in the route's table entry, so it is
+/// dropped (closing its idle connections) once the route has left the table and its last
+/// request has finished; the old instance then sees no lingering keep-alive connections.
+///
+/// Connections are HTTP/1.1 (`hyper::client::conn::http1`), one request at a time each. A
+/// connection goes back to the idle list when its response body has been read to the end;
+/// a response abandoned half-way closes its connection.
+pub(crate) struct UpstreamPool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    upstream: Arc<dyn Upstream>,
+    name: String,
+    /// One idle list per shard (see [`current_shard`]), each oldest first, so checkout takes
+    /// the warmest connection and expiry looks at the front.
+    idle: Box<[Mutex<Vec<IdleConnection>>]>,
+    max_idle: usize,
+    idle_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+struct IdleConnection {
+    sender: SendRequest<LimitedBody>,
+    since: Instant,
+}
+
+impl UpstreamPool {
+    pub(crate) fn new(upstream: Arc<dyn Upstream>, config: &RouterConfig) -> Self {
+        let inner = PoolInner {
+            name: upstream.name(),
+            upstream,
+            idle: (0..SHARDS).map(|_| Mutex::new(Vec::new())).collect(),
+            max_idle: config.pool_max_idle_per_upstream,
+            idle_timeout: config.pool_idle_timeout,
+            connect_timeout: config.connect_timeout,
+        };
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Sends `request` on an idle connection, or a new one. A request that never left because
+    /// the reused connection turned out to be closed (the app hung up while it sat idle) is
+    /// retried once on a fresh connection.
+    async fn send(
+        &self,
+        request: Request<LimitedBody>,
+    ) -> Result<(Response<Incoming>, Checkin), UpstreamError> {
+        let shard = current_shard();
+        let (mut sender, reused) = match self.inner.take_idle(shard) {
+            Some(sender) => (sender, true),
+            None => (self.inner.connect().await?, false),
+        };
+        let checkin = |sender| Checkin {
+            sender,
+            shard,
+            pool: Arc::downgrade(&self.inner),
+        };
+        match sender.try_send_request(request).await {
+            Ok(response) => Ok((response, checkin(sender))),
+            Err(mut err) => match err.take_message() {
+                Some(request) if reused => {
+                    let mut sender = self.inner.connect().await?;
+                    let response = sender
+                        .send_request(request)
+                        .await
+                        .map_err(UpstreamError::Http)?;
+                    Ok((response, checkin(sender)))
+                }
+                _ => Err(UpstreamError::Http(err.into_error())),
+            },
+        }
+    }
+}
+
+impl PoolInner {
+    fn lock_idle(&self, shard: usize) -> std::sync::MutexGuard<'_, Vec<IdleConnection>> {
+        // A panic while holding the lock leaves at worst a connection too many or too few.
+        self.idle[shard % SHARDS]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn take_idle(&self, shard: usize) -> Option<SendRequest<LimitedBody>> {
+        let mut idle = self.lock_idle(shard);
+        while let Some(connection) = idle.pop() {
+            if connection.sender.is_ready() && connection.since.elapsed() < self.idle_timeout {
+                return Some(connection.sender);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self) -> Result<SendRequest<LimitedBody>, UpstreamError> {
+        let stream = tokio::time::timeout(self.connect_timeout, self.upstream.connect())
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout(self.connect_timeout))?
+            .map_err(UpstreamError::Connect)?;
+        // Small request/response exchanges must not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(UpstreamError::Http)?;
+        let name = self.name.clone();
+        tokio::spawn(async move {
+            if let Err(err) = connection.with_upgrades().await {
+                debug!(upstream = %name, error = %err, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    fn put_idle(&self, shard: usize, sender: SendRequest<LimitedBody>) {
+        let now = Instant::now();
+        let mut idle = self.lock_idle(shard);
+        // Expire from the front (oldest) on the way; no timer task needed.
+        while idle
+            .first()
+            .is_some_and(|c| now.duration_since(c.since) >= self.idle_timeout)
+        {
+            idle.remove(0);
+        }
+        if idle.len() < self.max_idle {
+            idle.push(IdleConnection { sender, since: now });
+        }
+    }
+}
+
+/// Idle lists per pool. Each thread takes connections from and returns them to its own list,
+/// so with [`crate::RouterConfig::io_threads`] a connection is used by the thread whose
+/// runtime drives it, without waking another thread per request.
+const SHARDS: usize = 8;
+
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
+}
+
+fn current_shard() -> usize {
+    SHARD.with(|shard| *shard)
+}
+
+/// A connection lent to one response; handed back to its pool when the response body has
+/// been read to the end, dropped (closing the connection) otherwise.
+pub(crate) struct Checkin {
+    sender: SendRequest<LimitedBody>,
+    /// The shard of the thread that checked the connection out, which is where its
+    /// connection task runs when it was opened there.
+    shard: usize,
+    pool: Weak<PoolInner>,
+}
+
+impl Checkin {
+    pub(crate) fn finish(self, body_complete: bool) {
+        if !body_complete || self.sender.is_closed() {
+            return;
+        }
+        let Some(pool) = self.pool.upgrade() else {
+            return;
+        };
+        if self.sender.is_ready() {
+            pool.put_idle(self.shard, self.sender);
+            return;
+        }
+        // The connection task has not yet noticed the end of the response; let it, then pool.
+        // Outside a runtime (a body dropped during shutdown) the connection is just closed.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (mut sender, shard) = (self.sender, self.shard);
+        let pool = Arc::downgrade(&pool);
+        runtime.spawn(async move {
+            if sender.ready().await.is_ok() {
+                if let Some(pool) = pool.upgrade() {
+                    pool.put_idle(shard, sender);
+                }
+            }
+        });
+    }
+}
+
+/// Why forwarding to an upstream failed; only ever logged.
+#[derive(Debug, thiserror::Error)]
+enum UpstreamError {
+    #[error("connecting to upstream timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("connecting to upstream failed")]
+    Connect(#[source] std::io::Error),
+    #[error("upstream exchange failed")]
+    Http(#[source] hyper::Error),
+}
+
+/// Forwards `req` to the app behind `pool` and turns its answer (or failure) into the response
+/// sent to the client. `guard` is held until the response body (or upgraded connection) ends.
+pub(crate) async fn forward(
+    pool: &UpstreamPool,
+    config: &RouterConfig,
+    mut req: Request<Incoming>,
+    client_ip: &HeaderValue,
+    guard: InFlightGuard,
+    json: bool,
+) -> Response<RouterBody> {
+    if req.body().size_hint().lower() > config.max_request_body {
+        return error_response(ErrorCode::BodyTooLarge, json);
+    }
+    let upgrade = upgrade_protocol(&req);
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+
+    let (mut parts, body) = req.into_parts();
+    let original_host = parts.headers.get(HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(EXPECT);
+    add_forwarded(&mut parts.headers, client_ip, original_host);
+    if let Some(protocol) = &upgrade {
+        parts
+            .headers
+            .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(UPGRADE, protocol.clone());
+    }
+    parts.uri = upstream_uri(&parts.uri);
+    parts.version = Version::HTTP_11;
+
+    let exceeded = Arc::new(AtomicBool::new(false));
+    let body = LimitedBody::new(body, config.max_request_body, Arc::clone(&exceeded));
+    let request = Request::from_parts(parts, body);
+
+    let result = tokio::time::timeout(config.response_header_timeout, pool.send(request)).await;
+    let (mut response, checkin) = match result {
+        Err(_) => {
+            warn!(upstream = %pool.inner.name, "upstream response headers timed out");
+            return error_response(ErrorCode::UpstreamTimeout, json);
+        }
+        Ok(Err(err)) => {
+            let code = classify(&err, exceeded.load(Ordering::Acquire));
+            if code != ErrorCode::BodyTooLarge {
+                warn!(upstream = %pool.inner.name, error = %error_chain(&err), "proxying to upstream failed");
+            }
+            return error_response(code, json);
+        }
+        Ok(Ok(exchange)) => exchange,
+    };
+
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            warn!(upstream = %pool.inner.name, "upstream switched protocols without being asked");
+            return error_response(ErrorCode::UpstreamError, json);
+        };
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let name = pool.inner.name.clone();
+        tokio::spawn(async move {
+            // Counted as in flight until either side closes.
+            let _guard = guard;
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((client, upstream)) => {
+                    let mut client = TokioIo::new(client);
+                    let mut upstream = TokioIo::new(upstream);
+                    if let Err(err) =
+                        tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+                    {
+                        debug!(upstream = %name, error = %err, "upgraded connection ended with an error");
+                    }
+                }
+                Err(err) => debug!(upstream = %name, error = %err, "upgrade did not complete"),
+            }
+        });
+        let (mut parts, _empty) = response.into_parts();
+        let protocol = parts.headers.get(UPGRADE).cloned();
+        strip_hop_by_hop(&mut parts.headers);
+        parts
+            .headers
+            .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(protocol) = protocol {
+            parts.headers.insert(UPGRADE, protocol);
+        }
+        return Response::from_parts(parts, RouterBody::empty());
+    }
+
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, RouterBody::proxied(body, checkin, guard))
+}
+
+/// The protocol a client asks to upgrade to, when it does so properly (HTTP/1.1,
+/// `Connection: upgrade` and an `Upgrade` header).
+fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let asks = connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"));
+    asks.then(|| req.headers().get(UPGRADE).cloned()).flatten()
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes the headers that describe one hop rather than the message (RFC 9110 §7.6.1),
+/// including those the `Connection` header names.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one cheap pass avoids a dozen hash lookups per message.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = connection_tokens(headers)
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in [
+        CONNECTION,
+        KEEP_ALIVE,
+        TE,
+        TRAILER,
+        TRANSFER_ENCODING,
+        UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    let proxy_headers: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("proxy-"))
+        .cloned()
+        .collect();
+    for name in proxy_headers {
+        headers.remove(name);
+    }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == CONNECTION
+        || name == KEEP_ALIVE
+        || name == TE
+        || name == TRAILER
+        || name == TRANSFER_ENCODING
+        || name == UPGRADE
+        || name.as_str().starts_with("proxy-")
+}
+
+/// Tells the app who really asked: the client address is appended to `X-Forwarded-For` (the
+/// router is the edge, so earlier entries are whatever the client claimed), proto and host are
+/// set by the router alone.
+fn add_forwarded(
+    headers: &mut HeaderMap,
+    client_ip: &HeaderValue,
+    original_host: Option<HeaderValue>,
+) {
+    let previous: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if previous.is_empty() {
+        headers.insert(X_FORWARDED_FOR, client_ip.clone());
+    } else {
+        let ip = client_ip.to_str().unwrap_or_default();
+        let forwarded_for = format!("{}, {ip}", previous.join(", "));
+        // Made of header values and an IP address, so it is a valid header value.
+        if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+            headers.insert(X_FORWARDED_FOR, value);
+        }
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    match original_host {
+        Some(host) => {
+            headers.insert(X_FORWARDED_HOST, host.clone());
+            headers.insert(HOST, host);
+        }
+        None => {
+            headers.remove(X_FORWARDED_HOST);
+        }
+    }
+}
+
+/// The request target sent upstream: origin-form (path and query only), whatever form the
+/// client used (HTTP/2 and absolute-form targets carry scheme and authority).
+fn upstream_uri(uri: &Uri) -> Uri {
+    match uri.path_and_query() {
+        Some(pq) if pq.as_str().starts_with('/') => Uri::from(pq.clone()),
+        _ => Uri::from_static("/"),
+    }
+}
+
+fn classify(err: &UpstreamError, body_too_large: bool) -> ErrorCode {
+    if body_too_large {
+        return ErrorCode::BodyTooLarge;
+    }
+    match err {
+        UpstreamError::ConnectTimeout(_) => ErrorCode::UpstreamTimeout,
+        UpstreamError::Connect(_) => ErrorCode::UpstreamUnreachable,
+        UpstreamError::Http(err) => {
+            let mut source = err.source();
+            while let Some(cause) = source {
+                if cause.downcast_ref::<BodyTooLarge>().is_some() {
+                    return ErrorCode::BodyTooLarge;
+                }
+                source = cause.source();
+            }
+            ErrorCode::UpstreamError
+        }
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, X-Secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("proxy-authorization", "Basic x"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("trailer", "x"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-kept", "yes"),
+        ] {
+            headers.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        strip_hop_by_hop(&mut headers);
+        let names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn upstream_uri_keeps_path_and_query_only() {
+        let uri: Uri = "http://app.example/a/b?c=d".parse().unwrap();
+        assert_eq!(upstream_uri(&uri).to_string(), "/a/b?c=d");
+        let uri: Uri = "/x?y".parse().unwrap();
+        assert_eq!(upstream_uri(&uri).to_string(), "/x?y");
+        let uri: Uri = "*".parse().unwrap();
+        assert_eq!(upstream_uri(&uri).to_string(), "/");
+    }
+}

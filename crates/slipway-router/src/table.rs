@@ -1,0 +1,379 @@
+//! The routing table: host name → route, swapped atomically.
+//!
+//! Readers (every request) do one lock-free `ArcSwap` load and a hash lookup. Writers (the
+//! engine) are serialised by a mutex, build a new map and swap it in, so a request sees either
+//! the old table or the new one, never a half-updated one.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use futures_util::future::BoxFuture;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use crate::config::RouterConfig;
+use crate::error_page::ErrorCode;
+use crate::proxy::UpstreamPool;
+use crate::static_files::StaticSite;
+
+/// A place the router can open connections to: one app instance.
+///
+/// The engine implements it by opening a socket inside the sandbox's network namespace; the
+/// router only ever calls [`Upstream::connect`] and never learns where the socket leads.
+pub trait Upstream: Send + Sync + 'static {
+    /// Opens a fresh connection to the app. Called when no idle pooled connection is left.
+    fn connect(&self) -> BoxFuture<'static, io::Result<TcpStream>>;
+    /// A short name for logs (a run or instance id); never shown to visitors.
+    fn name(&self) -> String;
+}
+
+/// What a host is routed to.
+#[derive(Clone)]
+pub enum Route {
+    /// A running app, reverse-proxied.
+    Upstream(Arc<dyn Upstream>),
+    /// A static release, served from disk by the router itself.
+    Static(StaticSite),
+    /// Nothing to serve right now; the router answers with an error page.
+    Unavailable(Unavailable),
+}
+
+impl Route {
+    /// Whether `self` and `other` would serve identically, so replacing one by the other can
+    /// keep the existing connection pool and in-flight count.
+    fn same_as(&self, other: &Route) -> bool {
+        match (self, other) {
+            (Route::Upstream(a), Route::Upstream(b)) => Arc::ptr_eq(a, b),
+            (Route::Static(a), Route::Static(b)) => a == b,
+            (Route::Unavailable(a), Route::Unavailable(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Debug for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Route::Upstream(u) => f.debug_tuple("Upstream").field(&u.name()).finish(),
+            Route::Static(s) => f.debug_tuple("Static").field(s).finish(),
+            Route::Unavailable(u) => f.debug_tuple("Unavailable").field(u).finish(),
+        }
+    }
+}
+
+/// Why a host has nothing to serve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnavailableKind {
+    /// The deployment was stopped: 410 Gone.
+    Stopped,
+    /// The run failed to build or start: 503 (`deploy_failed`), without `Retry-After`.
+    Failed,
+    /// The run is still being built or started: 503 with `Retry-After`.
+    NotReady,
+}
+
+impl UnavailableKind {
+    /// The error code (and so status and `X-Slipway-Error`) of this state.
+    pub fn code(self) -> ErrorCode {
+        match self {
+            Self::Stopped => ErrorCode::Stopped,
+            Self::Failed => ErrorCode::DeployFailed,
+            Self::NotReady => ErrorCode::NotReady,
+        }
+    }
+}
+
+/// An error page standing in for an app. `title` and `detail` replace the default texts; they
+/// are shown to anyone, so they must not contain internal details.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unavailable {
+    pub kind: UnavailableKind,
+    pub title: Option<String>,
+    pub detail: Option<String>,
+}
+
+impl Unavailable {
+    /// The default page of `kind`.
+    pub fn new(kind: UnavailableKind) -> Self {
+        Self {
+            kind,
+            title: None,
+            detail: None,
+        }
+    }
+
+    /// Replaces the default title.
+    pub fn with_title(mut self, title: impl Into<String>) -> Self {
+        self.title = Some(title.into());
+        self
+    }
+
+    /// Replaces the default explanation.
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+}
+
+/// A host name the table cannot hold.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("invalid host name {host:?}")]
+    InvalidHost { host: String },
+}
+
+/// Counts the requests (and upgraded connections) a route is serving.
+pub(crate) struct InFlight {
+    count: AtomicUsize,
+    zero: Notify,
+}
+
+impl InFlight {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            count: AtomicUsize::new(0),
+            zero: Notify::new(),
+        })
+    }
+
+    pub(crate) fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(Arc::clone(self))
+    }
+}
+
+/// Held for as long as one request (including its response body, or its upgraded
+/// connection) is being served.
+pub(crate) struct InFlightGuard(Arc<InFlight>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.zero.notify_waiters();
+        }
+    }
+}
+
+/// A handle on one route's in-flight work, returned when the route leaves the table, so the
+/// engine can wait for it to finish before stopping the instance behind it.
+///
+/// Holding a `Drain` does not keep the route's connection pool alive: the pool is dropped as
+/// soon as the last request using it completes.
+#[derive(Clone)]
+pub struct Drain {
+    host: String,
+    in_flight: Arc<InFlight>,
+}
+
+impl Drain {
+    /// The host the route was serving.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Requests and upgraded connections still being served by the route.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.count.load(Ordering::Acquire)
+    }
+
+    /// Resolves once nothing is in flight on the route. Upgraded connections (WebSockets) count
+    /// until they close, so callers usually bound this with a timeout.
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.in_flight.zero.notified();
+            tokio::pin!(notified);
+            // Register before checking, so a decrement to zero between the check and the await
+            // is not missed.
+            notified.as_mut().enable();
+            if self.in_flight() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl fmt::Debug for Drain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Drain")
+            .field("host", &self.host)
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}
+
+/// One row of the table: the route plus the state that lives exactly as long as it.
+pub(crate) struct RouteEntry {
+    pub(crate) route: Route,
+    /// Keep-alive connections to the upstream; `None` for non-upstream routes.
+    pub(crate) pool: Option<UpstreamPool>,
+    pub(crate) in_flight: Arc<InFlight>,
+}
+
+type Table = HashMap<String, Arc<RouteEntry>>;
+
+/// The app-traffic router: a routing table plus the settings of its listener. Share it as
+/// `Arc<Router>` between [`crate::serve`] and the engine.
+pub struct Router {
+    table: ArcSwap<Table>,
+    /// Serialises writers so concurrent updates cannot lose each other.
+    writer: Mutex<()>,
+    config: RouterConfig,
+}
+
+impl Router {
+    /// An empty table: every host answers 404 until routes are set.
+    pub fn new(config: RouterConfig) -> Self {
+        Self {
+            table: ArcSwap::from_pointee(HashMap::new()),
+            writer: Mutex::new(()),
+            config,
+        }
+    }
+
+    /// The settings this router was built with.
+    pub fn config(&self) -> &RouterConfig {
+        &self.config
+    }
+
+    /// Routes `host` (any case, port and trailing dot ignored) to `route`. Returns the drain
+    /// handle of the route it replaced, unless that route was the same (same `Arc` upstream,
+    /// same static site, same page), in which case the existing pool is kept.
+    ///
+    /// # Errors
+    /// [`RouteError::InvalidHost`] when `host` is not a host name.
+    pub fn set(&self, host: &str, route: Route) -> Result<Option<Drain>, RouteError> {
+        let key = table_key(host)?;
+        let _writer = self.lock_writer();
+        let current = self.table.load();
+        if let Some(old) = current.get(&key) {
+            if old.route.same_as(&route) {
+                return Ok(None);
+            }
+        }
+        let mut next: Table = (**current).clone();
+        let old = next.insert(key.clone(), Arc::new(self.entry(route)));
+        self.table.store(Arc::new(next));
+        Ok(old.map(|old| drain(key, &old)))
+    }
+
+    /// Removes the route of `host`; the host answers 404 from now on.
+    pub fn remove(&self, host: &str) -> Option<Drain> {
+        let key = table_key(host).ok()?;
+        let _writer = self.lock_writer();
+        let current = self.table.load();
+        if !current.contains_key(&key) {
+            return None;
+        }
+        let mut next: Table = (**current).clone();
+        let old = next.remove(&key);
+        self.table.store(Arc::new(next));
+        old.map(|old| drain(key, &old))
+    }
+
+    /// Replaces the whole table in one swap. Routes equal to the current ones keep their pools;
+    /// the drains of every route that left or changed are returned.
+    ///
+    /// # Errors
+    /// [`RouteError::InvalidHost`] when any host is not a host name; the table is then unchanged.
+    pub fn replace_all(&self, routes: HashMap<String, Route>) -> Result<Vec<Drain>, RouteError> {
+        let routes = routes
+            .into_iter()
+            .map(|(host, route)| Ok((table_key(&host)?, route)))
+            .collect::<Result<Vec<_>, RouteError>>()?;
+        let _writer = self.lock_writer();
+        let current = self.table.load_full();
+        let mut next = Table::with_capacity(routes.len());
+        for (key, route) in routes {
+            let entry = match current.get(&key) {
+                Some(old) if old.route.same_as(&route) => Arc::clone(old),
+                _ => Arc::new(self.entry(route)),
+            };
+            next.insert(key, entry);
+        }
+        let drains = current
+            .iter()
+            .filter(|(key, old)| next.get(*key).is_none_or(|new| !Arc::ptr_eq(old, new)))
+            .map(|(key, old)| drain(key.clone(), old))
+            .collect();
+        self.table.store(Arc::new(next));
+        Ok(drains)
+    }
+
+    /// The route of `host`, if any.
+    pub fn get(&self, host: &str) -> Option<Route> {
+        self.lookup(&table_key(host).ok()?).map(|e| e.route.clone())
+    }
+
+    /// The hosts in the table, sorted.
+    pub fn hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = self.table.load().keys().cloned().collect();
+        hosts.sort();
+        hosts
+    }
+
+    /// Requests in flight on the current route of `host`.
+    pub fn in_flight(&self, host: &str) -> Option<usize> {
+        self.drain_handle(host).map(|d| d.in_flight())
+    }
+
+    /// A drain handle on the current route of `host`.
+    pub fn drain_handle(&self, host: &str) -> Option<Drain> {
+        let key = table_key(host).ok()?;
+        self.lookup(&key).map(|entry| drain(key, &entry))
+    }
+
+    /// The entry of an already-normalised host: the request path.
+    pub(crate) fn lookup(&self, key: &str) -> Option<Arc<RouteEntry>> {
+        self.table.load().get(key).cloned()
+    }
+
+    fn entry(&self, route: Route) -> RouteEntry {
+        let pool = match &route {
+            Route::Upstream(upstream) => {
+                Some(UpstreamPool::new(Arc::clone(upstream), &self.config))
+            }
+            _ => None,
+        };
+        RouteEntry {
+            route,
+            pool,
+            in_flight: InFlight::new(),
+        }
+    }
+
+    fn lock_writer(&self) -> std::sync::MutexGuard<'_, ()> {
+        // The guarded data is `()`: a writer that panicked left nothing inconsistent.
+        self.writer
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl fmt::Debug for Router {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Router")
+            .field("hosts", &self.hosts())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+fn drain(host: String, entry: &RouteEntry) -> Drain {
+    Drain {
+        host,
+        in_flight: Arc::clone(&entry.in_flight),
+    }
+}
+
+fn table_key(host: &str) -> Result<String, RouteError> {
+    crate::host::normalise(host.as_bytes())
+        .map(|h| h.into_owned())
+        .ok_or_else(|| RouteError::InvalidHost {
+            host: host.to_owned(),
+        })
+}

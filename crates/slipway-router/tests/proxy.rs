@@ -1,0 +1,394 @@
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use slipway_router::{Route, RouterConfig, Upstream};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+use crate::util::{
+    closed_port, empty, eventually, full, Client, Loopback, Req, TestBody, TestRouter, TestUpstream,
+};
+
+#[tokio::test]
+async fn forwards_get_and_post_with_bodies() {
+    let router = TestRouter::start_default().await;
+    let upstream = TestUpstream::echo().await;
+    router.set("app.test", upstream.route());
+    let client = Client::new(router.addr);
+
+    let get = client.get("app.test", "/path/x?q=1&r=%20").await;
+    assert_eq!(get.status, StatusCode::OK);
+    let seen = get.echoed();
+    assert_eq!(seen["method"], "GET");
+    assert_eq!(seen["uri"], "/path/x?q=1&r=%20");
+    assert_eq!(get.body.len(), 0);
+
+    let body = "x".repeat(100_000);
+    let post = client
+        .send(Req::new(Method::POST, "app.test", "/submit").body(body.clone()))
+        .await;
+    assert_eq!(post.status, StatusCode::OK);
+    assert_eq!(post.echoed()["method"], "POST");
+    assert_eq!(post.text(), body);
+}
+
+#[tokio::test]
+async fn forwards_headers_and_adds_x_forwarded() {
+    let router = TestRouter::start_default().await;
+    let upstream = TestUpstream::echo().await;
+    router.set("app.test", upstream.route());
+    let client = Client::new(router.addr);
+
+    let reply = client
+        .send(
+            Req::get("App.Test:8443", "/")
+                .header("x-custom", "kept")
+                .header("authorization", "Bearer t")
+                .header("x-forwarded-for", "203.0.113.7")
+                .header("x-forwarded-proto", "https")
+                .header("x-forwarded-host", "evil.test"),
+        )
+        .await;
+    let headers = &reply.echoed()["headers"];
+    assert_eq!(headers["x-custom"][0], "kept");
+    assert_eq!(headers["authorization"][0], "Bearer t");
+    assert_eq!(
+        headers["host"][0], "App.Test:8443",
+        "the app sees the Host the client sent"
+    );
+    assert_eq!(headers["x-forwarded-for"][0], "203.0.113.7, 127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"][0], "http");
+    assert_eq!(headers["x-forwarded-host"][0], "App.Test:8443");
+
+    let plain = client.get("app.test", "/").await;
+    assert_eq!(plain.echoed()["headers"]["x-forwarded-for"][0], "127.0.0.1");
+}
+
+#[tokio::test]
+async fn strips_hop_by_hop_headers_both_ways() {
+    let router = TestRouter::start_default().await;
+    let upstream = TestUpstream::start(|req: Request<Incoming>| async move {
+        let names: Vec<String> = req
+            .headers()
+            .keys()
+            .map(|n| n.as_str().to_owned())
+            .collect();
+        Response::builder()
+            .header("connection", "x-upstream-private")
+            .header("x-upstream-private", "secret")
+            .header("keep-alive", "timeout=99")
+            .header("proxy-authenticate", "Basic")
+            .header("x-upstream-public", "yes")
+            .body(full(names.join(",")))
+            .unwrap()
+    })
+    .await;
+    router.set("app.test", upstream.route());
+    let reply = Client::new(router.addr)
+        .send(
+            Req::get("app.test", "/")
+                .header("connection", "x-private")
+                .header("x-private", "1")
+                .header("keep-alive", "timeout=5")
+                .header("proxy-authorization", "Basic eA==")
+                .header("te", "trailers")
+                .header("upgrade", "h2c")
+                .header("x-public", "1"),
+        )
+        .await;
+    let seen = reply.text();
+    let seen: Vec<&str> = seen.split(',').collect();
+    for stripped in [
+        "x-private",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "upgrade",
+    ] {
+        assert!(
+            !seen.contains(&stripped),
+            "{stripped} reached the app: {seen:?}"
+        );
+    }
+    assert!(seen.contains(&"x-public"), "{seen:?}");
+    assert_eq!(reply.header("x-upstream-public"), Some("yes"));
+    for stripped in ["x-upstream-private", "keep-alive", "proxy-authenticate"] {
+        assert_eq!(
+            reply.header(stripped),
+            None,
+            "{stripped} reached the client"
+        );
+    }
+}
+
+#[tokio::test]
+async fn reuses_upstream_connections() {
+    let router = TestRouter::start_default().await;
+    let upstream = TestUpstream::named("app").await;
+    router.set("app.test", upstream.route());
+    let client = Client::new(router.addr);
+    for _ in 0..30 {
+        assert_eq!(client.get("app.test", "/").await.text(), "app");
+    }
+    let connections = upstream.connections.load(Ordering::SeqCst);
+    assert_eq!(upstream.requests.load(Ordering::SeqCst), 30);
+    assert!(
+        connections < 30,
+        "no keep-alive reuse: {connections} connections for 30 requests"
+    );
+    assert!(
+        connections <= 2,
+        "{connections} connections for sequential requests"
+    );
+}
+
+#[tokio::test]
+async fn refused_connection_is_502() {
+    let router = TestRouter::start_default().await;
+    router.set(
+        "down.test",
+        Route::Upstream(Arc::new(Loopback(closed_port().await))),
+    );
+    let client = Client::new(router.addr);
+    let reply = client.get("down.test", "/").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(reply.error_code(), Some("upstream_unreachable"));
+    let text = reply.text();
+    assert!(
+        !text.contains("127.0.0.1") && !text.to_lowercase().contains("refused"),
+        "leaks detail: {text}"
+    );
+}
+
+#[tokio::test]
+async fn upstream_closing_without_answer_is_502() {
+    let router = TestRouter::start_default().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = tokio::spawn(async move {
+        loop {
+            // Accept and immediately hang up: the app "crashed" mid-request.
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            drop(stream);
+        }
+    });
+    router.set("crash.test", Route::Upstream(Arc::new(Loopback(addr))));
+    let reply = Client::new(router.addr).get("crash.test", "/").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(reply.error_code(), Some("upstream_error"));
+    app.abort();
+}
+
+#[tokio::test]
+async fn slow_upstream_is_504() {
+    let config = RouterConfig {
+        response_header_timeout: Duration::from_millis(200),
+        ..RouterConfig::default()
+    };
+    let router = TestRouter::start(config).await;
+    let upstream = TestUpstream::start(|_req| async move {
+        std::future::pending::<()>().await;
+        Response::new(empty())
+    })
+    .await;
+    router.set("slow.test", upstream.route());
+    let reply = Client::new(router.addr).get("slow.test", "/").await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(reply.error_code(), Some("upstream_timeout"));
+}
+
+/// An upstream whose connect never completes (a sandbox that stopped answering SYNs).
+struct BlackHole;
+
+impl Upstream for BlackHole {
+    fn connect(&self) -> BoxFuture<'static, std::io::Result<TcpStream>> {
+        Box::pin(std::future::pending())
+    }
+
+    fn name(&self) -> String {
+        "black hole".into()
+    }
+}
+
+#[tokio::test]
+async fn connect_timeout_is_504() {
+    let config = RouterConfig {
+        connect_timeout: Duration::from_millis(100),
+        ..RouterConfig::default()
+    };
+    let router = TestRouter::start(config).await;
+    router.set("hole.test", Route::Upstream(Arc::new(BlackHole)));
+    let reply = Client::new(router.addr).get("hole.test", "/").await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(reply.error_code(), Some("upstream_timeout"));
+}
+
+#[tokio::test]
+async fn declared_body_over_limit_is_413_without_reaching_the_app() {
+    let config = RouterConfig {
+        max_request_body: 1024,
+        ..RouterConfig::default()
+    };
+    let router = TestRouter::start(config).await;
+    let upstream = TestUpstream::echo().await;
+    router.set("app.test", upstream.route());
+    let client = Client::new(router.addr);
+
+    let reply = client
+        .send(Req::new(Method::POST, "app.test", "/").body(vec![b'x'; 2048]))
+        .await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(reply.error_code(), Some("body_too_large"));
+    assert_eq!(upstream.requests.load(Ordering::SeqCst), 0);
+
+    let at_limit = client
+        .send(Req::new(Method::POST, "app.test", "/").body(vec![b'x'; 1024]))
+        .await;
+    assert_eq!(at_limit.status, StatusCode::OK);
+    assert_eq!(at_limit.body.len(), 1024);
+}
+
+#[tokio::test]
+async fn streamed_body_over_limit_is_cut_off_with_413() {
+    let config = RouterConfig {
+        max_request_body: 64 * 1024,
+        ..RouterConfig::default()
+    };
+    let router = TestRouter::start(config).await;
+    let upstream = TestUpstream::echo().await;
+    router.set("app.test", upstream.route());
+    // No Content-Length: chunked, 16 chunks of 8 KiB = twice the limit.
+    let chunks = futures_util::stream::iter(
+        (0..16).map(|_| Ok::<_, crate::util::BoxError>(Frame::data(Bytes::from(vec![b'y'; 8192])))),
+    );
+    let body: TestBody = StreamBody::new(chunks).boxed();
+    let reply = Client::new(router.addr)
+        .send(Req::new(Method::POST, "app.test", "/").stream_body(body))
+        .await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(reply.error_code(), Some("body_too_large"));
+}
+
+#[tokio::test]
+async fn drain_waits_for_in_flight_responses_of_a_replaced_route() {
+    let router = TestRouter::start_default().await;
+    let (release_tx, release_rx) = oneshot::channel::<()>();
+    let release_rx = Arc::new(std::sync::Mutex::new(Some(release_rx)));
+    let old = TestUpstream::start(move |_req| {
+        let release = release_rx.lock().unwrap().take();
+        async move {
+            if let Some(release) = release {
+                let _ = release.await;
+            }
+            Response::new(full("old"))
+        }
+    })
+    .await;
+    let new = TestUpstream::named("new").await;
+    router.set("app.test", old.route());
+    let client = Client::new(router.addr);
+    let slow = tokio::spawn({
+        let client = client.clone();
+        async move { client.get("app.test", "/").await }
+    });
+    eventually("request in flight on the old route", || {
+        router.router.in_flight("app.test") == Some(1)
+    })
+    .await;
+
+    let drain = router
+        .router
+        .set("app.test", new.route())
+        .unwrap()
+        .expect("old route drained");
+    assert_eq!(drain.in_flight(), 1);
+    assert_eq!(
+        client.get("app.test", "/").await.text(),
+        "new",
+        "new requests go to the new route"
+    );
+    assert_eq!(drain.in_flight(), 1);
+
+    let waiter = tokio::spawn(async move { drain.wait().await });
+    release_tx.send(()).unwrap();
+    assert_eq!(
+        slow.await.unwrap().text(),
+        "old",
+        "the in-flight request finishes on the old route"
+    );
+    tokio::time::timeout(crate::util::DEADLINE, waiter)
+        .await
+        .expect("drain completes")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn old_pool_connections_close_after_swap() {
+    let router = TestRouter::start_default().await;
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // An app that reports when the router hangs up an idle keep-alive connection.
+    let app = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(full("old")))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                let _ = closed_tx.send(());
+            });
+        }
+    });
+    router.set("app.test", Route::Upstream(Arc::new(Loopback(addr))));
+    let client = Client::new(router.addr);
+    assert_eq!(client.get("app.test", "/").await.text(), "old");
+    let new = TestUpstream::named("new").await;
+    router.set("app.test", new.route());
+    tokio::time::timeout(crate::util::DEADLINE, closed_rx.recv())
+        .await
+        .expect("the replaced route's idle connection is closed");
+    app.abort();
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_clients_are_proxied() {
+    let router = TestRouter::start_default().await;
+    let upstream = TestUpstream::echo().await;
+    router.set("app.test", upstream.route());
+    let stream = TcpStream::connect(router.addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(connection);
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri("http://app.test:8080/h2?x=1")
+        .body(full("over h2"))
+        .unwrap();
+    let response = sender.send_request(request).await.expect("h2 response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let echo: serde_json::Value =
+        serde_json::from_str(response.headers()["x-echo"].to_str().unwrap()).unwrap();
+    assert_eq!(echo["uri"], "/h2?x=1");
+    assert_eq!(echo["headers"]["host"][0], "app.test:8080");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "over h2");
+}

@@ -1,0 +1,11 @@
+//! Integration tests of the app-traffic router, all over real loopback sockets.
+
+mod util;
+
+mod proxy;
+mod routing;
+mod server;
+mod static_files;
+mod streaming;
+mod swap;
+mod websocket;
