@@ -1,0 +1,278 @@
+//! The API's one error table: every error a client can see has a code, a status and a default
+//! message, decided in exactly one `match` each.
+//!
+//! Handlers return [`ApiError`]; axum's own rejections (JSON, path, body size) are converted
+//! here so that no response ever leaves the API as plain text or with an internal detail.
+
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use slipway_store::StoreError;
+use utoipa::ToSchema;
+
+/// Every error code of the API. Adding a variant forces a decision in each table below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// No token, a malformed token, an unknown token or a revoked one.
+    Unauthorized,
+    /// A valid token that may not do this (an agent token on an operator route).
+    Forbidden,
+    /// The agent does not exist, or the caller may not see it (the two are indistinguishable).
+    AgentNotFound,
+    /// The agent has no deployment spec yet.
+    SpecNotFound,
+    /// A route that does not exist.
+    NotFound,
+    /// A route that exists, with another method.
+    MethodNotAllowed,
+    /// The body is not JSON at all (syntax, encoding, not an object).
+    InvalidJson,
+    /// A well-formed spec that breaks a rule, has a field of the wrong type, or an unknown field.
+    InvalidSpec,
+    /// Any other well-formed body or parameter that breaks a rule.
+    InvalidRequest,
+    /// The body is larger than the route accepts.
+    PayloadTooLarge,
+    /// The body is not declared as JSON.
+    UnsupportedMediaType,
+    /// The request conflicts with the current state (e.g. a run already in progress).
+    Conflict,
+    /// The server is not able to do this right now (e.g. a component is not configured).
+    Unavailable,
+    /// A bug or an I/O failure on the server; details are only in the server log.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Every code, for tables in documentation and tests.
+    pub const ALL: [ErrorCode; 14] = [
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::AgentNotFound,
+        ErrorCode::SpecNotFound,
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::InvalidJson,
+        ErrorCode::InvalidSpec,
+        ErrorCode::InvalidRequest,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::Conflict,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+    ];
+
+    /// The `code` field of the JSON body.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::AgentNotFound => "agent_not_found",
+            ErrorCode::SpecNotFound => "spec_not_found",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::InvalidSpec => "invalid_spec",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::AgentNotFound | ErrorCode::SpecNotFound | ErrorCode::NotFound => {
+                StatusCode::NOT_FOUND
+            }
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::InvalidJson => StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidSpec | ErrorCode::InvalidRequest => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorCode::Conflict => StatusCode::CONFLICT,
+            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn default_message(self) -> &'static str {
+        match self {
+            ErrorCode::Unauthorized => "a valid API token is required: send `Authorization: Bearer <token>`",
+            ErrorCode::Forbidden => "this token may not do that: an operator token is required",
+            ErrorCode::AgentNotFound => "agent not found",
+            ErrorCode::SpecNotFound => "this agent has no deployment spec yet: PUT one to /api/agents/{id}/deployments/spec",
+            ErrorCode::NotFound => "no such route",
+            ErrorCode::MethodNotAllowed => "this route does not accept that method",
+            ErrorCode::InvalidJson => "the request body is not valid JSON",
+            ErrorCode::InvalidSpec => "the deployment spec is invalid",
+            ErrorCode::InvalidRequest => "the request is invalid",
+            ErrorCode::PayloadTooLarge => "the request body is too large",
+            ErrorCode::UnsupportedMediaType => "the request body must be JSON: send `Content-Type: application/json`",
+            ErrorCode::Conflict => "the request conflicts with the current state",
+            ErrorCode::Unavailable => "the server cannot do this right now",
+            ErrorCode::Internal => "internal server error",
+        }
+    }
+}
+
+/// The JSON body of every error response.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// A stable, machine-readable code (`unauthorized`, `agent_not_found`, `invalid_spec`, ...).
+    pub code: String,
+    /// A sentence a person can act on.
+    pub message: String,
+}
+
+/// An error on its way to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ApiError {
+    /// The code with its default message.
+    pub fn new(code: ErrorCode) -> Self {
+        Self {
+            code,
+            message: code.default_message().to_string(),
+        }
+    }
+
+    /// The code with a specific message; the message must not carry internal details.
+    pub fn with_message(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// An internal error: `detail` goes to the server log only, the client gets the generic
+    /// message.
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %detail, "internal error");
+        Self::new(ErrorCode::Internal)
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.code.status()
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.code.as_str())
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl From<ErrorCode> for ApiError {
+    fn from(code: ErrorCode) -> Self {
+        Self::new(code)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.code.status();
+        let body = ErrorBody {
+            code: self.code.as_str().to_string(),
+            message: self.message,
+        };
+        let mut response = (status, Json(body)).into_response();
+        if self.code == ErrorCode::Unauthorized {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// Store errors: not-found and conflicts keep their (id-only) message; everything else is
+/// internal and only logged.
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Conflict { message, .. } => {
+                ApiError::with_message(ErrorCode::Conflict, message)
+            }
+            StoreError::NotFound { what, id } => {
+                ApiError::with_message(ErrorCode::NotFound, format!("{what} {id} not found"))
+            }
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(ErrorCode::PayloadTooLarge)
+        } else {
+            ApiError::with_message(
+                ErrorCode::InvalidJson,
+                format!("cannot read the request body: {}", rejection.body_text()),
+            )
+        }
+    }
+}
+
+/// A path that does not parse names nothing that exists.
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        tracing::debug!(rejection = %rejection.body_text(), "path rejected");
+        ApiError::new(ErrorCode::NotFound)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_snake_case_and_errors_are_4xx_or_5xx() {
+        let mut seen = std::collections::HashSet::new();
+        for code in ErrorCode::ALL {
+            assert!(
+                seen.insert(code.as_str()),
+                "duplicate code {}",
+                code.as_str()
+            );
+            assert!(code
+                .as_str()
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'_'));
+            assert!(code.status().is_client_error() || code.status().is_server_error());
+            assert!(!code.default_message().is_empty());
+        }
+        assert_eq!(
+            ErrorCode::Internal.status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert!(
+            ErrorCode::ALL
+                .iter()
+                .filter(|c| c.status().is_server_error())
+                .count()
+                == 2
+        );
+    }
+
+    #[test]
+    fn internal_store_errors_do_not_leak() {
+        let err: ApiError =
+            StoreError::Database("no such table: specs at /var/lib/x.db".into()).into();
+        assert_eq!(err.code, ErrorCode::Internal);
+        assert!(!err.message.contains("specs"));
+    }
+}

@@ -1,0 +1,72 @@
+//! The OpenAPI document lists every route with its method, and the bearer scheme.
+
+use std::collections::BTreeSet;
+
+use axum::http::{Method, StatusCode};
+
+use crate::util::TestApp;
+
+/// Every route the API serves. A new route must be added here *and* appear in the document.
+const ROUTES: [(&str, &str); 8] = [
+    ("get", "/api/health"),
+    ("get", "/api/whoami"),
+    ("get", "/api/openapi.json"),
+    ("post", "/api/agents"),
+    ("get", "/api/agents"),
+    ("get", "/api/agents/{id}"),
+    ("get", "/api/agents/{id}/deployments/spec"),
+    ("put", "/api/agents/{id}/deployments/spec"),
+];
+
+#[tokio::test]
+async fn openapi_lists_every_route() {
+    let app = TestApp::new();
+    let r = app.call(Method::GET, "/api/openapi.json", None, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let doc = r.json();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let mut listed = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            if ["get", "put", "post", "delete", "patch"].contains(&method.as_str()) {
+                listed.insert((method.clone(), path.clone()));
+            }
+        }
+    }
+    let expected: BTreeSet<(String, String)> = ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(listed, expected);
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    // Authenticated routes declare the scheme; health does not.
+    assert!(doc["paths"]["/api/agents"]["post"]["security"].is_array());
+    assert!(doc["paths"]["/api/health"]["get"]["security"].is_null());
+    for name in ["SpecDto", "SpecInput", "ErrorBody", "CreatedAgentDto"] {
+        assert!(
+            doc["components"]["schemas"][name].is_object(),
+            "schema {name} missing"
+        );
+    }
+}
+
+/// Every documented route is really served: none answers `not_found` (the fallback).
+#[tokio::test]
+async fn every_documented_route_is_served() {
+    let app = TestApp::new();
+    let (id, _) = app.agent("bot").await;
+    for (method, path) in ROUTES {
+        let path = path.replace("{id}", &id);
+        let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+        let r = app
+            .call(method.clone(), &path, Some(&app.operator), None)
+            .await;
+        assert_ne!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        if r.status == StatusCode::NOT_FOUND {
+            assert_ne!(r.json()["code"], "not_found", "{method} {path}");
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! slipway-api integration tests: in-process through `app(state)`, and a few over a real
+//! socket.
+
+mod util;
+
+mod agents;
+mod errors;
+mod openapi;
+mod socket;
+mod spec;

@@ -1,0 +1,79 @@
+//! `slipway`: the one binary. `slipway serve` runs the server (control-plane API and app
+//! traffic); every other command is an HTTP client of that API.
+//!
+//! Invariants, as absences:
+//! - client commands never open the database or the data directory: everything goes through
+//!   the HTTP API, so they behave the same against a remote server;
+//! - the CLI validates no spec rule itself: the server's message is printed as is;
+//! - no secret (admin token, saved login) is ever written with permissions wider than 0600, and
+//!   no token is printed except the one `agents create` was asked for;
+//! - stdout carries only command output and `serve`'s three address lines; logs go to stderr;
+//! - no environment variable is set by the process: configuration layers are merged in code.
+//!
+//! Exit codes: 0 success, 1 general failure, 2 usage error (clap), 3 not found,
+//! 4 unauthorized or forbidden.
+
+mod client;
+mod cmd;
+mod logging;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::client::ApiFailure;
+use crate::cmd::agents::AgentsCommand;
+use crate::cmd::login::LoginArgs;
+use crate::cmd::spec::SpecCommand;
+use crate::cmd::GlobalArgs;
+use crate::serve::ServeArgs;
+
+/// Self-hosted deployments: a directory in, a sandboxed app at a stable URL out.
+#[derive(Debug, Parser)]
+#[command(name = "slipway", version, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server: the API and the app-traffic router.
+    Serve(ServeArgs),
+    /// Create and list agents (operator token).
+    #[command(subcommand)]
+    Agents(AgentsCommand),
+    /// Read or change the agent's deployment spec.
+    #[command(subcommand)]
+    Spec(SpecCommand),
+    /// Check a server URL and token, then save them for later commands.
+    Login(LoginArgs),
+    /// Show whom the current token speaks for.
+    Whoami,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Serve(args) => serve::run(args.clone()),
+        Command::Agents(command) => cmd::agents::run(&cli.global, command),
+        Command::Spec(command) => cmd::spec::run(&cli.global, command),
+        Command::Login(args) => cmd::login::login(&cli.global, args),
+        Command::Whoami => cmd::login::whoami(&cli.global),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            if let Some(failure) = err.downcast_ref::<ApiFailure>() {
+                eprintln!("error: {failure}");
+                ExitCode::from(failure.exit_code())
+            } else {
+                eprintln!("error: {err:#}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

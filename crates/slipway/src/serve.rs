@@ -1,0 +1,500 @@
+//! `slipway serve`: configuration (file < environment < flags), the data directory, the admin
+//! token, and the two listeners (control-plane API and app traffic).
+//!
+//! [`build_server`] assembles every shared piece in one place; [`Server::run`] serves until the
+//! shutdown token is cancelled.
+
+use std::fs::{self, DirBuilder, OpenOptions};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use serde::Deserialize;
+use slipway_api::auth::mint_token;
+use slipway_api::{system_clock, ApiConfig, AppState};
+use slipway_core::path::normalize_absolute;
+use slipway_core::{AgentRootTemplate, SpecPolicy};
+use slipway_router::{Router, RouterConfig};
+use slipway_store::{SqliteStore, Store, TokenKind};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub const DEFAULT_API_ADDR: &str = "127.0.0.1:7070";
+pub const DEFAULT_APP_ADDR: &str = "127.0.0.1:8080";
+pub const DEFAULT_BASE_DOMAIN: &str = "localhost";
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+pub const DATABASE_FILE: &str = "slipway.db";
+
+/// How log lines look on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One readable line per event.
+    #[default]
+    Human,
+    /// One JSON object per event.
+    Json,
+}
+
+/// Flags of `slipway serve`. Each has an environment variable and a config-file key.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// TOML config file; its keys are the flags' names in snake_case (data_dir, api_addr, …).
+    #[arg(long, env = "SLIPWAY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Where slipway keeps its database, artifacts and admin token [default: the user data
+    /// directory + /slipway].
+    #[arg(long, env = "SLIPWAY_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Control-plane (API) listener; port 0 picks a free port [default: 127.0.0.1:7070].
+    #[arg(long, env = "SLIPWAY_API_ADDR", value_name = "HOST:PORT")]
+    pub api_addr: Option<String>,
+    /// App-traffic listener, served by the router; port 0 picks a free port
+    /// [default: 127.0.0.1:8080].
+    #[arg(long, env = "SLIPWAY_APP_ADDR", value_name = "HOST:PORT")]
+    pub app_addr: Option<String>,
+    /// Host directory standing for an agent's sandbox `/`, with `{agentId}`
+    /// [default: <data-dir>/agents/{agentId}].
+    #[arg(long, env = "SLIPWAY_AGENT_ROOT", value_name = "TEMPLATE")]
+    pub agent_root: Option<String>,
+    /// A root a spec's sourceDir must lie under; repeat for several (environment:
+    /// comma-separated) [default: /config/miniapps, /config/memory/projects].
+    #[arg(
+        long = "allowed-root",
+        env = "SLIPWAY_ALLOWED_ROOTS",
+        value_delimiter = ',',
+        value_name = "PATH"
+    )]
+    pub allowed_roots: Vec<String>,
+    /// Domain under which apps get host names [default: localhost].
+    #[arg(long, env = "SLIPWAY_BASE_DOMAIN", value_name = "DOMAIN")]
+    pub base_domain: Option<String>,
+    /// Log line format [default: human].
+    #[arg(long, env = "SLIPWAY_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, e.g. `info` or `slipway_api=debug` [default: RUST_LOG, else info].
+    #[arg(long, env = "SLIPWAY_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Revoke every operator token and write a new one to <data-dir>/admin.token.
+    #[arg(long)]
+    pub rotate_admin_token: bool,
+}
+
+/// The config file. Unknown keys are refused so that a typo is not silently ignored.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub api_addr: Option<String>,
+    pub app_addr: Option<String>,
+    pub agent_root: Option<String>,
+    pub allowed_roots: Option<Vec<String>>,
+    pub base_domain: Option<String>,
+    pub log_format: Option<LogFormat>,
+    pub log_level: Option<String>,
+}
+
+impl FileConfig {
+    /// # Errors
+    /// The file cannot be read or is not valid TOML with known keys.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+}
+
+/// The resolved configuration of a server.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The config file that was loaded, if any.
+    pub config_file: Option<PathBuf>,
+    /// Absolute.
+    pub data_dir: PathBuf,
+    pub api_addr: String,
+    pub app_addr: String,
+    pub agent_root: AgentRootTemplate,
+    /// Normalised absolute paths.
+    pub allowed_roots: Vec<String>,
+    pub base_domain: String,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub rotate_admin_token: bool,
+}
+
+impl ServeConfig {
+    /// Merges file < environment < flags (clap already put the environment under the flags).
+    ///
+    /// # Errors
+    /// The config file is unreadable, or a value is invalid.
+    pub fn resolve(args: ServeArgs) -> anyhow::Result<Self> {
+        let file = match &args.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let data_dir = match args.data_dir.or(file.data_dir) {
+            Some(dir) => dir,
+            None => default_data_dir(),
+        };
+        let data_dir = if data_dir.is_absolute() {
+            lexical_normalize(&data_dir)
+        } else {
+            lexical_normalize(
+                &std::env::current_dir()
+                    .context("cannot read the current directory")?
+                    .join(data_dir),
+            )
+        };
+        let agent_root_raw = match args.agent_root.or(file.agent_root) {
+            Some(t) => t,
+            None => format!("{}/agents/{{agentId}}", data_dir.display()),
+        };
+        let agent_root = AgentRootTemplate::parse(&agent_root_raw).context("invalid agent root")?;
+        let allowed_roots = if !args.allowed_roots.is_empty() {
+            args.allowed_roots
+        } else {
+            file.allowed_roots
+                .unwrap_or_else(|| SpecPolicy::default().allowed_roots)
+        };
+        let allowed_roots = allowed_roots
+            .iter()
+            .map(|r| match normalize_absolute(r.trim()) {
+                Ok(root) if root != "/" => Ok(root),
+                Ok(_) => bail!("allowed root must not be /: every path would be allowed"),
+                Err(e) => Err(anyhow::anyhow!("invalid allowed root {r:?}: {e}")),
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if allowed_roots.is_empty() {
+            bail!("at least one allowed root is needed");
+        }
+        let log_level = args
+            .log_level
+            .or_else(|| std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty()))
+            .or(file.log_level)
+            .unwrap_or_else(|| "info".to_string());
+        Ok(Self {
+            config_file: args.config,
+            data_dir,
+            api_addr: args
+                .api_addr
+                .or(file.api_addr)
+                .unwrap_or_else(|| DEFAULT_API_ADDR.to_string()),
+            app_addr: args
+                .app_addr
+                .or(file.app_addr)
+                .unwrap_or_else(|| DEFAULT_APP_ADDR.to_string()),
+            agent_root,
+            allowed_roots,
+            base_domain: args
+                .base_domain
+                .or(file.base_domain)
+                .unwrap_or_else(|| DEFAULT_BASE_DOMAIN.to_string()),
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            log_level,
+            rotate_admin_token: args.rotate_admin_token,
+        })
+    }
+
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.data_dir.join(ADMIN_TOKEN_FILE)
+    }
+}
+
+/// Drops `.` and resolves `..` by dropping the previous component, so that the data dir can
+/// be the base of the agent-root template (which refuses `..`).
+fn lexical_normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+fn default_data_dir() -> PathBuf {
+    dirs::data_dir().map_or_else(|| PathBuf::from("slipway-data"), |d| d.join("slipway"))
+}
+
+/// Everything a running server is made of. The engine will be added here.
+pub struct Server {
+    pub config: ServeConfig,
+    pub state: AppState,
+    pub router: Arc<Router>,
+    pub api_listener: TcpListener,
+    pub app_listener: TcpListener,
+    pub api_addr: SocketAddr,
+    pub app_addr: SocketAddr,
+    pub admin_token_path: PathBuf,
+}
+
+/// Prepares the data directory, the store, the admin token, the API state, the router and
+/// both listeners.
+///
+/// # Errors
+/// Any of those steps failing (unwritable data dir, corrupt database, address in use, …).
+pub async fn build_server(config: ServeConfig) -> anyhow::Result<Server> {
+    prepare_data_dir(&config.data_dir)?;
+    let db = config.data_dir.join(DATABASE_FILE);
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&db)
+            .with_context(|| format!("cannot open the database {}", db.display()))?,
+    );
+    let clock = system_clock();
+    let admin_token_path = config.admin_token_path();
+    ensure_admin_token(
+        store.as_ref(),
+        &admin_token_path,
+        config.rotate_admin_token,
+        clock(),
+    )?;
+
+    let mut api_config = ApiConfig::new(config.agent_root.clone());
+    api_config.spec_policy.allowed_roots = config.allowed_roots.clone();
+    api_config.base_domain = config.base_domain.clone();
+    let state = AppState::new(store, api_config).with_clock(clock);
+
+    let router = Arc::new(Router::new(RouterConfig::default()));
+
+    let api_listener = TcpListener::bind(&config.api_addr)
+        .await
+        .with_context(|| format!("cannot listen on api address {}", config.api_addr))?;
+    let app_listener = TcpListener::bind(&config.app_addr)
+        .await
+        .with_context(|| format!("cannot listen on app address {}", config.app_addr))?;
+    let api_addr = api_listener.local_addr()?;
+    let app_addr = app_listener.local_addr()?;
+    Ok(Server {
+        config,
+        state,
+        router,
+        api_listener,
+        app_listener,
+        api_addr,
+        app_addr,
+        admin_token_path,
+    })
+}
+
+impl Server {
+    /// Serves the API and app traffic until `shutdown` is cancelled, then lets both drain.
+    ///
+    /// # Errors
+    /// The API listener failed.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        info!(api = %self.api_addr, app = %self.app_addr, data_dir = %self.config.data_dir.display(), "serving");
+        let api = slipway_api::app(self.state.clone());
+        let api_shutdown = shutdown.clone();
+        let api_server = async move {
+            let result = axum::serve(self.api_listener, api)
+                .with_graceful_shutdown(api_shutdown.clone().cancelled_owned())
+                .await;
+            // If the API stops on its own, stop app traffic too rather than half-running.
+            api_shutdown.cancel();
+            result
+        };
+        let app_server = slipway_router::serve(
+            self.app_listener,
+            Arc::clone(&self.router),
+            shutdown.cancelled_owned(),
+        );
+        let (api_result, ()) = tokio::join!(api_server, app_server);
+        api_result.context("api listener failed")
+    }
+}
+
+/// Creates the data directory private to the user (0700); tightens an existing one that is
+/// readable by others, since it holds the database and the admin token.
+fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
+    if !dir.exists() {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+        info!(data_dir = %dir.display(), "created data directory");
+    }
+    let meta = fs::metadata(dir)
+        .with_context(|| format!("cannot read data directory {}", dir.display()))?;
+    if !meta.is_dir() {
+        bail!("data directory {} is not a directory", dir.display());
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        warn!(data_dir = %dir.display(), mode = format!("{mode:o}"), "data directory was accessible to other users; setting it to 0700");
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).with_context(|| {
+            format!("cannot set permissions of data directory {}", dir.display())
+        })?;
+    }
+    Ok(())
+}
+
+/// Makes sure an operator token exists; writes a new one to `path` on first start or when
+/// rotating. Only the token's hash goes to the store.
+fn ensure_admin_token(
+    store: &dyn Store,
+    path: &Path,
+    rotate: bool,
+    now: i64,
+) -> anyhow::Result<()> {
+    if rotate {
+        let revoked = store.revoke_operator_tokens(now)?;
+        info!(revoked, "revoked operator tokens");
+    } else if store.has_operator_token()? {
+        if !path.exists() {
+            warn!(
+                path = %path.display(),
+                "an operator token exists but its file is missing; run `slipway serve --rotate-admin-token` to issue a new one"
+            );
+        }
+        return Ok(());
+    }
+    let token = mint_token(TokenKind::Operator, None, now);
+    // The file first: if storing fails, the next start issues a new token and overwrites it.
+    write_private_file(path, &format!("{}\n", token.secret))?;
+    store.insert_token(&token.record)?;
+    info!(path = %path.display(), "wrote a new admin token");
+    Ok(())
+}
+
+/// Writes `contents` to `path` with mode 0600 from the first byte: written under a temporary
+/// name created 0600, then renamed over `path`.
+pub fn write_private_file(path: &Path, contents: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove {}", tmp.display())),
+    }
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    file.write_all(contents.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    fs::rename(&tmp, path)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// `slipway serve`.
+///
+/// # Errors
+/// Configuration, start-up or listener failures.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = ServeConfig::resolve(args)?;
+    crate::logging::init(config.log_format, &config.log_level)?;
+    match &config.config_file {
+        Some(path) => info!(path = %path.display(), "loaded config file"),
+        None => info!("no config file (use --config or SLIPWAY_CONFIG to give one)"),
+    }
+    info!(
+        data_dir = %config.data_dir.display(),
+        api_addr = %config.api_addr,
+        app_addr = %config.app_addr,
+        agent_root = %config.agent_root.as_str(),
+        allowed_roots = %config.allowed_roots.join(","),
+        base_domain = %config.base_domain,
+        "configuration"
+    );
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let server = build_server(config).await?;
+        // Signal handlers go in before the addresses are printed: whoever reads them may
+        // signal at once, and must get a clean shutdown rather than the default death.
+        let shutdown = CancellationToken::new();
+        spawn_signal_handler(shutdown.clone())?;
+        print_ready(&server)?;
+        server.run(shutdown).await?;
+        info!("stopped");
+        Ok(())
+    })
+}
+
+fn print_ready(server: &Server) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "slipway: api listening on http://{}", server.api_addr)?;
+    writeln!(out, "slipway: app listening on http://{}", server.app_addr)?;
+    writeln!(
+        out,
+        "slipway: admin token in {}",
+        server.admin_token_path.display()
+    )?;
+    out.flush()?;
+    Ok(())
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        info!(signal = name, "shutting down");
+        shutdown.cancel();
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_data_dirs_become_templates_the_core_accepts() {
+        assert_eq!(
+            lexical_normalize(Path::new("/a/b/../c/./d")),
+            PathBuf::from("/a/c/d")
+        );
+        let args = ServeArgs {
+            data_dir: Some(PathBuf::from("x/../data")),
+            ..Default::default()
+        };
+        let config = ServeConfig::resolve(args).unwrap();
+        assert!(config.data_dir.is_absolute() && config.data_dir.ends_with("data"));
+        assert!(!config.agent_root.as_str().contains(".."));
+        assert_eq!(config.base_domain, DEFAULT_BASE_DOMAIN);
+        assert_eq!(config.api_addr, DEFAULT_API_ADDR);
+    }
+
+    #[test]
+    fn the_file_is_underneath_the_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        fs::write(&file, "api_addr = \"127.0.0.1:1\"\napp_addr = \"127.0.0.1:2\"\nallowed_roots = [\"/a/\"]\nlog_format = \"json\"\n").unwrap();
+        let args = ServeArgs {
+            config: Some(file),
+            api_addr: Some("127.0.0.1:3".into()),
+            ..Default::default()
+        };
+        let config = ServeConfig::resolve(args).unwrap();
+        assert_eq!(config.api_addr, "127.0.0.1:3");
+        assert_eq!(config.app_addr, "127.0.0.1:2");
+        assert_eq!(config.allowed_roots, ["/a"]);
+        assert_eq!(config.log_format, LogFormat::Json);
+        let args = ServeArgs {
+            allowed_roots: vec!["/".into()],
+            ..Default::default()
+        };
+        assert!(ServeConfig::resolve(args)
+            .unwrap_err()
+            .to_string()
+            .contains("must not be /"));
+    }
+}

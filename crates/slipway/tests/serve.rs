@@ -1,0 +1,290 @@
+//! `slipway serve`: data directory, admin token, configuration layers, listeners, shutdown.
+
+use std::os::unix::fs::PermissionsExt;
+
+use nix::sys::signal::Signal;
+
+use crate::util::{mode, run_in, slipway_command, Server};
+
+#[test]
+fn first_start_creates_a_private_data_dir_and_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("nested/data");
+    let server = Server::start(&data, &[], &[]);
+    assert_eq!(server.token_path, data.join("admin.token"));
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&server.token_path), 0o600);
+    let token = server.admin_token();
+    assert!(
+        token.starts_with("slw_op_") && token.len() == 7 + 64,
+        "{token}"
+    );
+    assert!(data.join("slipway.db").exists());
+    // The token works and is the operator's.
+    let r = run_in(
+        dir.path(),
+        &dir.path().join("cfg"),
+        &[
+            "--server",
+            &server.api,
+            "--token",
+            &token,
+            "whoami",
+            "--json",
+        ],
+        &[],
+    );
+    assert_eq!(r.json()["kind"], "operator");
+    // Its secret is not in the database, only its hash.
+    server.stop();
+    let db = std::fs::read(data.join("slipway.db")).unwrap();
+    let wal = std::fs::read(data.join("slipway.db-wal")).unwrap_or_default();
+    let needle = token.as_bytes();
+    assert!(
+        !db.windows(needle.len()).any(|w| w == needle)
+            && !wal.windows(needle.len()).any(|w| w == needle)
+    );
+}
+
+#[test]
+fn a_data_dir_open_to_others_is_tightened_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let server = Server::start(&data, &[], &[]);
+    assert_eq!(mode(&data), 0o700);
+    assert!(
+        server.stderr().contains("accessible to other users"),
+        "{}",
+        server.stderr()
+    );
+    server.stop();
+}
+
+#[test]
+fn restart_keeps_the_token_and_rotation_replaces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cfg = dir.path().join("cfg");
+    let first = Server::start(&data, &[], &[]);
+    let old = first.admin_token();
+    first.stop();
+
+    let second = Server::start(&data, &[], &[]);
+    assert_eq!(
+        second.admin_token(),
+        old,
+        "a restart must not issue a new token"
+    );
+    let r = run_in(
+        dir.path(),
+        &cfg,
+        &["--server", &second.api, "--token", &old, "whoami"],
+        &[],
+    );
+    assert_eq!(r.code, 0, "{r:#?}");
+    second.stop();
+
+    std::fs::remove_file(data.join("admin.token")).unwrap();
+    let third = Server::start(&data, &[], &[]);
+    third.wait_for_log("slipway serve --rotate-admin-token");
+    assert!(
+        !data.join("admin.token").exists(),
+        "the lost token is not silently replaced"
+    );
+    third.stop();
+
+    let rotated = Server::start(&data, &["--rotate-admin-token"], &[]);
+    let new = rotated.admin_token();
+    assert_ne!(new, old);
+    assert_eq!(mode(&rotated.token_path), 0o600);
+    let r = run_in(
+        dir.path(),
+        &cfg,
+        &["--server", &rotated.api, "--token", &old, "whoami"],
+        &[],
+    );
+    assert_eq!(r.code, 4, "the old token is revoked: {r:#?}");
+    let r = run_in(
+        dir.path(),
+        &cfg,
+        &["--server", &rotated.api, "--token", &new, "whoami"],
+        &[],
+    );
+    assert_eq!(r.code, 0, "{r:#?}");
+    rotated.stop();
+}
+
+#[test]
+fn sigterm_and_sigint_stop_the_server_cleanly() {
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = Server::start(&dir.path().join("data"), &[], &[]);
+        let status = server.signal_and_wait(signal);
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{signal}: {status:?}; stderr:\n{}",
+            server.stderr()
+        );
+        assert!(
+            server.stderr().contains("shutting down"),
+            "{}",
+            server.stderr()
+        );
+    }
+}
+
+#[test]
+fn the_app_listener_answers_unknown_hosts_with_404() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[], &[]);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let resp = agent
+        .get(format!("{}/", server.app))
+        .header("Host", "nobody.example")
+        .call()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 404);
+    // And the API is not served on the app listener.
+    let resp = agent
+        .get(format!("{}/api/health", server.app))
+        .call()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 404);
+    let resp = agent
+        .get(format!("{}/api/health", server.api))
+        .call()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    server.stop();
+}
+
+/// base_domain from the file, then the environment over it, then the flag over both.
+#[test]
+fn configuration_precedence_is_file_then_env_then_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("slipway-server.toml");
+    let data = dir.path().join("data");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\napi_addr = \"127.0.0.1:0\"\napp_addr = \"127.0.0.1:0\"\nbase_domain = \"file.example\"\nallowed_roots = [\"/srv/apps\"]\n",
+            data.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let config_str = config.to_str().unwrap();
+    let start = |extra: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = slipway_command();
+        cmd.arg("serve");
+        Server::spawn(cmd, extra, env)
+    };
+
+    let s = start(&["--config", config_str], &[]);
+    s.wait_for_log("base_domain=file.example");
+    assert!(
+        s.stderr()
+            .contains(&format!("loaded config file path={config_str}")),
+        "{}",
+        s.stderr()
+    );
+    assert!(
+        s.stderr().contains("allowed_roots=/srv/apps"),
+        "{}",
+        s.stderr()
+    );
+    assert_eq!(
+        s.token_path,
+        data.join("admin.token"),
+        "data_dir comes from the file"
+    );
+    s.stop();
+
+    let s = start(
+        &[],
+        &[
+            ("SLIPWAY_CONFIG", config_str),
+            ("SLIPWAY_BASE_DOMAIN", "env.example"),
+        ],
+    );
+    s.wait_for_log("base_domain=env.example");
+    s.stop();
+
+    let s = start(
+        &["--config", config_str, "--base-domain", "flag.example"],
+        &[("SLIPWAY_BASE_DOMAIN", "env.example")],
+    );
+    s.wait_for_log("base_domain=flag.example");
+    s.stop();
+
+    // A comma-separated list in the environment replaces the file's list.
+    let s = start(
+        &["--config", config_str],
+        &[("SLIPWAY_ALLOWED_ROOTS", "/srv/a,/srv/b")],
+    );
+    s.wait_for_log("allowed_roots=/srv/a,/srv/b");
+    s.stop();
+}
+
+#[test]
+fn without_a_config_file_the_server_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), &[], &[]);
+    s.wait_for_log("no config file");
+    s.stop();
+}
+
+#[test]
+fn bad_configuration_is_refused_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "data_dri = \"/tmp/x\"\n").unwrap();
+    let out = slipway_command()
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("invalid config file") && stderr.contains("data_dri"),
+        "{stderr}"
+    );
+
+    let out = slipway_command()
+        .args([
+            "serve",
+            "--data-dir",
+            dir.path().join("d").to_str().unwrap(),
+            "--agent-root",
+            "/srv/agents",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("{agentId}"), "{stderr}");
+
+    let out = slipway_command()
+        .args(["serve", "--log-format", "xml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), &["--log-format", "json"], &[]);
+    s.wait_for_log("\"serving\"");
+    for line in s.stderr().lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
+    s.stop();
+}

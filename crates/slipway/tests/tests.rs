@@ -1,0 +1,7 @@
+//! End-to-end tests of the `slipway` binary: a real `slipway serve` child process and the CLI
+//! commands run against it.
+
+mod util;
+
+mod cli;
+mod serve;
