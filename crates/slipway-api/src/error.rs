@@ -23,6 +23,13 @@ pub enum ErrorCode {
     AgentNotFound,
     /// The agent has no deployment spec yet.
     SpecNotFound,
+    /// The run does not exist for this agent.
+    RunNotFound,
+    /// The snapshot (content hash) does not exist for this agent.
+    SnapshotNotFound,
+    /// An uploaded snapshot was refused: its content does not hash to the claimed hash, or an
+    /// entry breaks a rule (path traversal, special file, size).
+    InvalidSnapshot,
     /// A route that does not exist.
     NotFound,
     /// A route that exists, with another method.
@@ -47,11 +54,14 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for tables in documentation and tests.
-    pub const ALL: [ErrorCode; 14] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
         ErrorCode::AgentNotFound,
         ErrorCode::SpecNotFound,
+        ErrorCode::RunNotFound,
+        ErrorCode::SnapshotNotFound,
+        ErrorCode::InvalidSnapshot,
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::InvalidJson,
@@ -71,6 +81,9 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::AgentNotFound => "agent_not_found",
             ErrorCode::SpecNotFound => "spec_not_found",
+            ErrorCode::RunNotFound => "run_not_found",
+            ErrorCode::SnapshotNotFound => "snapshot_not_found",
+            ErrorCode::InvalidSnapshot => "invalid_snapshot",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::InvalidJson => "invalid_json",
@@ -88,12 +101,18 @@ impl ErrorCode {
         match self {
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
-            ErrorCode::AgentNotFound | ErrorCode::SpecNotFound | ErrorCode::NotFound => {
+            ErrorCode::AgentNotFound
+            | ErrorCode::SpecNotFound
+            | ErrorCode::RunNotFound
+            | ErrorCode::SnapshotNotFound
+            | ErrorCode::NotFound => {
                 StatusCode::NOT_FOUND
             }
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::InvalidJson => StatusCode::BAD_REQUEST,
-            ErrorCode::InvalidSpec | ErrorCode::InvalidRequest => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::InvalidSpec | ErrorCode::InvalidRequest | ErrorCode::InvalidSnapshot => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::Conflict => StatusCode::CONFLICT,
@@ -108,6 +127,9 @@ impl ErrorCode {
             ErrorCode::Forbidden => "this token may not do that: an operator token is required",
             ErrorCode::AgentNotFound => "agent not found",
             ErrorCode::SpecNotFound => "this agent has no deployment spec yet: PUT one to /api/agents/{id}/deployments/spec",
+            ErrorCode::RunNotFound => "run not found",
+            ErrorCode::SnapshotNotFound => "snapshot not found for this agent: upload it first",
+            ErrorCode::InvalidSnapshot => "the snapshot archive was refused",
             ErrorCode::NotFound => "no such route",
             ErrorCode::MethodNotAllowed => "this route does not accept that method",
             ErrorCode::InvalidJson => "the request body is not valid JSON",

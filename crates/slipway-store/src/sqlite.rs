@@ -282,7 +282,7 @@ impl Store for SqliteStore {
 
     fn list_agents(&self) -> Result<Vec<Agent>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT id, name, created_at FROM agents ORDER BY created_at, id")?;
+        let mut stmt = conn.prepare("SELECT id, name, created_at FROM agents ORDER BY created_at, rowid")?;
         let rows = stmt.query_map([], |r| Ok(Agent { id: r.get(0)?, name: r.get(1)?, created_at: r.get(2)? }))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }

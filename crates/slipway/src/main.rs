@@ -56,6 +56,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // The sandbox helper subcommands run the privileged set-up of a sandbox. They must be
+    // dispatched before anything else: no thread, no runtime, no allocation-heavy parsing.
+    if let Some(sub) = std::env::args().nth(1) {
+        if slipway_sandbox::is_helper_subcommand(&sub) {
+            let args: Vec<String> = std::env::args().skip(1).collect();
+            slipway_sandbox::helper_main(&args);
+        }
+    }
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Serve(args) => serve::run(args.clone()),
