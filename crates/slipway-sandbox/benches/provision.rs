@@ -1,0 +1,225 @@
+//! Provision-to-exec benchmark: create a fresh sandbox over a cached lower dir, run `true` in
+//! it, destroy it. Compared in the same run with the namespace floor (`unshare ... --fork true`)
+//! and with bubblewrap when installed. References are only measured here, never used by the
+//! product.
+//!
+//! Run as root: `cargo bench -p slipway-sandbox --bench provision`
+//! Iterations: `SLIPWAY_BENCH_ITERS` (default 100).
+
+use slipway_sandbox::{check_support, DriverConfig, ExecRequest, LinuxDriver, SandboxSpec};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Stats {
+    median: Duration,
+    p90: Duration,
+}
+
+fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    Stats {
+        median: at(0.5),
+        p90: at(0.9),
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn make_lower(dir: &Path, files: usize) -> PathBuf {
+    let lower = dir.join(format!("lower-{files}"));
+    for i in 0..files {
+        let sub = lower.join(format!("d{}", i / 1000));
+        if i % 1000 == 0 {
+            std::fs::create_dir_all(&sub).unwrap();
+        }
+        std::fs::write(sub.join(format!("f{i}.txt")), "x").unwrap();
+    }
+    std::fs::create_dir_all(&lower).unwrap();
+    let status = Command::new("chown")
+        .args(["-R", "60000:60000"])
+        .arg(&lower)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    lower
+}
+
+fn time_command(iters: usize, program: &str, args: &[&str]) -> Option<Vec<Duration>> {
+    let mut samples = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let start = Instant::now();
+        let status = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .ok()?;
+        if !status.success() {
+            return None;
+        }
+        samples.push(start.elapsed());
+    }
+    Some(samples)
+}
+
+#[derive(Default)]
+struct Phases {
+    total: Vec<Duration>,
+    create: Vec<Duration>,
+    exec: Vec<Duration>,
+    destroy: Vec<Duration>,
+}
+
+async fn time_slipway(driver: &LinuxDriver, lower: &Path, iters: usize, tag: &str) -> Phases {
+    let mut phases = Phases::default();
+    for i in 0..iters {
+        let spec = SandboxSpec::new(format!("bench-{tag}-{}-{i}", std::process::id()), lower);
+        let t0 = Instant::now();
+        let sb = driver.create(spec).await.expect("create");
+        let t1 = Instant::now();
+        let status = sb.exec(ExecRequest::new("true"), None).await.expect("exec");
+        assert!(status.success(), "{status}");
+        let t2 = Instant::now();
+        sb.destroy().await.expect("destroy");
+        let t3 = Instant::now();
+        phases.total.push(t3 - t0);
+        phases.create.push(t1 - t0);
+        phases.exec.push(t2 - t1);
+        phases.destroy.push(t3 - t2);
+    }
+    phases
+}
+
+fn main() {
+    if let Err(e) = check_support() {
+        eprintln!("SKIPPED (needs root and namespaces): {e}");
+        return;
+    }
+    let iters: usize = std::env::var("SLIPWAY_BENCH_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let dir = tempfile::tempdir().unwrap();
+    eprintln!("preparing lower dirs (10 and 100,000 files)…");
+    let small = make_lower(dir.path(), 10);
+    let large = make_lower(dir.path(), 100_000);
+    let mut config = DriverConfig::new(
+        env!("CARGO_BIN_EXE_slipway-sandbox-helper"),
+        dir.path().join("state"),
+    );
+    config.cgroup_parent = "slipway-bench".into();
+    let driver = LinuxDriver::new(config).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    // Warm-up: page cache, cgroup parents, the spawner thread.
+    rt.block_on(time_slipway(&driver, &small, 5, "warm"));
+    let _ = time_command(
+        5,
+        "unshare",
+        &[
+            "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "true",
+        ],
+    );
+
+    let unshare = time_command(
+        iters,
+        "unshare",
+        &[
+            "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "true",
+        ],
+    )
+    .map(stats);
+    let bwrap = time_command(
+        iters,
+        "bwrap",
+        &[
+            "--unshare-all",
+            "--ro-bind",
+            "/usr",
+            "/usr",
+            "--symlink",
+            "usr/bin",
+            "/bin",
+            "--symlink",
+            "usr/lib",
+            "/lib",
+            "--symlink",
+            "usr/lib64",
+            "/lib64",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--tmpfs",
+            "/tmp",
+            "--die-with-parent",
+            "/bin/true",
+        ],
+    )
+    .map(stats);
+    let slip_small = rt.block_on(time_slipway(&driver, &small, iters, "s"));
+    let slip_large = rt.block_on(time_slipway(&driver, &large, iters, "l"));
+
+    let floor = unshare.as_ref().map(|s| s.median);
+    let ratio = |d: Duration| match floor {
+        Some(f) => format!("{:.2}×", d.as_secs_f64() / f.as_secs_f64()),
+        None => "-".into(),
+    };
+    println!("provision → exec `true` → destroy, {iters} iterations each\n");
+    println!("| what | median | p90 | median vs unshare floor |");
+    println!("|---|---|---|---|");
+    match &unshare {
+        Some(s) => println!(
+            "| `unshare --mount --pid --net --ipc --uts --fork true` (floor) | {} | {} | 1.00× |",
+            ms(s.median),
+            ms(s.p90)
+        ),
+        None => println!("| unshare (floor) | unavailable | | |"),
+    }
+    match &bwrap {
+        Some(s) => println!(
+            "| `bwrap --unshare-all` (ro /usr, /proc, /dev, /tmp) `true` | {} | {} | {} |",
+            ms(s.median),
+            ms(s.p90),
+            ratio(s.median)
+        ),
+        None => println!("| bwrap | not installed (apt-get install -y bubblewrap) | | |"),
+    }
+    for (name, phases) in [("10 files", &slip_small), ("100,000 files", &slip_large)] {
+        let total = stats(phases.total.clone());
+        println!(
+            "| slipway create + exec + destroy, lower dir of {name} | {} | {} | {} |",
+            ms(total.median),
+            ms(total.p90),
+            ratio(total.median)
+        );
+    }
+    println!("\nslipway phases (median, 10-file lower dir / 100,000-file lower dir):");
+    for (name, small, large) in [
+        ("create", &slip_small.create, &slip_large.create),
+        ("exec `true`", &slip_small.exec, &slip_large.exec),
+        ("destroy", &slip_small.destroy, &slip_large.destroy),
+    ] {
+        println!(
+            "  {name:12} {:>10} / {:>10}",
+            ms(stats(small.clone()).median),
+            ms(stats(large.clone()).median)
+        );
+    }
+    for root in std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let _ = std::fs::remove_dir(root.path().join("slipway-bench"));
+    }
+}

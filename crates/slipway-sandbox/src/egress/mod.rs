@@ -1,0 +1,396 @@
+//! The build egress proxy: an HTTP forward proxy (plain `http://` requests and `CONNECT`
+//! tunnels) that listens on a sandbox's loopback and connects out from the host's network
+//! namespace, only to allow-listed host names on ports 80 and 443, never to an IP literal or an
+//! address in a loopback, private, link-local or otherwise non-public range.
+
+mod allowlist;
+
+pub use allowlist::{derive_registry_allowlist, RegistryConfig};
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE, HOST};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+
+/// Ports the proxy connects to.
+pub const ALLOWED_PORTS: [u16; 2] = [80, 443];
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Which destinations the proxy may connect to.
+#[derive(Debug, Clone, Default)]
+pub struct EgressPolicy {
+    allow: HashSet<String>,
+}
+
+/// Why the proxy refused a destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denied {
+    Port { port: u16 },
+    IpLiteral { host: String },
+    NotAllowed { host: String },
+    Unresolvable { host: String, error: String },
+    NonPublicAddress { host: String, addr: IpAddr },
+}
+
+impl fmt::Display for Denied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Denied::Port { port } => write!(f, "port {port} is not allowed (only 80 and 443)"),
+            Denied::IpLiteral { host } => write!(
+                f,
+                "{host} is an IP address; only allow-listed host names are reachable"
+            ),
+            Denied::NotAllowed { host } => write!(f, "host {host} is not in the egress allowlist"),
+            Denied::Unresolvable { host, error } => {
+                write!(f, "host {host} cannot be resolved: {error}")
+            }
+            Denied::NonPublicAddress { host, addr } => {
+                write!(f, "host {host} resolves to non-public address {addr}")
+            }
+        }
+    }
+}
+
+fn normalize(host: &str) -> String {
+    host.trim().trim_end_matches('.').to_ascii_lowercase()
+}
+
+impl EgressPolicy {
+    pub fn new(hosts: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            allow: hosts
+                .into_iter()
+                .map(|h| normalize(&h))
+                .filter(|h| !h.is_empty())
+                .collect(),
+        }
+    }
+
+    /// Checks a destination before anything is resolved or connected.
+    ///
+    /// # Errors
+    /// The reason the destination is refused.
+    pub fn check(&self, host: &str, port: u16) -> Result<(), Denied> {
+        if !ALLOWED_PORTS.contains(&port) {
+            return Err(Denied::Port { port });
+        }
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        if bare.parse::<IpAddr>().is_ok() {
+            return Err(Denied::IpLiteral {
+                host: host.to_string(),
+            });
+        }
+        let host = normalize(host);
+        if !self.allow.contains(&host) {
+            return Err(Denied::NotAllowed { host });
+        }
+        Ok(())
+    }
+
+    /// Checks and resolves a destination; every address it resolves to must be public.
+    ///
+    /// # Errors
+    /// The reason the destination is refused.
+    pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, Denied> {
+        self.check(host, port)?;
+        let host = normalize(host);
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(|e| Denied::Unresolvable {
+                host: host.clone(),
+                error: e.to_string(),
+            })?
+            .collect();
+        if addrs.is_empty() {
+            return Err(Denied::Unresolvable {
+                host,
+                error: "no addresses".into(),
+            });
+        }
+        if let Some(bad) = addrs.iter().find(|a| !is_allowed_destination(a.ip())) {
+            return Err(Denied::NonPublicAddress {
+                host,
+                addr: bad.ip(),
+            });
+        }
+        Ok(addrs)
+    }
+}
+
+/// Whether the proxy may connect to `ip`: a unicast address outside every loopback, private,
+/// link-local, shared (CGNAT), multicast and reserved range — so never this machine, its LAN,
+/// the control plane or another sandbox. Documentation ranges are allowed: they are not local,
+/// and some egress gateways answer DNS with them.
+pub fn is_allowed_destination(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_allowed_v4(v4),
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_allowed_v4(v4);
+            }
+            let seg0 = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (seg0 & 0xfe00) == 0xfc00 // unique local
+                || (seg0 & 0xffc0) == 0xfe80 // link-local
+                || (seg0 & 0xffc0) == 0xfec0 // site-local (deprecated)
+                || v6.segments()[..6] == [0, 0, 0, 0, 0, 0] // IPv4-compatible
+                || seg0 == 0x0064 && v6.segments()[1] == 0xff9b) // NAT64 maps to any IPv4
+        }
+    }
+}
+
+fn is_allowed_v4(ip: Ipv4Addr) -> bool {
+    let o = ip.octets();
+    !(ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_unspecified()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || o[0] == 0
+        || (o[0] == 100 && (o[1] & 0xc0) == 64) // shared address space (CGNAT)
+        || (o[0] == 192 && o[1] == 0 && o[2] == 0) // IETF protocol assignments
+        || (o[0] == 198 && (o[1] & 0xfe) == 18) // benchmarking
+        || o[0] >= 240) // reserved
+}
+
+type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn denied(sandbox: &str, host: &str, port: u16, reason: &Denied) -> Response<ProxyBody> {
+    tracing::warn!(sandbox, host, port, %reason, "egress denied");
+    text(
+        StatusCode::FORBIDDEN,
+        format!("slipway egress proxy: denied: {reason}\n"),
+    )
+}
+
+async fn connect_any(addrs: &[SocketAddr]) -> std::io::Result<TcpStream> {
+    let mut last = std::io::Error::other("no addresses");
+    for addr in addrs {
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+        }
+    }
+    Err(last)
+}
+
+/// Serves the proxy on `listener` (normally a listener inside a sandbox's network namespace)
+/// until the task is aborted.
+pub async fn serve(listener: TcpListener, policy: Arc<EgressPolicy>, sandbox_id: String) {
+    let sandbox: Arc<str> = sandbox_id.into();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (policy, sandbox) = (policy.clone(), sandbox.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let (policy, sandbox) = (policy.clone(), sandbox.clone());
+                async move { Ok::<_, Infallible>(handle(req, &policy, &sandbox).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+        });
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    policy: &EgressPolicy,
+    sandbox: &str,
+) -> Response<ProxyBody> {
+    if req.method() == Method::CONNECT {
+        return tunnel(req, policy, sandbox).await;
+    }
+    forward(req, policy, sandbox).await
+}
+
+async fn tunnel(
+    req: Request<Incoming>,
+    policy: &EgressPolicy,
+    sandbox: &str,
+) -> Response<ProxyBody> {
+    let Some(authority) = req.uri().authority().cloned() else {
+        return text(StatusCode::BAD_REQUEST, "CONNECT needs host:port\n".into());
+    };
+    let (host, port) = (authority.host(), authority.port_u16().unwrap_or(443));
+    let addrs = match policy.resolve(host, port).await {
+        Ok(a) => a,
+        Err(reason) => return denied(sandbox, host, port, &reason),
+    };
+    let mut upstream = match connect_any(&addrs).await {
+        Ok(s) => s,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_GATEWAY,
+                format!("cannot connect to {host}:{port}: {e}\n"),
+            )
+        }
+    };
+    tracing::debug!(sandbox, host, port, "egress tunnel");
+    tokio::spawn(async move {
+        if let Ok(upgraded) = hyper::upgrade::on(req).await {
+            let mut client = TokioIo::new(upgraded);
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        }
+    });
+    Response::new(Empty::new().map_err(|never| match never {}).boxed())
+}
+
+async fn forward(
+    mut req: Request<Incoming>,
+    policy: &EgressPolicy,
+    sandbox: &str,
+) -> Response<ProxyBody> {
+    let uri = req.uri().clone();
+    let (Some("http"), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "slipway egress proxy: only absolute http:// requests and CONNECT are proxied\n".into(),
+        );
+    };
+    let (host, port) = (authority.host(), authority.port_u16().unwrap_or(80));
+    let addrs = match policy.resolve(host, port).await {
+        Ok(a) => a,
+        Err(reason) => return denied(sandbox, host, port, &reason),
+    };
+    let upstream = match connect_any(&addrs).await {
+        Ok(s) => s,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_GATEWAY,
+                format!("cannot connect to {host}:{port}: {e}\n"),
+            )
+        }
+    };
+    let (mut sender, conn) =
+        match hyper::client::conn::http1::handshake(TokioIo::new(upstream)).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    format!("upstream {host}:{port}: {e}\n"),
+                )
+            }
+        };
+    tokio::spawn(conn);
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    *req.uri_mut() = path.parse().expect("a path taken from a valid URI parses");
+    let headers = req.headers_mut();
+    headers.remove("proxy-connection");
+    headers.remove("proxy-authorization");
+    if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
+        headers.insert(HOST, value);
+    }
+    match sender.send_request(req).await {
+        Ok(resp) => resp.map(|body| body.boxed()),
+        Err(e) => text(
+            StatusCode::BAD_GATEWAY,
+            format!("upstream {host}:{port}: {e}\n"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_allow_listed_names_on_web_ports() {
+        let policy = EgressPolicy::new(["Registry.Example.".to_string()]);
+        assert_eq!(policy.check("registry.example", 443), Ok(()));
+        assert_eq!(policy.check("REGISTRY.example.", 80), Ok(()));
+        assert_eq!(
+            policy.check("registry.example", 22),
+            Err(Denied::Port { port: 22 })
+        );
+        assert!(matches!(
+            policy.check("other.example", 443),
+            Err(Denied::NotAllowed { .. })
+        ));
+        assert!(matches!(
+            policy.check("127.0.0.1", 443),
+            Err(Denied::IpLiteral { .. })
+        ));
+        assert!(matches!(
+            policy.check("[::1]", 443),
+            Err(Denied::IpLiteral { .. })
+        ));
+        assert!(matches!(
+            policy.check("evil.registry.example", 443),
+            Err(Denied::NotAllowed { .. })
+        ));
+    }
+
+    #[test]
+    fn local_and_private_addresses_are_refused() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::1",
+            "::",
+            "fc00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a00:1",
+        ] {
+            assert!(
+                !is_allowed_destination(ip.parse().unwrap()),
+                "{ip} must be refused"
+            );
+        }
+        for ip in ["1.1.1.1", "151.101.1.1", "2606:4700::1111", "203.0.113.80"] {
+            assert!(
+                is_allowed_destination(ip.parse().unwrap()),
+                "{ip} is allowed"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn names_resolving_to_loopback_are_refused() {
+        let policy = EgressPolicy::new(["localhost".to_string()]);
+        match policy.resolve("localhost", 443).await {
+            Err(Denied::NonPublicAddress { addr, .. }) => assert!(addr.is_loopback()),
+            other => panic!("expected a non-public refusal, got {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! One test binary for the crate (see util.rs for the shared helpers).
+
+mod util;
+
+mod basic;
+mod egress;
+mod hostile;
+mod lifecycle;
+mod network;
