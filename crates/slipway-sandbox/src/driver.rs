@@ -282,6 +282,7 @@ impl LinuxDriver {
             helper: Mutex::new(None),
             netns: Mutex::new(None),
             proxy: Mutex::new(None),
+            egress_policy: Mutex::new(None),
             destroyed: AtomicBool::new(false),
         };
         match inner.start_init(&init).await {
@@ -310,6 +311,7 @@ impl LinuxDriver {
                 }
             };
             let policy = Arc::new(EgressPolicy::new(egress.allow_hosts.iter().cloned()));
+            *lock(&sandbox.inner.egress_policy) = Some(policy.clone());
             let task = tokio::spawn(egress::serve(listener, policy, id.clone()));
             *lock(&sandbox.inner.proxy) = Some(task);
         }
@@ -367,6 +369,8 @@ struct Inner {
     helper: Mutex<Option<std::process::Child>>,
     netns: Mutex<Option<NetnsSockets>>,
     proxy: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The build egress policy while egress is open; closing it cuts every proxied connection.
+    egress_policy: Mutex<Option<Arc<EgressPolicy>>>,
     destroyed: AtomicBool,
 }
 
@@ -609,7 +613,8 @@ impl Sandbox {
             ("LOGNAME".into(), "app".into()),
             ("HOSTNAME".into(), spec.hostname.clone()),
         ];
-        if let Some(egress) = &spec.egress {
+        let egress_open = lock(&self.inner.egress_policy).as_ref().is_some_and(|p| !p.is_closed());
+        if let Some(egress) = spec.egress.as_ref().filter(|_| egress_open) {
             let proxy = format!("http://127.0.0.1:{}", egress.proxy_port);
             for key in [
                 "HTTP_PROXY",
@@ -834,6 +839,18 @@ impl Sandbox {
             .map_err(self.net_err(port))?;
         socket.listen(1024).map_err(self.net_err(port))?;
         TcpListener::from_std(socket.into()).map_err(self.net_err(port))
+    }
+
+    /// Closes build egress for good: the proxy on the sandbox's loopback stops listening, every
+    /// connection it holds is cut, and later commands get no proxy settings. The engine calls it
+    /// when the build is over, so a running app has no way out. Idempotent.
+    pub fn close_egress(&self) {
+        if let Some(policy) = lock(&self.inner.egress_policy).take() {
+            policy.close();
+        }
+        if let Some(task) = lock(&self.inner.proxy).take() {
+            task.abort();
+        }
     }
 
     /// Memory, processes and CPU used so far, from the sandbox's cgroup.

@@ -30,6 +30,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 #[derive(Debug, Clone, Default)]
 pub struct EgressPolicy {
     allow: HashSet<String>,
+    /// Turns true when egress is closed for good (the build is over): the listener stops
+    /// accepting and every open connection and tunnel is cut.
+    closed: tokio::sync::watch::Sender<bool>,
 }
 
 /// Why the proxy refused a destination.
@@ -73,7 +76,23 @@ impl EgressPolicy {
                 .map(|h| normalize(&h))
                 .filter(|h| !h.is_empty())
                 .collect(),
+            closed: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// Closes egress for good: the proxy stops accepting and cuts every open connection.
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    /// Resolves once [`EgressPolicy::close`] was called.
+    pub async fn closed(&self) {
+        let mut rx = self.closed.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
     }
 
     /// Checks a destination before anything is resolved or connected.
@@ -207,19 +226,27 @@ async fn connect_any(addrs: &[SocketAddr]) -> std::io::Result<TcpStream> {
 pub async fn serve(listener: TcpListener, policy: Arc<EgressPolicy>, sandbox_id: String) {
     let sandbox: Arc<str> = sandbox_id.into();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = policy.closed() => return,
+        };
+        let Ok((stream, _)) = accepted else {
             continue;
         };
         let (policy, sandbox) = (policy.clone(), sandbox.clone());
         tokio::spawn(async move {
+            let closing = policy.clone();
             let service = hyper::service::service_fn(move |req| {
                 let (policy, sandbox) = (policy.clone(), sandbox.clone());
                 async move { Ok::<_, Infallible>(handle(req, &policy, &sandbox).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await;
+                .with_upgrades();
+            tokio::select! {
+                _ = conn => {}
+                () = closing.closed() => {}
+            }
         });
     }
 }
@@ -258,10 +285,18 @@ async fn tunnel(
         }
     };
     tracing::debug!(sandbox, host, port, "egress tunnel");
+    let closing = policy.closed.subscribe();
     tokio::spawn(async move {
-        if let Ok(upgraded) = hyper::upgrade::on(req).await {
-            let mut client = TokioIo::new(upgraded);
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        let mut closing = closing;
+        let copy = async {
+            if let Ok(upgraded) = hyper::upgrade::on(req).await {
+                let mut client = TokioIo::new(upgraded);
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            }
+        };
+        tokio::select! {
+            () = copy => {}
+            _ = closing.wait_for(|c| *c) => {}
         }
     });
     Response::new(Empty::new().map_err(|never| match never {}).boxed())
@@ -303,7 +338,13 @@ async fn forward(
                 )
             }
         };
-    tokio::spawn(conn);
+    let mut closing = policy.closed.subscribe();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = conn => {}
+            _ = closing.wait_for(|c| *c) => {}
+        }
+    });
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     *req.uri_mut() = path.parse().expect("a path taken from a valid URI parses");
     let headers = req.headers_mut();
