@@ -164,3 +164,144 @@ pub struct SpecInput {
     /// Read-only: ignored.
     pub updated_at: Option<serde_json::Value>,
 }
+
+/// One run (seed 004 `DeploymentRun`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunDto {
+    pub id: String,
+    pub agent_id: String,
+    pub spec_id: String,
+    /// The spec as it was when the run started.
+    pub spec_snapshot: SpecDto,
+    /// Set once the source is captured.
+    pub snapshot_id: Option<String>,
+    pub sandbox_id: String,
+    /// `queued|capturing|provisioning|building|starting|ready|failed|stopping|stopped`.
+    pub status: String,
+    /// `preview` or `production`.
+    pub target: String,
+    /// The preview URL once the run is ready.
+    pub url: Option<String>,
+    pub note: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped_at: Option<i64>,
+    /// Why the run failed: the phase, then the reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub links: RunLinksDto,
+}
+
+/// Where to read more about a run.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RunLinksDto {
+    #[serde(rename = "self")]
+    pub self_: String,
+    pub logs: String,
+}
+
+impl From<slipway_store::RunRecord> for RunDto {
+    fn from(r: slipway_store::RunRecord) -> Self {
+        let base = format!("/api/agents/{}/deployments/{}", r.agent_id, r.id);
+        Self {
+            links: RunLinksDto { logs: format!("{base}/logs"), self_: base },
+            id: r.id,
+            agent_id: r.agent_id,
+            spec_id: r.spec_id,
+            spec_snapshot: r.spec_snapshot.into(),
+            snapshot_id: r.snapshot_id,
+            sandbox_id: r.sandbox_id,
+            status: r.status.as_str().to_string(),
+            target: r.target.as_str().to_string(),
+            url: r.url,
+            note: r.note,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            stopped_at: r.stopped_at,
+            error: r.error,
+        }
+    }
+}
+
+/// `GET /api/agents/{id}/deployments`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RunListDto {
+    /// Newest first.
+    pub runs: Vec<RunDto>,
+}
+
+/// One log line.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LogLineDto {
+    /// Line number, from 1.
+    pub line: u64,
+    /// Milliseconds since the Unix epoch.
+    pub ts: i64,
+    /// `system`, `stdout` or `stderr`.
+    pub stream: String,
+    pub text: String,
+}
+
+impl From<slipway_store::LogLine> for LogLineDto {
+    fn from(l: slipway_store::LogLine) -> Self {
+        Self { line: l.line_no, ts: l.ts, stream: l.stream, text: l.text }
+    }
+}
+
+/// `GET …/deployments/{runId}/logs`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LogsDto {
+    pub run_id: String,
+    /// The run's status when the lines were read; a settled run writes no more lines once its
+    /// pipeline has ended.
+    pub status: String,
+    /// Lines stored for the run so far.
+    pub total_lines: u64,
+    /// Pass as `since` to read only newer lines.
+    pub next_since: u64,
+    pub lines: Vec<LogLineDto>,
+}
+
+/// A captured source tree (seed 004 `SourceSnapshot`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotDto {
+    pub id: String,
+    pub agent_id: String,
+    pub spec_id: Option<String>,
+    pub source_dir: String,
+    /// Where the artifact lives in the artifact store, relative to the store's root.
+    pub artifact_path: String,
+    /// sha256 of the canonical tree (see docs/snapshots.md).
+    pub content_hash: String,
+    pub file_count: u64,
+    /// Compressed artifact size.
+    pub size_bytes: u64,
+    pub created_at: i64,
+}
+
+impl From<slipway_store::SnapshotRecord> for SnapshotDto {
+    fn from(s: slipway_store::SnapshotRecord) -> Self {
+        Self {
+            id: s.id,
+            agent_id: s.agent_id,
+            spec_id: s.spec_id,
+            source_dir: s.source_dir,
+            artifact_path: s.artifact_path,
+            content_hash: s.content_hash,
+            file_count: s.file_count,
+            size_bytes: s.size_bytes,
+            created_at: s.created_at,
+        }
+    }
+}
+
+/// `GET /api/agents/{id}/deployments/snapshots`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SnapshotListDto {
+    /// Newest first.
+    pub snapshots: Vec<SnapshotDto>,
+}

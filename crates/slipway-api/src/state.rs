@@ -53,6 +53,12 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub config: Arc<ApiConfig>,
     pub clock: Clock,
+    /// The run engine; `None` in servers (and tests) that only manage specs.
+    pub engine: Option<slipway_engine::Engine>,
+    /// Where snapshot archives are kept; `None` disables the upload path.
+    pub artifacts: Option<Arc<slipway_artifacts::LocalArtifactStore>>,
+    /// Limits applied to uploaded snapshots (the same as for host captures).
+    pub capture_options: slipway_artifacts::CaptureOptions,
 }
 
 impl AppState {
@@ -62,7 +68,25 @@ impl AppState {
             store,
             config: Arc::new(config),
             clock: system_clock(),
+            engine: None,
+            artifacts: None,
+            capture_options: slipway_artifacts::CaptureOptions::default(),
         }
+    }
+
+    /// Attaches the run engine and the artifact store (deployments and snapshots routes).
+    #[must_use]
+    pub fn with_engine(mut self, engine: slipway_engine::Engine, artifacts: Arc<slipway_artifacts::LocalArtifactStore>) -> Self {
+        self.engine = Some(engine);
+        self.artifacts = Some(artifacts);
+        self
+    }
+
+    /// Replaces the limits applied to uploaded snapshots.
+    #[must_use]
+    pub fn with_capture_options(mut self, options: slipway_artifacts::CaptureOptions) -> Self {
+        self.capture_options = options;
+        self
     }
 
     /// Replaces the clock (tests).

@@ -53,6 +53,21 @@ enum Command {
     Login(LoginArgs),
     /// Show whom the current token speaks for.
     Whoami,
+    /// Deploy a directory: capture it, upload it if the server lacks it, start a run in a fresh
+    /// sandbox, follow its log and print its URL when it is ready.
+    Deploy(cmd::runs::DeployArgs),
+    /// List the agent's runs, newest first.
+    Runs,
+    /// Print a run's log.
+    Logs(cmd::runs::LogsArgs),
+    /// Stop one run (and destroy its sandbox).
+    Stop(cmd::runs::RunArg),
+    /// Show one run: status, URL, snapshot, sandbox, commands, error.
+    Inspect(cmd::runs::RunArg),
+    /// Capture a directory and upload it as a snapshot without deploying; prints its content hash.
+    Snapshot(cmd::runs::SnapshotArgs),
+    /// List the agent's snapshots, newest first.
+    Snapshots,
 }
 
 fn main() -> ExitCode {
@@ -71,6 +86,13 @@ fn main() -> ExitCode {
         Command::Spec(command) => cmd::spec::run(&cli.global, command),
         Command::Login(args) => cmd::login::login(&cli.global, args),
         Command::Whoami => cmd::login::whoami(&cli.global),
+        Command::Deploy(args) => cmd::runs::deploy(&cli.global, args),
+        Command::Runs => cmd::runs::runs(&cli.global),
+        Command::Logs(args) => cmd::runs::logs(&cli.global, args),
+        Command::Stop(args) => cmd::runs::stop(&cli.global, args),
+        Command::Inspect(args) => cmd::runs::inspect(&cli.global, args),
+        Command::Snapshot(args) => cmd::runs::snapshot(&cli.global, args),
+        Command::Snapshots => cmd::runs::snapshots(&cli.global),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -18,6 +18,7 @@ use slipway_api::auth::mint_token;
 use slipway_api::{system_clock, ApiConfig, AppState};
 use slipway_core::path::normalize_absolute;
 use slipway_core::{AgentRootTemplate, SpecPolicy};
+use slipway_engine::{Engine, EngineConfig, EventBus};
 use slipway_router::{Router, RouterConfig};
 use slipway_store::{SqliteStore, Store, TokenKind};
 use tokio::net::TcpListener;
@@ -71,6 +72,16 @@ pub struct ServeArgs {
         value_name = "PATH"
     )]
     pub allowed_roots: Vec<String>,
+    /// A host builds may reach through the egress proxy, besides the package registries the
+    /// host's npm and pip are configured with; repeat for several (environment:
+    /// comma-separated).
+    #[arg(
+        long = "egress-allow",
+        env = "SLIPWAY_EGRESS_ALLOW",
+        value_delimiter = ',',
+        value_name = "HOST"
+    )]
+    pub egress_allow: Vec<String>,
     /// Domain under which apps get host names [default: localhost].
     #[arg(long, env = "SLIPWAY_BASE_DOMAIN", value_name = "DOMAIN")]
     pub base_domain: Option<String>,
@@ -94,6 +105,7 @@ pub struct FileConfig {
     pub app_addr: Option<String>,
     pub agent_root: Option<String>,
     pub allowed_roots: Option<Vec<String>>,
+    pub egress_allow: Option<Vec<String>>,
     pub base_domain: Option<String>,
     pub log_format: Option<LogFormat>,
     pub log_level: Option<String>,
@@ -121,6 +133,8 @@ pub struct ServeConfig {
     pub agent_root: AgentRootTemplate,
     /// Normalised absolute paths.
     pub allowed_roots: Vec<String>,
+    /// Extra hosts builds may reach (the registries are derived at start-up).
+    pub egress_allow: Vec<String>,
     pub base_domain: String,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -190,6 +204,11 @@ impl ServeConfig {
                 .unwrap_or_else(|| DEFAULT_APP_ADDR.to_string()),
             agent_root,
             allowed_roots,
+            egress_allow: if args.egress_allow.is_empty() {
+                file.egress_allow.unwrap_or_default()
+            } else {
+                args.egress_allow
+            },
             base_domain: args
                 .base_domain
                 .or(file.base_domain)
@@ -229,6 +248,7 @@ fn default_data_dir() -> PathBuf {
 /// Everything a running server is made of. The engine will be added here.
 pub struct Server {
     pub config: ServeConfig,
+    pub engine: Engine,
     pub state: AppState,
     pub router: Arc<Router>,
     pub api_listener: TcpListener,
@@ -262,8 +282,6 @@ pub async fn build_server(config: ServeConfig) -> anyhow::Result<Server> {
     let mut api_config = ApiConfig::new(config.agent_root.clone());
     api_config.spec_policy.allowed_roots = config.allowed_roots.clone();
     api_config.base_domain = config.base_domain.clone();
-    let state = AppState::new(store, api_config).with_clock(clock);
-
     let router = Arc::new(Router::new(RouterConfig::default()));
 
     let api_listener = TcpListener::bind(&config.api_addr)
@@ -274,8 +292,24 @@ pub async fn build_server(config: ServeConfig) -> anyhow::Result<Server> {
         .with_context(|| format!("cannot listen on app address {}", config.app_addr))?;
     let api_addr = api_listener.local_addr()?;
     let app_addr = app_listener.local_addr()?;
+
+    let artifacts = Arc::new(
+        slipway_artifacts::LocalArtifactStore::new(config.data_dir.join("artifacts"))
+            .context("cannot open the artifact store")?,
+    );
+    let engine = build_engine(&config, Arc::clone(&store), Arc::clone(&artifacts), Arc::clone(&router), app_addr, clock.clone())?;
+    let report = engine.reconcile().await.context("start-up reconcile failed")?;
+    info!(
+        runs_failed = report.runs_failed,
+        runs_stopped = report.runs_stopped,
+        sandboxes_cleaned = report.sandboxes_cleaned,
+        "reconciled state left by the previous run of the server"
+    );
+    let state = AppState::new(store, api_config).with_clock(clock).with_engine(engine.clone(), artifacts);
+
     Ok(Server {
         config,
+        engine,
         state,
         router,
         api_listener,
@@ -309,6 +343,8 @@ impl Server {
             shutdown.cancelled_owned(),
         );
         let (api_result, ()) = tokio::join!(api_server, app_server);
+        // Stop every app and destroy every sandbox; the next start-up settles the runs.
+        self.engine.shutdown().await;
         api_result.context("api listener failed")
     }
 }
@@ -497,4 +533,47 @@ mod tests {
             .to_string()
             .contains("must not be /"));
     }
+}
+
+/// The run engine: sandboxes when this machine can make them (otherwise runs fail and say why),
+/// the build egress allowlist derived from the host's npm and pip configuration.
+/// The cgroup directory holding this server's sandboxes. Start-up cleanup kills everything
+/// under it, so two servers on one machine (two data directories) must not share it: the name
+/// carries a digest of the data directory's path.
+fn cgroup_parent_for(data_dir: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::ffi::OsStrExt;
+    let canonical = data_dir.canonicalize().unwrap_or_else(|_| data_dir.to_path_buf());
+    let digest = Sha256::digest(canonical.as_os_str().as_bytes());
+    format!("slipway-{}", &hex::encode(digest)[..12])
+}
+
+fn build_engine(
+    config: &ServeConfig,
+    store: Arc<dyn Store>,
+    artifacts: Arc<slipway_artifacts::LocalArtifactStore>,
+    router: Arc<Router>,
+    app_addr: SocketAddr,
+    clock: slipway_api::Clock,
+) -> anyhow::Result<Engine> {
+    let driver = match slipway_sandbox::check_support() {
+        Ok(()) => {
+            let helper = std::env::current_exe().context("cannot find the slipway executable for sandbox helpers")?;
+            let mut driver_config = slipway_sandbox::DriverConfig::new(helper, config.data_dir.join("sandboxes"));
+            driver_config.cgroup_parent = cgroup_parent_for(&config.data_dir);
+            slipway_sandbox::LinuxDriver::new(driver_config).map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(reason) = &driver {
+        warn!("sandboxes are unavailable, so every deployment run will fail until this is fixed: {reason}");
+    }
+    let mut engine_config = EngineConfig::new(config.data_dir.join("cache"), config.agent_root.clone());
+    engine_config.base_domain = config.base_domain.clone();
+    engine_config.app_port = app_addr.port();
+    let registry = slipway_sandbox::RegistryConfig::derive();
+    engine_config.egress_allow = registry.egress_config(&config.egress_allow).allow_hosts;
+    engine_config.egress_env = registry.sandbox_env();
+    info!(hosts = %engine_config.egress_allow.join(","), "build egress allowlist");
+    Ok(Engine::new(store, artifacts, driver, router, engine_config, EventBus::default(), clock))
 }

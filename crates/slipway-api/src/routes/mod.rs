@@ -6,8 +6,10 @@
 //! `router()`, then add one `.merge(<name>::router())` line to [`api_router`].
 
 pub mod agents;
+pub mod deployments;
 pub mod health;
 pub mod openapi;
+pub mod snapshots;
 pub mod spec;
 pub mod whoami;
 
@@ -23,5 +25,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(whoami::router())
         .merge(agents::router())
         .merge(spec::router())
+        .merge(snapshots::router())
+        .merge(deployments::router())
         .merge(openapi::router())
 }

@@ -7,6 +7,7 @@
 
 pub mod agents;
 pub mod login;
+pub mod runs;
 pub mod spec;
 
 use anyhow::bail;

@@ -1,0 +1,195 @@
+//! The few raw file-system calls this crate needs, kept in one place.
+//!
+//! Capture reads directories an agent controls while running as a privileged user, so every
+//! open of a captured file goes through [`Root`], which refuses to follow any symlink on the
+//! way (an agent swapping `src/` for a symlink to `/etc` between the walk and the read must get
+//! an error, not `/etc/shadow` in its snapshot).
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// A directory opened once; relative paths are resolved beneath it without following symlinks.
+pub(crate) struct Root {
+    fd: OwnedFd,
+}
+
+/// Mirrors `struct open_how` from `linux/openat2.h` (libc's copy is `non_exhaustive`).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+const RESOLVE_BENEATH: u64 = 0x08;
+
+fn cstring(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+impl Root {
+    /// Opens `path` as the root of later lookups.
+    pub(crate) fn open(path: &Path) -> io::Result<Root> {
+        let c = cstring(path.as_os_str().as_bytes())?;
+        // SAFETY: `c` is a valid NUL-terminated string; the returned fd is checked and owned.
+        let fd = cvt(unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) })?;
+        // SAFETY: `fd` was just returned by open(2) and nothing else owns it.
+        Ok(Root { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+
+    /// Opens the regular file `rel` ('/'-separated, relative) for reading, refusing symlinks in
+    /// any component. `O_NONBLOCK` keeps a FIFO swapped in after the walk from hanging the open.
+    pub(crate) fn open_file(&self, rel: &str) -> io::Result<File> {
+        let flags = libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK;
+        let fd = match self.openat2(rel, flags) {
+            Err(e) if fallback_wanted(&e) => self.open_by_components(rel, flags)?,
+            other => other?,
+        };
+        Ok(File::from(fd))
+    }
+
+    /// Reads the target of the symlink `rel`, refusing symlinks among its parents.
+    pub(crate) fn read_link(&self, rel: &str) -> io::Result<Vec<u8>> {
+        let (parent, name) = match rel.rfind('/') {
+            Some(i) => (&rel[..i], &rel[i + 1..]),
+            None => ("", rel),
+        };
+        let dir_fd = if parent.is_empty() {
+            None
+        } else {
+            let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW;
+            Some(match self.openat2(parent, flags) {
+                Err(e) if fallback_wanted(&e) => self.open_by_components(parent, flags)?,
+                other => other?,
+            })
+        };
+        let raw_dir = dir_fd.as_ref().map_or(self.fd.as_raw_fd(), |f| f.as_raw_fd());
+        let c = cstring(name.as_bytes())?;
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: `buf` is writable for `buf.len()` bytes and `c` is NUL-terminated.
+        let n = unsafe { libc::readlinkat(raw_dir, c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        if n == buf.len() {
+            // PATH_MAX is 4096, so a target this long cannot be used by anything anyway.
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "symlink target is too long"));
+        }
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    fn openat2(&self, rel: &str, flags: libc::c_int) -> io::Result<OwnedFd> {
+        let c = cstring(rel.as_bytes())?;
+        let how = OpenHow {
+            flags: flags as u64,
+            mode: 0,
+            resolve: RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+        };
+        // SAFETY: all pointers are valid for the duration of the call and `size` matches the
+        // struct we pass; the kernel copies it before returning.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                &how as *const OpenHow,
+                std::mem::size_of::<OpenHow>(),
+            )
+        };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a non-negative return of openat2 is a fresh fd that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(ret as libc::c_int) })
+    }
+
+    /// The pre-5.6-kernel way: one `openat(O_NOFOLLOW)` per component.
+    pub(crate) fn open_by_components(&self, rel: &str, flags: libc::c_int) -> io::Result<OwnedFd> {
+        let mut parts = rel.split('/').peekable();
+        let mut current: Option<OwnedFd> = None;
+        while let Some(part) = parts.next() {
+            if part.is_empty() || part == "." || part == ".." {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "path is not canonical"));
+            }
+            let last = parts.peek().is_none();
+            let f = if last {
+                flags | libc::O_NOFOLLOW
+            } else {
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC
+            };
+            let c = cstring(part.as_bytes())?;
+            let dir = current.as_ref().map_or(self.fd.as_raw_fd(), |f| f.as_raw_fd());
+            // SAFETY: `dir` is an open directory fd and `c` is NUL-terminated.
+            let fd = cvt(unsafe { libc::openat(dir, c.as_ptr(), f) })?;
+            // SAFETY: fresh fd from openat(2).
+            current = Some(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        current.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty path"))
+    }
+}
+
+/// openat2 is missing (old kernel) or filtered (seccomp): use the per-component walk.
+fn fallback_wanted(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EPERM) | Some(libc::E2BIG))
+}
+
+/// Renames `from` to `to` unless `to` exists. Returns `false` (and leaves `from` alone) when
+/// `to` already exists.
+pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<bool> {
+    let a = cstring(from.as_os_str().as_bytes())?;
+    let b = cstring(to.as_os_str().as_bytes())?;
+    // SAFETY: both strings are valid and NUL-terminated.
+    let ret = unsafe {
+        libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_NOREPLACE)
+    };
+    if ret == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EEXIST) => Ok(false),
+        // The file system has no RENAME_NOREPLACE: check then rename. Writers of one name race
+        // only with writers of the same content, so losing the race is harmless.
+        Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+            if to.symlink_metadata().is_ok() {
+                return Ok(false);
+            }
+            std::fs::rename(from, to)?;
+            Ok(true)
+        }
+        _ => Err(err),
+    }
+}
+
+/// Makes a rename or create in `dir` durable.
+pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// `dir` itself, or the current directory when `dir` is empty (a bare file name's parent).
+pub(crate) fn parent_or_dot(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+pub(crate) fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}

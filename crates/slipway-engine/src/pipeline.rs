@@ -1,0 +1,230 @@
+//! One run's pipeline, from `queued` to `ready` or `failed`.
+
+use std::sync::Arc;
+
+use slipway_core::DeploymentStatus;
+use slipway_router::Route;
+use slipway_sandbox::{EgressConfig, ExecRequest, ExitStatus, Sandbox, SandboxSpec};
+use slipway_store::{RunPatch, RunRecord};
+use tokio_util::sync::CancellationToken;
+
+use crate::logs::RunLog;
+use crate::upstream::SandboxUpstream;
+use crate::{failed_route, lock, Engine, Source};
+
+/// Why the pipeline stopped short of `ready`. The message becomes the run's `error`, prefixed
+/// with the phase.
+struct Failure(String);
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure(e.to_string())
+    }
+}
+
+/// Runs `fut` unless the run is cancelled first.
+async fn or_cancel<T>(cancel: &CancellationToken, fut: impl std::future::Future<Output = T>) -> Result<T, Failure> {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err(Failure("cancelled".into())),
+        v = fut => Ok(v),
+    }
+}
+
+fn describe_exit(what: &str, status: &ExitStatus) -> String {
+    if let Some(reason) = &status.reason {
+        return format!("{what} {reason}");
+    }
+    match (status.code, status.signal) {
+        (Some(code), _) => format!("{what} exited with code {code}"),
+        (None, Some(sig)) => format!("{what} was killed by signal {sig}"),
+        (None, None) => format!("{what} ended without an exit status"),
+    }
+}
+
+pub(crate) async fn run(engine: Engine, run: RunRecord, source: Source, cancel: CancellationToken) {
+    let inner = engine.inner.clone();
+    let (log, writer) = RunLog::start(
+        inner.store.clone(),
+        inner.events.clone(),
+        run.agent_id.clone(),
+        run.id.clone(),
+        inner.config.log_limits,
+        inner.clock.clone(),
+    );
+    let mut current = run.clone();
+    let outcome = drive(&engine, &mut current, source, &cancel, &log).await;
+    if let Err(Failure(reason)) = outcome {
+        let phase = current.status;
+        let error = if reason == "cancelled" { reason } else { format!("{phase}: {reason}") };
+        log.system(format!("> failed: {error}")).await;
+        log.flush().await;
+        // The run failed: nothing else changes. Free its sandbox; keep the error and the log.
+        engine.teardown(&current.id).await;
+        if current.status == DeploymentStatus::Queued {
+            if let Ok(r) = engine.transition(&current, DeploymentStatus::Capturing, RunPatch::default()).await {
+                current = r;
+            }
+        }
+        let patch = RunPatch { error: Some(error.clone()), ..Default::default() };
+        match engine.transition(&current, DeploymentStatus::Failed, patch).await {
+            Ok(_) => {}
+            Err(e) => tracing::error!(run = %current.id, error = %e, "could not record run failure"),
+        }
+        inner.router.set(&inner.config.preview_host(&current.id), failed_route()).ok();
+    }
+    drop(log);
+    let _ = writer.await;
+}
+
+async fn drive(
+    engine: &Engine,
+    current: &mut RunRecord,
+    source: Source,
+    cancel: &CancellationToken,
+    log: &RunLog,
+) -> Result<(), Failure> {
+    let inner = engine.inner.clone();
+    let cfg = &inner.config;
+    let spec = current.spec_snapshot.clone();
+
+    // capturing
+    *current = engine.transition(current, DeploymentStatus::Capturing, RunPatch::default()).await?;
+    log.system("> capturing source...").await;
+    let snapshot = or_cancel(cancel, crate::snapshots::resolve(engine, current, &source)).await??;
+    log.system(format!(
+        "> snapshot {} ({} files, {} bytes)",
+        &snapshot.content_hash[..12],
+        snapshot.file_count,
+        snapshot.size_bytes
+    ))
+    .await;
+
+    // provisioning
+    let patch = RunPatch { snapshot_id: Some(snapshot.id.clone()), ..Default::default() };
+    *current = engine.transition(current, DeploymentStatus::Provisioning, patch).await?;
+    log.system(format!("> provisioning sandbox {}...", current.sandbox_id)).await;
+    let driver = inner.driver.as_ref().map_err(|reason| Failure(format!("sandboxes are unavailable: {reason}")))?;
+    let workload_uid = SandboxSpec::new("probe", "/").uid;
+    let lower = or_cancel(cancel, crate::snapshots::extracted(engine, &snapshot, workload_uid)).await??;
+    let mut sspec = SandboxSpec::new(current.sandbox_id.clone(), lower);
+    sspec.limits = cfg.limits.clone();
+    sspec.toolchain_paths = cfg.toolchain_paths.clone();
+    let mut egress = EgressConfig::new(cfg.egress_allow.clone());
+    egress.env = cfg.egress_env.clone();
+    sspec.egress = Some(egress);
+    let sandbox = Arc::new(or_cancel(cancel, driver.create(sspec)).await??);
+    let registered = {
+        let mut active = lock(&inner.active);
+        match active.get_mut(&current.id) {
+            Some(a) => {
+                a.sandbox = Some(sandbox.clone());
+                true
+            }
+            None => false,
+        }
+    };
+    if !registered {
+        // Stopped while the sandbox was being created: nobody else will destroy it.
+        let _ = sandbox.destroy().await;
+        return Err(Failure("cancelled".into()));
+    }
+
+    // building
+    *current = engine.transition(current, DeploymentStatus::Building, RunPatch::default()).await?;
+    let env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    for (what, command) in [("install command", &spec.install_command), ("build command", &spec.build_command)] {
+        if command.trim().is_empty() {
+            continue;
+        }
+        log.system(format!("> {command}")).await;
+        let mut req = ExecRequest::new(command.clone()).timeout(cfg.command_timeout);
+        for (k, v) in &env {
+            req = req.env(k.clone(), v.clone());
+        }
+        let status = run_command(&sandbox, req, log, cancel).await?;
+        if !status.success() {
+            return Err(Failure(describe_exit(what, &status)));
+        }
+    }
+
+    // starting: the build is over, so is its way out. The app runs with no outbound network.
+    sandbox.close_egress();
+    *current = engine.transition(current, DeploymentStatus::Starting, RunPatch::default()).await?;
+    log.system(format!("> {}", spec.start_command)).await;
+    let mut req = ExecRequest::new(spec.start_command.clone()).env("PORT", spec.runtime_port.to_string());
+    for (k, v) in &env {
+        req = req.env(k.clone(), v.clone());
+    }
+    let (sink, _forward) = log.output_sink();
+    let process = sandbox.spawn(req, Some(sink)).await?;
+    let app = Arc::new(crate::app::AppHandle::watch(process));
+    if let Some(a) = lock(&inner.active).get_mut(&current.id) {
+        a.app = Some(app.clone());
+    }
+    let deadline = tokio::time::Instant::now() + cfg.readiness_timeout;
+    let port = spec.runtime_port;
+    let host = cfg.preview_host(&current.id);
+    let probe_sandbox = sandbox.clone();
+    let ready = crate::readiness::wait_ready(
+        move || {
+            let s = probe_sandbox.clone();
+            async move { s.connect(port).await.map_err(|e| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string())) }
+        },
+        &host,
+        &cfg.readiness_path,
+        deadline,
+    );
+    // An app that exits while we wait fails the run at once, with its exit status.
+    let exited = app.exited();
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => return Err(Failure("cancelled".into())),
+        status = exited => {
+            return Err(Failure(match status {
+                Ok(status) => describe_exit("the app", &status),
+                Err(e) => e,
+            }));
+        }
+        result = ready => {
+            if let Err(e) = result {
+                return Err(Failure(format!(
+                    "the app did not become ready on port {port} within {} s (last check: {e})",
+                    cfg.readiness_timeout.as_secs()
+                )));
+            }
+        }
+    }
+
+    // ready: route first, then record, so the URL works the moment the run says ready.
+    let url = cfg.preview_url(&current.id);
+    let upstream = SandboxUpstream { sandbox: sandbox.clone(), port, name: current.id.clone() };
+    inner.router.set(&host, Route::Upstream(Arc::new(upstream))).ok();
+    let patch = RunPatch { url: Some(url.clone()), ..Default::default() };
+    *current = engine.transition(current, DeploymentStatus::Ready, patch).await?;
+    log.system(format!("> ready at {url}")).await;
+    Ok(())
+}
+
+/// Runs one command to its end, streaming its output into the run's log.
+async fn run_command(
+    sandbox: &Sandbox,
+    req: ExecRequest,
+    log: &RunLog,
+    cancel: &CancellationToken,
+) -> Result<ExitStatus, Failure> {
+    let (sink, forward) = log.output_sink();
+    let mut process = sandbox.spawn(req, Some(sink)).await?;
+    let outcome = tokio::select! {
+        biased;
+        _ = cancel.cancelled() => {
+            let _ = process.kill(std::time::Duration::from_millis(500)).await;
+            Err(Failure("cancelled".into()))
+        }
+        status = process.wait() => Ok(status?),
+    };
+    // The command's output is fully in the log before its exit is reported.
+    drop(process);
+    let _ = forward.await;
+    outcome
+}

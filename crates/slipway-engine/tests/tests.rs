@@ -1,0 +1,4 @@
+//! Engine integration tests (real sandboxes; they need root).
+
+mod runs;
+mod util;

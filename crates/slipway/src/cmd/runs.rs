@@ -1,0 +1,436 @@
+//! Runs and snapshots: `deploy`, `runs`, `logs`, `stop`, `inspect`, `snapshot`, `snapshots`.
+//!
+//! `deploy` takes the upload path: the CLI captures the directory itself, asks the server
+//! whether it already has that content hash, uploads the archive only if not, then starts a run
+//! of that snapshot and follows its log until it is ready or failed.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use slipway_core::detect::{detect, TreeShape};
+use ureq::http::Method;
+
+use super::GlobalArgs;
+use crate::client::{ApiFailure, Client};
+
+#[derive(Debug, Clone, Args)]
+pub struct DeployArgs {
+    /// Directory to deploy.
+    #[arg(default_value = ".")]
+    pub dir: PathBuf,
+    /// Deploy to production instead of the spec's default target.
+    #[arg(long)]
+    pub prod: bool,
+    /// A note kept with the run.
+    #[arg(long)]
+    pub note: Option<String>,
+    /// Return as soon as the run is created instead of following it.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Capture the spec's sourceDir on the server (host path) instead of uploading DIR.
+    #[arg(long)]
+    pub server_source: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArg {
+    /// The run id (`run-…`).
+    pub run: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LogsArgs {
+    /// The run id (`run-…`).
+    pub run: String,
+    /// Keep following new lines until the run has settled.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Only the last N lines.
+    #[arg(long)]
+    pub tail: Option<u64>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SnapshotArgs {
+    /// Directory to capture.
+    #[arg(default_value = ".")]
+    pub dir: PathBuf,
+    /// Print the content hash without contacting the server.
+    #[arg(long)]
+    pub hash_only: bool,
+}
+
+fn agent_path(global: &GlobalArgs, client: &Client) -> anyhow::Result<String> {
+    Ok(format!("/api/agents/{}/deployments", global.agent_id(client)?))
+}
+
+fn is_not_found(err: &anyhow::Error) -> bool {
+    err.downcast_ref::<ApiFailure>().is_some_and(|f| f.status == 404)
+}
+
+fn spinner(msg: &str, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("static template"));
+    pb.set_message(msg.to_string());
+    pb.enable_steady_tick(Duration::from_millis(120));
+    pb
+}
+
+/// Looks at the top of `dir` the way the detector needs.
+fn tree_shape(dir: &Path) -> TreeShape {
+    let mut shape = TreeShape::default();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        shape.root_files = entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    }
+    if let Ok(text) = std::fs::read_to_string(dir.join("package.json")) {
+        if let Ok(v) = serde_json::from_str::<Value>(&text) {
+            if let Some(scripts) = v["scripts"].as_object() {
+                shape.package_scripts = scripts.keys().cloned().collect();
+            }
+            shape.package_main = v["main"].as_str().map(str::to_string);
+        }
+    }
+    shape
+}
+
+/// Makes sure the agent has a spec: keeps an existing one; otherwise builds one from
+/// `slipway.toml` in DIR or from auto-detection, and says what it chose.
+fn ensure_spec(client: &Client, base: &str, dir: &Path, quiet: bool) -> anyhow::Result<()> {
+    match client.get::<Value>(&format!("{base}/spec")) {
+        Ok(_) => return Ok(()),
+        Err(e) if is_not_found(&e) => {}
+        Err(e) => return Err(e),
+    }
+    let name = dir
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "app".into());
+    let slug: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .collect();
+    let mut body = json!({ "name": name, "sourceDir": format!("/config/miniapps/{slug}") });
+    if let Some(file) = super::spec::ProjectFile::load(dir, false)? {
+        let fields = [
+            ("name", file.name.map(Value::from)),
+            ("sourceDir", file.source_dir.map(Value::from)),
+            ("installCommand", file.install.map(Value::from)),
+            ("buildCommand", file.build.map(Value::from)),
+            ("startCommand", file.start.map(Value::from)),
+            ("runtimePort", file.port.map(Value::from)),
+            ("env", file.env.map(|e| json!(e))),
+            ("targetDefault", file.target.map(Value::from)),
+            ("kind", file.kind.map(Value::from)),
+        ];
+        for (k, v) in fields {
+            if let Some(v) = v {
+                body[k] = v;
+            }
+        }
+        if !quiet {
+            eprintln!("no spec yet: creating one from {}", dir.join(super::spec::PROJECT_FILE).display());
+        }
+    } else {
+        let detection = detect(&tree_shape(dir)).with_context(|| {
+            format!(
+                "this agent has no spec and {} has no slipway.toml and no recognisable shape \
+                 (package.json, requirements.txt, pyproject.toml or index.html); run `slipway spec set` first",
+                dir.display()
+            )
+        })?;
+        let start = detection.start_command.clone().unwrap_or_else(|| {
+            // A static site with no server: serve the directory with Python's file server.
+            "python3 -m http.server $PORT --bind 127.0.0.1".to_string()
+        });
+        body["installCommand"] = json!(detection.install_command);
+        body["buildCommand"] = json!(detection.build_command);
+        body["startCommand"] = json!(start);
+        if !quiet {
+            eprintln!("no spec yet: detected {}", detection.framework);
+            for r in &detection.reasons {
+                eprintln!("  {r}");
+            }
+        }
+    }
+    let _: Value = client.put(&format!("{base}/spec"), &body)?;
+    Ok(())
+}
+
+/// Captures `dir` to a temporary archive. Returns the captured record and the archive's path.
+fn capture(dir: &Path, quiet: bool) -> anyhow::Result<(slipway_artifacts::Captured, tempfile::TempDir)> {
+    let tmp = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let out = tmp.path().join("snapshot.tar.zst");
+    let pb = spinner(&format!("capturing {}", dir.display()), quiet);
+    let captured = slipway_artifacts::capture_to_file(dir, &out, &slipway_artifacts::CaptureOptions::default())
+        .with_context(|| format!("cannot capture {}", dir.display()))?;
+    pb.finish_and_clear();
+    Ok((captured, tmp))
+}
+
+/// Uploads the archive unless the server has that content hash already. Returns whether it was
+/// uploaded.
+fn upload(client: &Client, base: &str, captured: &slipway_artifacts::Captured, quiet: bool) -> anyhow::Result<bool> {
+    let path = format!("{base}/snapshots/{}", captured.content_hash);
+    match client.send(client.request(Method::HEAD, &path).body(())?) {
+        Ok(_) => return Ok(false),
+        Err(e) if is_not_found(&e) => {}
+        Err(e) => return Err(e),
+    }
+    let file = std::fs::File::open(&captured.artifact_path).context("cannot reopen the captured archive")?;
+    let size = file.metadata()?.len();
+    let pb = if quiet { ProgressBar::hidden() } else { ProgressBar::new(size) };
+    pb.set_style(
+        ProgressStyle::with_template("uploading {bar:30} {bytes}/{total_bytes} {bytes_per_sec}").expect("static template"),
+    );
+    let mut reader = pb.wrap_read(file);
+    let request = client
+        .request(Method::PUT, &path)
+        .header("Content-Type", "application/zstd")
+        .header("Content-Length", size.to_string())
+        .body(ureq::SendBody::from_reader(&mut reader))?;
+    client.send(request)?;
+    pb.finish_and_clear();
+    Ok(true)
+}
+
+pub fn deploy(global: &GlobalArgs, args: &DeployArgs) -> anyhow::Result<()> {
+    let client = global.client()?;
+    let base = agent_path(global, &client)?;
+    let quiet = global.json;
+    if !args.dir.is_dir() {
+        bail!("{} is not a directory", args.dir.display());
+    }
+    ensure_spec(&client, &base, &args.dir, quiet)?;
+    let mut body = json!({});
+    if args.prod {
+        body["target"] = json!("production");
+    }
+    if let Some(note) = &args.note {
+        body["note"] = json!(note);
+    }
+    let _keep; // the temp dir must outlive the upload
+    if !args.server_source {
+        let (captured, tmp) = capture(&args.dir, quiet)?;
+        _keep = tmp;
+        let uploaded = upload(&client, &base, &captured, quiet)?;
+        if !quiet {
+            let short = &captured.content_hash[..12];
+            let how = if uploaded { "uploaded" } else { "already on the server" };
+            eprintln!("snapshot {short} ({} files) {how}", captured.file_count);
+        }
+        body["snapshot"] = json!(captured.content_hash);
+    }
+    let run: Value = client.post(&format!("{base}/start"), &body)?;
+    let id = run["id"].as_str().context("the server's run has no id")?.to_string();
+    if args.no_wait {
+        return print_run(global, &run);
+    }
+    if !quiet {
+        eprintln!("run {id} started");
+    }
+    let final_run = follow(&client, &base, &id, !quiet, None)?;
+    let status = final_run["status"].as_str().unwrap_or_default();
+    if global.json {
+        global.print_json(&final_run)?;
+    } else if status == "ready" {
+        println!("{}", final_run["url"].as_str().unwrap_or_default());
+    }
+    if status != "ready" {
+        let error = final_run["error"].as_str().unwrap_or("the run did not become ready");
+        if !quiet {
+            eprintln!("error: run {id} {status}: {error}");
+        }
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// Prints the run's log as it grows until the run has settled; returns the final run.
+fn follow(client: &Client, base: &str, id: &str, print: bool, tail: Option<u64>) -> anyhow::Result<Value> {
+    let mut since = 0u64;
+    let mut first = true;
+    let mut errors = 0;
+    loop {
+        let mut query = format!("{base}/{id}/logs?since={since}");
+        if let (true, Some(t)) = (first, tail) {
+            query = format!("{base}/{id}/logs?tail={t}");
+        }
+        first = false;
+        let page: Value = match client.get(&query) {
+            Ok(p) => {
+                errors = 0;
+                p
+            }
+            // A dropped connection or a restarting server: retry from the same line, so no
+            // line is lost or repeated.
+            Err(e) if e.downcast_ref::<ApiFailure>().is_none() && errors < 20 => {
+                errors += 1;
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let lines = page["lines"].as_array().cloned().unwrap_or_default();
+        for l in &lines {
+            if print {
+                // The run's log goes to stderr so that stdout carries only the result (the URL,
+                // or the JSON run with --json).
+                eprintln!("{}", l["text"].as_str().unwrap_or_default());
+            }
+        }
+        since = page["nextSince"].as_u64().unwrap_or(since);
+        let run: Value = client.get(&format!("{base}/{id}"))?;
+        let status = run["status"].as_str().unwrap_or_default();
+        let settled = matches!(status, "ready" | "failed" | "stopped");
+        if settled && lines.is_empty() {
+            // One last read after the run settled catches lines written just before.
+            let page: Value = client.get(&format!("{base}/{id}/logs?since={since}"))?;
+            for l in page["lines"].as_array().cloned().unwrap_or_default() {
+                if print {
+                    eprintln!("{}", l["text"].as_str().unwrap_or_default());
+                }
+            }
+            return Ok(run);
+        }
+        if lines.is_empty() {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+fn print_run(global: &GlobalArgs, run: &Value) -> anyhow::Result<()> {
+    if global.json {
+        return global.print_json(run);
+    }
+    let s = |k: &str| run[k].as_str().unwrap_or("-").to_string();
+    println!("run       {}", s("id"));
+    println!("status    {}", s("status"));
+    println!("target    {}", s("target"));
+    println!("url       {}", s("url"));
+    println!("snapshot  {}", s("snapshotId"));
+    println!("sandbox   {}", s("sandboxId"));
+    if let Some(n) = run["note"].as_str() {
+        println!("note      {n}");
+    }
+    if let Some(e) = run["error"].as_str() {
+        println!("error     {e}");
+    }
+    let spec = &run["specSnapshot"];
+    for (label, key) in [("install", "installCommand"), ("build", "buildCommand"), ("start", "startCommand")] {
+        println!("{label:<9} {}", spec[key].as_str().unwrap_or(""));
+    }
+    println!("created   {}", super::format_millis(run["createdAt"].as_i64().unwrap_or(0)));
+    Ok(())
+}
+
+pub fn runs(global: &GlobalArgs) -> anyhow::Result<()> {
+    let client = global.client()?;
+    let base = agent_path(global, &client)?;
+    let list: Value = client.get(&base)?;
+    if global.json {
+        return global.print_json(&list);
+    }
+    let runs = list["runs"].as_array().cloned().unwrap_or_default();
+    if runs.is_empty() {
+        println!("no runs yet: `slipway deploy` starts one");
+        return Ok(());
+    }
+    println!("{:<22} {:<10} {:<10} {:<20} URL", "RUN", "STATUS", "TARGET", "CREATED");
+    for r in runs {
+        println!(
+            "{:<22} {:<10} {:<10} {:<20} {}",
+            r["id"].as_str().unwrap_or_default(),
+            r["status"].as_str().unwrap_or_default(),
+            r["target"].as_str().unwrap_or_default(),
+            super::format_millis(r["createdAt"].as_i64().unwrap_or(0)),
+            r["url"].as_str().unwrap_or("-"),
+        );
+    }
+    Ok(())
+}
+
+pub fn inspect(global: &GlobalArgs, args: &RunArg) -> anyhow::Result<()> {
+    let client = global.client()?;
+    let base = agent_path(global, &client)?;
+    let run: Value = client.get(&format!("{base}/{}", args.run))?;
+    print_run(global, &run)
+}
+
+pub fn stop(global: &GlobalArgs, args: &RunArg) -> anyhow::Result<()> {
+    let client = global.client()?;
+    let base = agent_path(global, &client)?;
+    let run: Value = client.post(&format!("{base}/{}/stop", args.run), &json!({}))?;
+    if global.json {
+        return global.print_json(&run);
+    }
+    println!("run {} {}", args.run, run["status"].as_str().unwrap_or_default());
+    Ok(())
+}
+
+pub fn logs(global: &GlobalArgs, args: &LogsArgs) -> anyhow::Result<()> {
+    let client = global.client()?;
+    let base = agent_path(global, &client)?;
+    if args.follow {
+        follow(&client, &base, &args.run, true, args.tail)?;
+        return Ok(());
+    }
+    let mut query = format!("{base}/{}/logs", args.run);
+    if let Some(t) = args.tail {
+        query.push_str(&format!("?tail={t}"));
+    }
+    let page: Value = client.get(&query)?;
+    if global.json {
+        return global.print_json(&page);
+    }
+    for l in page["lines"].as_array().cloned().unwrap_or_default() {
+        println!("{}", l["text"].as_str().unwrap_or_default());
+    }
+    Ok(())
+}
+
+pub fn snapshot(global: &GlobalArgs, args: &SnapshotArgs) -> anyhow::Result<()> {
+    if args.hash_only {
+        let hash = slipway_artifacts::hash_tree(&args.dir, &slipway_artifacts::CaptureOptions::default())
+            .with_context(|| format!("cannot capture {}", args.dir.display()))?;
+        println!("{hash}");
+        return Ok(());
+    }
+    let client = global.client()?;
+    let base = agent_path(global, &client)?;
+    let (captured, _tmp) = capture(&args.dir, global.json)?;
+    upload(&client, &base, &captured, global.json)?;
+    let record: Value = client.get(&format!("{base}/snapshots/{}", captured.content_hash))?;
+    if global.json {
+        return global.print_json(&record);
+    }
+    println!("{}", captured.content_hash);
+    Ok(())
+}
+
+pub fn snapshots(global: &GlobalArgs) -> anyhow::Result<()> {
+    let client = global.client()?;
+    let base = agent_path(global, &client)?;
+    let list: Value = client.get(&format!("{base}/snapshots"))?;
+    if global.json {
+        return global.print_json(&list);
+    }
+    println!("{:<66} {:>7} {:>12} CREATED", "CONTENT HASH", "FILES", "BYTES");
+    for s in list["snapshots"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "{:<66} {:>7} {:>12} {}",
+            s["contentHash"].as_str().unwrap_or_default(),
+            s["fileCount"].as_u64().unwrap_or(0),
+            s["sizeBytes"].as_u64().unwrap_or(0),
+            super::format_millis(s["createdAt"].as_i64().unwrap_or(0)),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,256 @@
+//! `slipway deploy` end to end: the real binary, a real server, real sandboxes, real HTTP.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+/// Sandboxes need root, namespaces and cgroups. Skip loudly without them — fail under CI.
+fn sandboxes_available() -> bool {
+    match slipway_sandbox::check_support() {
+        Ok(()) => true,
+        Err(e) => {
+            if std::env::var_os("CI").is_some() {
+                panic!("sandboxes are required in CI but unavailable: {e}");
+            }
+            eprintln!("SKIPPED (needs root, namespaces and cgroups): {e}");
+            false
+        }
+    }
+}
+
+fn write(dir: &Path, files: &[(&str, &str)]) {
+    for (name, body) in files {
+        let p = dir.join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, body).unwrap();
+    }
+}
+
+/// GET through the app listener with a given Host header.
+fn get(app: &str, host: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = app.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let status = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+fn host_of(url: &str) -> String {
+    url.trim_start_matches("http://").split(['/', ':']).next().unwrap().to_string()
+}
+
+#[test]
+fn deploy_a_static_site_then_redeploy_without_reupload() {
+    if !sandboxes_available() {
+        return;
+    }
+    let env = Env::new();
+    let (_agent, token) = env.agent("deployer");
+    let app = env.dir.path().join("site");
+    write(&app, &[("index.html", "<h1>hello from slipway</h1>"), ("notes.log", "ignored by default")]);
+    let app_str = app.to_str().unwrap();
+
+    let first = env.run(&["--token", &token, "deploy", app_str]);
+    assert_eq!(first.code, 0, "{first:#?}");
+    assert!(first.stderr.contains("detected static site"), "{}", first.stderr);
+    assert!(first.stderr.contains("uploaded"), "{}", first.stderr);
+    let url = first.stdout.trim().to_string();
+    assert!(url.starts_with("http://run-") && url.contains(".preview.localhost:"), "{url}");
+    let (status, body) = get(&env.server.app, &host_of(&url), "/");
+    assert_eq!(status, 200);
+    assert!(body.contains("hello from slipway"), "{body}");
+    // `*.log` is ignored by default: it is not in the snapshot.
+    let (status, _) = get(&env.server.app, &host_of(&url), "/notes.log");
+    assert_eq!(status, 404);
+
+    // The same tree again: the server already has the snapshot; a new run, a new sandbox.
+    let second = env.run(&["--token", &token, "--json", "deploy", app_str]);
+    let run = second.json();
+    assert_eq!(run["status"], "ready");
+    assert_ne!(run["url"].as_str().unwrap(), url);
+    let quiet = env.run(&["--token", &token, "deploy", app_str]);
+    assert!(quiet.stderr.contains("already on the server"), "{}", quiet.stderr);
+
+    let runs = env.run(&["--token", &token, "--json", "runs"]).json();
+    let runs = runs["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 3);
+    let snapshots: Vec<_> = runs.iter().map(|r| r["snapshotId"].as_str().unwrap().to_string()).collect();
+    assert!(runs.iter().all(|r| r["status"] == "ready"));
+    let sandboxes: std::collections::BTreeSet<_> = runs.iter().map(|r| r["sandboxId"].as_str().unwrap()).collect();
+    assert_eq!(sandboxes.len(), 3, "every run has its own sandbox");
+    let _ = snapshots;
+
+    // Stop one run: its URL answers 410, the others keep serving.
+    let id = runs[0]["id"].as_str().unwrap();
+    let stopped = env.run(&["--token", &token, "--json", "stop", id]).json();
+    assert_eq!(stopped["status"], "stopped");
+    let (status, _) = get(&env.server.app, &host_of(runs[0]["url"].as_str().unwrap()), "/");
+    assert_eq!(status, 410);
+    let (status, _) = get(&env.server.app, &host_of(runs[1]["url"].as_str().unwrap()), "/");
+    assert_eq!(status, 200);
+    let logs = env.run(&["--token", &token, "logs", id]);
+    assert!(logs.ok().contains("> capturing source..."), "{logs:#?}");
+}
+
+#[test]
+fn upload_and_host_capture_give_the_same_content_hash() {
+    if !sandboxes_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let agents_root = dir.path().join("agents");
+    let template = format!("{}/{{agentId}}", agents_root.display());
+    let server = Server::start(&dir.path().join("data"), &["--agent-root", &template], &[]);
+    let env = EnvWith::new(&dir, &server);
+    let (agent, token) = env.agent("hasher");
+    let host_dir = agents_root.join(&agent).join("config/miniapps/app");
+    write(&host_dir, &[("index.html", "same tree"), ("a/b.txt", "nested")]);
+    let hash_only = env.run(&["snapshot", "--hash-only", host_dir.to_str().unwrap()]);
+    let local_hash = hash_only.ok().trim().to_string();
+    assert_eq!(local_hash.len(), 64);
+
+    let uploaded = env.run(&["--token", &token, "--json", "snapshot", host_dir.to_str().unwrap()]).json();
+    assert_eq!(uploaded["contentHash"], local_hash.as_str());
+
+    // The host path: the server captures sourceDir through the agent-root mapping.
+    env.run(&[
+        "--token", &token, "spec", "set", "--name", "app", "--source-dir", "/config/miniapps/app", "--build", "true",
+        "--start", "python3 -m http.server $PORT --bind 127.0.0.1",
+    ])
+    .ok();
+    let run = env.run(&["--token", &token, "--json", "deploy", "--server-source", host_dir.to_str().unwrap()]).json();
+    assert_eq!(run["status"], "ready", "{run}");
+    let snaps = env.run(&["--token", &token, "--json", "snapshots"]).json();
+    let hashes: Vec<_> = snaps["snapshots"].as_array().unwrap().iter().map(|s| s["contentHash"].as_str().unwrap()).collect();
+    assert_eq!(hashes.len(), 2, "{snaps}");
+    assert!(hashes.iter().all(|h| *h == local_hash), "{hashes:?} vs {local_hash}");
+}
+
+#[test]
+fn failing_build_exits_nonzero_with_the_error_and_log() {
+    if !sandboxes_available() {
+        return;
+    }
+    let env = Env::new();
+    let (_agent, token) = env.agent("breaker");
+    let app = env.dir.path().join("broken");
+    write(
+        &app,
+        &[
+            ("index.html", "x"),
+            (
+                "slipway.toml",
+                "name = \"broken\"\nsource_dir = \"/config/miniapps/broken\"\nbuild = \"echo about to fail; exit 42\"\nstart = \"python3 -m http.server $PORT\"\n",
+            ),
+        ],
+    );
+    let out = env.run(&["--token", &token, "deploy", app.to_str().unwrap()]);
+    assert_eq!(out.code, 1, "{out:#?}");
+    assert!(out.stderr.contains("about to fail"), "{}", out.stderr);
+    assert!(out.stderr.contains("build command exited with code 42"), "{}", out.stderr);
+    assert!(out.stdout.is_empty(), "no URL on failure: {:?}", out.stdout);
+}
+
+#[test]
+fn server_killed_mid_build_restarts_clean() {
+    if !sandboxes_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = Server::start(&data, &[], &[]);
+    let env = EnvWith::new(&dir, &server);
+    let (_agent, token) = env.agent("crasher");
+    let app = dir.path().join("slow");
+    write(
+        &app,
+        &[
+            ("index.html", "x"),
+            ("slipway.toml", "name = \"slow\"\nsource_dir = \"/config/miniapps/slow\"\nbuild = \"echo building; sleep 300\"\nstart = \"python3 -m http.server $PORT\"\n"),
+        ],
+    );
+    let started = env.run(&["--token", &token, "--json", "deploy", "--no-wait", app.to_str().unwrap()]).json();
+    let id = started["id"].as_str().unwrap().to_string();
+    let sandbox = started["sandboxId"].as_str().unwrap().to_string();
+    // Wait until the build command is running inside the sandbox.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let logs = env.run(&["--token", &token, "logs", &id]);
+        if logs.stdout.contains("building") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "build never started: {logs:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // "building" is printed just before the shell starts the sleep.
+    while pids_running("sleep 300").is_empty() {
+        assert!(Instant::now() < deadline, "the build's sleep should be running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.signal_and_wait(nix::sys::signal::Signal::SIGKILL);
+    // Nothing of the sandbox outlives the server.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pids_running("sleep 300").is_empty() {
+        assert!(Instant::now() < deadline, "sandbox processes survived the server: {:?}", pids_running("sleep 300"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let server2 = Server::start(&data, &[], &[]);
+    let env = EnvWith::new(&dir, &server2);
+    let run = env.run(&["--token", &token, "--json", "inspect", &id]).json();
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["error"], "interrupted: server restarted");
+    // The cgroup parent's name depends on the data directory; look under every parent.
+    for base in ["/sys/fs/cgroup", "/sys/fs/cgroup/pids", "/sys/fs/cgroup/memory"] {
+        for parent in std::fs::read_dir(base).into_iter().flatten().flatten() {
+            let leftover = parent.path().join(&sandbox);
+            assert!(!leftover.exists(), "leftover cgroup {}", leftover.display());
+        }
+    }
+    assert!(!data.join("sandboxes").join(&sandbox).exists(), "leftover sandbox state dir");
+    drop(server);
+}
+
+/// Pids whose command line contains `needle`.
+fn pids_running(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) && !cmd.contains("pids_running") {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// Like [`Env`], over a server the test controls.
+struct EnvWith {
+    dir: std::path::PathBuf,
+    api: String,
+    admin: String,
+}
+
+impl EnvWith {
+    fn new(dir: &tempfile::TempDir, server: &Server) -> Self {
+        Self { dir: dir.path().to_path_buf(), api: server.api.clone(), admin: server.admin_token() }
+    }
+
+    fn run(&self, args: &[&str]) -> Run {
+        let mut all = vec!["--server", self.api.as_str()];
+        all.extend_from_slice(args);
+        run_in(&self.dir, &self.dir.join("config"), &all, &[])
+    }
+
+    fn agent(&self, name: &str) -> (String, String) {
+        let v = self.run(&["--token", &self.admin, "agents", "create", name, "--json"]).json();
+        (v["id"].as_str().unwrap().to_string(), v["token"].as_str().unwrap().to_string())
+    }
+}
