@@ -1,4 +1,5 @@
 //! Engine integration tests (real sandboxes; they need root).
 
 mod runs;
+mod traffic;
 mod util;
