@@ -50,11 +50,30 @@ pub enum ErrorCode {
     Unavailable,
     /// A bug or an I/O failure on the server; details are only in the server log.
     Internal,
+    /// A gated action was called without a gate token; the body's `gateId` names the pending
+    /// gate opened for exactly this action.
+    GateRequired,
+    /// The gate token is malformed, truncated or forged: it belongs to no gate.
+    GateTokenInvalid,
+    /// The gate token's approval has expired.
+    GateTokenExpired,
+    /// The gate token was already used (or invalidated by a failed action).
+    GateTokenUsed,
+    /// The gate token was granted for another agent, action, subject or target.
+    GateTokenMismatch,
+    /// The gate does not exist, or the caller may not see it.
+    GateNotFound,
+    /// The gate is no longer pending (approved, denied, expired, …): it cannot be decided.
+    GateNotPending,
+    /// The agent has no production deployment yet (nothing was deployed to production).
+    DeploymentNotFound,
+    /// The version number does not exist in the agent's deployment.
+    VersionNotFound,
 }
 
 impl ErrorCode {
     /// Every code, for tables in documentation and tests.
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 26] = [
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
         ErrorCode::AgentNotFound,
@@ -72,6 +91,15 @@ impl ErrorCode {
         ErrorCode::Conflict,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
+        ErrorCode::GateRequired,
+        ErrorCode::GateTokenInvalid,
+        ErrorCode::GateTokenExpired,
+        ErrorCode::GateTokenUsed,
+        ErrorCode::GateTokenMismatch,
+        ErrorCode::GateNotFound,
+        ErrorCode::GateNotPending,
+        ErrorCode::DeploymentNotFound,
+        ErrorCode::VersionNotFound,
     ];
 
     /// The `code` field of the JSON body.
@@ -94,6 +122,15 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::GateRequired => "gate_required",
+            ErrorCode::GateTokenInvalid => "gate_token_invalid",
+            ErrorCode::GateTokenExpired => "gate_token_expired",
+            ErrorCode::GateTokenUsed => "gate_token_used",
+            ErrorCode::GateTokenMismatch => "gate_token_mismatch",
+            ErrorCode::GateNotFound => "gate_not_found",
+            ErrorCode::GateNotPending => "gate_not_pending",
+            ErrorCode::DeploymentNotFound => "deployment_not_found",
+            ErrorCode::VersionNotFound => "version_not_found",
         }
     }
 
@@ -118,6 +155,14 @@ impl ErrorCode {
             ErrorCode::Conflict => StatusCode::CONFLICT,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::GateRequired
+            | ErrorCode::GateTokenInvalid
+            | ErrorCode::GateTokenExpired
+            | ErrorCode::GateTokenUsed
+            | ErrorCode::GateTokenMismatch => StatusCode::FORBIDDEN,
+            ErrorCode::GateNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::GateNotPending => StatusCode::CONFLICT,
+            ErrorCode::DeploymentNotFound | ErrorCode::VersionNotFound => StatusCode::NOT_FOUND,
         }
     }
 
@@ -140,6 +185,15 @@ impl ErrorCode {
             ErrorCode::Conflict => "the request conflicts with the current state",
             ErrorCode::Unavailable => "the server cannot do this right now",
             ErrorCode::Internal => "internal server error",
+            ErrorCode::GateRequired => "this action needs an operator's approval: a gate was opened (see gateId); once it is approved, read its token from GET /api/gates/{gateId} and send it in X-Slipway-Gate-Token",
+            ErrorCode::GateTokenInvalid => "the gate token is not valid",
+            ErrorCode::GateTokenExpired => "the gate token has expired; request a new approval",
+            ErrorCode::GateTokenUsed => "the gate token was already used; a new approval is needed",
+            ErrorCode::GateTokenMismatch => "the gate token was granted for another action",
+            ErrorCode::GateNotFound => "gate not found",
+            ErrorCode::GateNotPending => "the gate is not pending any more",
+            ErrorCode::DeploymentNotFound => "this agent has no production deployment yet",
+            ErrorCode::VersionNotFound => "version not found",
         }
     }
 }
@@ -151,6 +205,9 @@ pub struct ErrorBody {
     pub code: String,
     /// A sentence a person can act on.
     pub message: String,
+    /// With `gate_required`: the pending gate opened for the refused action.
+    #[serde(rename = "gateId", skip_serializing_if = "Option::is_none")]
+    pub gate_id: Option<String>,
 }
 
 /// An error on its way to the client.
@@ -158,6 +215,8 @@ pub struct ErrorBody {
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
+    /// Only with [`ErrorCode::GateRequired`].
+    pub gate_id: Option<String>,
 }
 
 impl ApiError {
@@ -166,6 +225,7 @@ impl ApiError {
         Self {
             code,
             message: code.default_message().to_string(),
+            gate_id: None,
         }
     }
 
@@ -174,7 +234,13 @@ impl ApiError {
         Self {
             code,
             message: message.into(),
+            gate_id: None,
         }
+    }
+
+    /// `gate_required`, naming the pending gate opened for the refused action.
+    pub fn gate_required(gate_id: impl Into<String>) -> Self {
+        Self { gate_id: Some(gate_id.into()), ..Self::new(ErrorCode::GateRequired) }
     }
 
     /// An internal error: `detail` goes to the server log only, the client gets the generic
@@ -209,6 +275,7 @@ impl IntoResponse for ApiError {
         let body = ErrorBody {
             code: self.code.as_str().to_string(),
             message: self.message,
+            gate_id: self.gate_id,
         };
         let mut response = (status, Json(body)).into_response();
         if self.code == ErrorCode::Unauthorized {

@@ -59,6 +59,19 @@ pub struct AppState {
     pub artifacts: Option<Arc<slipway_artifacts::LocalArtifactStore>>,
     /// Limits applied to uploaded snapshots (the same as for host captures).
     pub capture_options: slipway_artifacts::CaptureOptions,
+    /// Gate policy, the artifact signer and gate-decision wake-ups (issue 7).
+    pub trust: Arc<TrustState>,
+}
+
+/// What the gate, audit and key routes share.
+#[derive(Debug, Default)]
+pub struct TrustState {
+    /// Which actions need a gate, and the token and request lifetimes.
+    pub policy: slipway_trust::TrustPolicy,
+    /// Signs artifacts; `None` in servers (and tests) without a signing key.
+    pub signer: Option<Arc<slipway_trust::Signer>>,
+    /// Woken whenever a gate is decided, so long-polls return at once.
+    pub decided: tokio::sync::Notify,
 }
 
 impl AppState {
@@ -71,7 +84,15 @@ impl AppState {
             engine: None,
             artifacts: None,
             capture_options: slipway_artifacts::CaptureOptions::default(),
+            trust: Arc::new(TrustState::default()),
         }
+    }
+
+    /// Replaces the gate policy and the artifact signer.
+    #[must_use]
+    pub fn with_trust(mut self, policy: slipway_trust::TrustPolicy, signer: Option<Arc<slipway_trust::Signer>>) -> Self {
+        self.trust = Arc::new(TrustState { policy, signer, decided: tokio::sync::Notify::new() });
+        self
     }
 
     /// Attaches the run engine and the artifact store (deployments and snapshots routes).

@@ -7,7 +7,7 @@ use axum::http::{Method, StatusCode};
 use crate::util::TestApp;
 
 /// Every route the API serves. A new route must be added here *and* appear in the document.
-const ROUTES: [(&str, &str); 17] = [
+const ROUTES: [(&str, &str); 31] = [
     ("get", "/api/health"),
     ("get", "/api/whoami"),
     ("get", "/api/openapi.json"),
@@ -21,10 +21,24 @@ const ROUTES: [(&str, &str); 17] = [
     ("get", "/api/agents/{id}/deployments/{runId}"),
     ("post", "/api/agents/{id}/deployments/{runId}/stop"),
     ("get", "/api/agents/{id}/deployments/{runId}/logs"),
+    ("get", "/api/agents/{id}/deployments/{runId}/logs/stream"),
+    ("get", "/api/events"),
     ("get", "/api/agents/{id}/deployments/snapshots"),
     ("get", "/api/agents/{id}/deployments/snapshots/{contentHash}"),
     ("head", "/api/agents/{id}/deployments/snapshots/{contentHash}"),
     ("put", "/api/agents/{id}/deployments/snapshots/{contentHash}"),
+    ("get", "/api/agents/{id}/deployments/versions"),
+    ("post", "/api/agents/{id}/deployments/versions/{versionNumber}/rollback"),
+    ("post", "/api/agents/{id}/deployments/{runId}/promote"),
+    ("get", "/api/agents/{id}/deployments/routes/history"),
+    ("post", "/api/agents/{id}/gates"),
+    ("get", "/api/gates"),
+    ("get", "/api/gates/{gateId}"),
+    ("post", "/api/gates/{gateId}/approve"),
+    ("post", "/api/gates/{gateId}/deny"),
+    ("get", "/api/audit"),
+    ("get", "/api/audit/verify"),
+    ("get", "/api/keys"),
 ];
 
 #[tokio::test]

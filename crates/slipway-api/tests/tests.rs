@@ -5,6 +5,8 @@ mod util;
 
 mod agents;
 mod errors;
+mod gates;
+mod audit;
 mod openapi;
 mod socket;
 mod spec;

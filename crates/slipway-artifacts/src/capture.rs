@@ -1,14 +1,15 @@
 //! Capture: source tree → content hash and deterministic `.tar.zst`.
 
-use std::cell::Cell;
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::fsutil::{fsync_dir, parent_or_dot, rename_noreplace, Root};
+use crate::fsutil::{fsync_dir, parent_or_dot, rename_noreplace, start_writeback, Root};
 use crate::scan::{scan, Scan, ScanEntry, ScanKind};
 use crate::statcache::{StatCache, StatKey};
 use crate::tree::{sha256, EntryKind, TreeHasher};
@@ -237,18 +238,27 @@ struct Sink<'a> {
     limit: u64,
     /// Set when the limit stopped a write, so the caller can tell the guard from an I/O error
     /// even after the encoder that wraps the sink is gone.
-    over: &'a Cell<bool>,
+    over: &'a AtomicBool,
+    /// Bytes already handed to [`start_writeback`].
+    written_back: u64,
 }
+
+/// How much compressed output accumulates before its writeback is started.
+const WRITEBACK_CHUNK: u64 = 8 << 20;
 
 impl Write for Sink<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.count + buf.len() as u64 > self.limit {
-            self.over.set(true);
+            self.over.store(true, Ordering::Relaxed);
             return Err(io::Error::other("compressed size limit reached"));
         }
         let n = self.out.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.count += n as u64;
+        if self.count - self.written_back >= WRITEBACK_CHUNK {
+            start_writeback(self.out, self.written_back, self.count - self.written_back);
+            self.written_back = self.count;
+        }
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -261,13 +271,68 @@ pub(crate) const TAR_BLOCK: usize = 512;
 /// long-name entry in front.
 const NAME_FIELD: usize = 100;
 
+/// Files up to this size are read ahead on the worker pool, a batch at a time, while the
+/// previous batch is archived: for small files the per-file system calls (open, fstat, read,
+/// close) cost more than their bytes, and done one by one on the archiving thread they would
+/// leave the other cores idle. Bigger files are streamed by the archiving thread as before.
+const READ_AHEAD_MAX_FILE: u64 = 256 * 1024;
+/// Bounds of one read-ahead batch; two batches are in memory at most.
+const BATCH_BYTES: u64 = 4 << 20;
+const BATCH_ENTRIES: usize = 1024;
+
+/// A file read ahead: its bytes, their sha256 and the stat fields it had.
+type ReadAhead = Result<Option<(Vec<u8>, [u8; 32], StatKey)>, CaptureError>;
+
+/// Splits the entries into consecutive batches of bounded read-ahead size.
+fn batches(scan: &Scan) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0usize, 0u64);
+    for (i, e) in scan.entries.iter().enumerate() {
+        if let ScanKind::File { key, .. } = &e.kind {
+            if key.size <= READ_AHEAD_MAX_FILE {
+                bytes += key.size;
+            }
+        }
+        if bytes >= BATCH_BYTES || i + 1 - start >= BATCH_ENTRIES {
+            out.push(start..i + 1);
+            start = i + 1;
+            bytes = 0;
+        }
+    }
+    if start < scan.entries.len() {
+        out.push(start..scan.entries.len());
+    }
+    out
+}
+
+/// Reads the small files of `range` in parallel (`None` for symlinks and big files).
+fn read_ahead(scan: &Scan, range: Range<usize>) -> Vec<ReadAhead> {
+    scan.entries[range]
+        .par_iter()
+        .map(|e| match &e.kind {
+            ScanKind::File { key, .. } if key.size <= READ_AHEAD_MAX_FILE => {
+                let (mut f, key) = open_checked(&scan.dir, e)?;
+                let mut data = vec![0u8; key.size as usize];
+                let mut filled = 0;
+                while filled < data.len() {
+                    filled += read_some(&mut f, &mut data[filled..], &e.path)?;
+                }
+                let sha: [u8; 32] = Sha256::digest(&data).into();
+                Ok(Some((data, sha, key)))
+            }
+            _ => Ok(None),
+        })
+        .collect()
+}
+
 /// Writes the deterministic archive of `scan` to `out` and hashes exactly the bytes archived.
 /// `shown` names the output in errors.
 pub(crate) fn write_archive(scan: &Scan, out: &File, opts: &CaptureOptions, shown: &Path) -> Result<Written, CaptureError> {
-    let over = Cell::new(false);
-    let sink = Sink { out, hasher: Sha256::new(), count: 0, limit: opts.max_compressed_bytes, over: &over };
+    let over = AtomicBool::new(false);
+    let sink =
+        Sink { out, hasher: Sha256::new(), count: 0, limit: opts.max_compressed_bytes, over: &over, written_back: 0 };
     let io_err = |source: io::Error| {
-        if over.get() {
+        if over.load(Ordering::Relaxed) {
             CaptureError::TooLarge { limit: opts.max_compressed_bytes }
         } else {
             CaptureError::Write { path: shown.to_path_buf(), source }
@@ -280,49 +345,30 @@ pub(crate) fn write_archive(scan: &Scan, out: &File, opts: &CaptureOptions, show
     enc.multithread(opts.threads() as u32).map_err(werr)?;
     enc.include_checksum(true).map_err(werr)?;
 
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut tree = TreeHasher::new();
-    let mut shas = Vec::with_capacity(scan.entries.len());
-    let mut keys = Vec::with_capacity(scan.entries.len());
-    let mut uncompressed = 0u64;
-    let result = (|| -> Result<(), CaptureError> {
-        for e in &scan.entries {
-            match &e.kind {
-                ScanKind::Symlink { target } => {
-                    write_header(&mut enc, &e.path, EntryKind::Symlink, 0, Some(target.as_bytes()))
-                        .map_err(io_err)?;
-                    let sha = sha256(target.as_bytes());
-                    tree.push(&e.path, EntryKind::Symlink, &sha).expect("scan entries are sorted and unique");
-                    shas.push(sha);
-                    keys.push(None);
-                }
-                ScanKind::File { executable, .. } => {
-                    let kind = EntryKind::File { executable: *executable };
-                    let (mut f, key) = open_checked(&scan.dir, e)?;
-                    write_header(&mut enc, &e.path, kind, key.size, None).map_err(io_err)?;
-                    let mut h = Sha256::new();
-                    let mut left = key.size;
-                    while left > 0 {
-                        let want = buf.len().min(left as usize);
-                        let n = read_some(&mut f, &mut buf[..want], &e.path)?;
-                        h.update(&buf[..n]);
-                        enc.write_all(&buf[..n]).map_err(io_err)?;
-                        left -= n as u64;
-                    }
-                    pad(&mut enc, key.size).map_err(io_err)?;
-                    let sha: [u8; 32] = h.finalize().into();
-                    tree.push(&e.path, kind, &sha).expect("scan entries are sorted and unique");
-                    shas.push(sha);
-                    keys.push(Some(key));
-                    uncompressed += key.size;
-                }
-            }
-        }
-        // End of archive: two zero blocks.
-        enc.write_all(&[0u8; 2 * TAR_BLOCK]).map_err(io_err)?;
-        Ok(())
-    })();
-    result?;
+    let mut w = ArchiveWriter {
+        enc,
+        buf: vec![0u8; 256 * 1024],
+        tree: TreeHasher::new(),
+        shas: Vec::with_capacity(scan.entries.len()),
+        keys: Vec::with_capacity(scan.entries.len()),
+        uncompressed: 0,
+    };
+    let plan = batches(scan);
+    let mut ahead = plan.first().map(|r| read_ahead(scan, r.clone())).unwrap_or_default();
+    for (i, range) in plan.iter().enumerate() {
+        let current = std::mem::take(&mut ahead);
+        let next = plan.get(i + 1).cloned();
+        // Archive this batch while the pool reads the next one.
+        let (written, fetched) = rayon::join(
+            || w.write_batch(scan, range.clone(), current, &io_err),
+            || next.map(|r| read_ahead(scan, r)).unwrap_or_default(),
+        );
+        written?;
+        ahead = fetched;
+    }
+    // End of archive: two zero blocks.
+    w.enc.write_all(&[0u8; 2 * TAR_BLOCK]).map_err(io_err)?;
+    let ArchiveWriter { enc, tree, shas, keys, uncompressed, .. } = w;
     let sink = enc.finish().map_err(io_err)?;
     Ok(Written {
         file_count: scan.entries.len() as u64,
@@ -331,6 +377,69 @@ pub(crate) fn write_archive(scan: &Scan, out: &File, opts: &CaptureOptions, show
         artifact_sha256: hex::encode(sink.hasher.finalize()),
         hashed: Hashed { shas, keys, content_hash: tree.finish(), cache_misses: scan.entries.len() as u64 },
     })
+}
+
+/// The archiving side of [`write_archive`]: entries go into the encoder strictly in scan
+/// order, which is what makes the archive deterministic.
+struct ArchiveWriter<'a> {
+    enc: zstd::stream::write::Encoder<'static, Sink<'a>>,
+    buf: Vec<u8>,
+    tree: TreeHasher,
+    shas: Vec<[u8; 32]>,
+    keys: Vec<Option<StatKey>>,
+    uncompressed: u64,
+}
+
+impl ArchiveWriter<'_> {
+    fn write_batch(
+        &mut self,
+        scan: &Scan,
+        range: Range<usize>,
+        ahead: Vec<ReadAhead>,
+        io_err: &(impl Fn(io::Error) -> CaptureError + Sync),
+    ) -> Result<(), CaptureError> {
+        for (e, pre) in scan.entries[range].iter().zip(ahead) {
+            match &e.kind {
+                ScanKind::Symlink { target } => {
+                    write_header(&mut self.enc, &e.path, EntryKind::Symlink, 0, Some(target.as_bytes())).map_err(io_err)?;
+                    let sha = sha256(target.as_bytes());
+                    self.tree.push(&e.path, EntryKind::Symlink, &sha).expect("scan entries are sorted and unique");
+                    self.shas.push(sha);
+                    self.keys.push(None);
+                }
+                ScanKind::File { executable, .. } => {
+                    let kind = EntryKind::File { executable: *executable };
+                    let (sha, key) = match pre? {
+                        Some((data, sha, key)) => {
+                            write_header(&mut self.enc, &e.path, kind, key.size, None).map_err(io_err)?;
+                            self.enc.write_all(&data).map_err(io_err)?;
+                            (sha, key)
+                        }
+                        None => {
+                            let (mut f, key) = open_checked(&scan.dir, e)?;
+                            write_header(&mut self.enc, &e.path, kind, key.size, None).map_err(io_err)?;
+                            let mut h = Sha256::new();
+                            let mut left = key.size;
+                            while left > 0 {
+                                let want = self.buf.len().min(left as usize);
+                                let n = read_some(&mut f, &mut self.buf[..want], &e.path)?;
+                                h.update(&self.buf[..n]);
+                                self.enc.write_all(&self.buf[..n]).map_err(io_err)?;
+                                left -= n as u64;
+                            }
+                            (h.finalize().into(), key)
+                        }
+                    };
+                    pad(&mut self.enc, key.size).map_err(io_err)?;
+                    self.tree.push(&e.path, kind, &sha).expect("scan entries are sorted and unique");
+                    self.shas.push(sha);
+                    self.keys.push(Some(key));
+                    self.uncompressed += key.size;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn pad(w: &mut impl Write, size: u64) -> io::Result<()> {

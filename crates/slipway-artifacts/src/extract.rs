@@ -84,6 +84,10 @@ fn corrupt(e: io::Error) -> ExtractError {
     ExtractError::Corrupt(e.to_string())
 }
 
+/// Most zero bytes accepted after the tar stream's first end-of-archive block (tar pads to
+/// its record size, 10 KiB by default).
+const MAX_TRAILER: u64 = 1 << 20;
+
 /// Decompresses and walks the archive, validating each entry before handing it to `visit`.
 /// Returns the number of non-directory entries and their total bytes.
 pub(crate) fn walk<R: Read>(
@@ -134,6 +138,14 @@ pub(crate) fn walk<R: Read>(
         if leaves.contains(&path) || (!is_dir && dirs.contains(&path)) {
             return Err(bad(&raw, "appears more than once"));
         }
+        // The ancestors are directories from now on, listed or not: a later file or symlink
+        // of the same name would make a tree that cannot exist (and that extraction could
+        // not write), so it counts as a second appearance.
+        for (i, _) in path.match_indices('/') {
+            if !dirs.contains(&path[..i]) {
+                dirs.insert(path[..i].to_string());
+            }
+        }
         match kind {
             tar::EntryType::Directory => {
                 dirs.insert(path.clone());
@@ -166,6 +178,27 @@ pub(crate) fn walk<R: Read>(
             tar::EntryType::Fifo => return Err(bad(&raw, "FIFOs are not allowed")),
             other => return Err(bad(&raw, format!("unsupported entry type {other:?}"))),
         }
+    }
+    // The tar reader stops at the first zero block. Read the rest of the zstd stream too, so
+    // the frame checksum is verified (a flipped bit must not pass unnoticed) and nothing but a
+    // little zero padding follows the archive.
+    let mut rest = archive.into_inner().take(MAX_TRAILER + 1);
+    let mut buf = [0u8; 8192];
+    let mut trailer = 0u64;
+    loop {
+        let n = match rest.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(corrupt(e)),
+        };
+        if buf[..n].iter().any(|b| *b != 0) {
+            return Err(ExtractError::Corrupt("data after the end of the tar archive".into()));
+        }
+        trailer += n as u64;
+    }
+    if trailer > MAX_TRAILER {
+        return Err(ExtractError::Corrupt("too much padding after the end of the tar archive".into()));
     }
     Ok(total)
 }

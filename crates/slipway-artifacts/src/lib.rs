@@ -30,8 +30,10 @@ pub struct CaptureOptions {
     pub max_compressed_bytes: u64,
     /// Largest sum of file sizes accepted (a bound on what extraction will write).
     pub max_uncompressed_bytes: u64,
-    /// zstd level of the archive. Part of what makes archives byte-identical: two captures
-    /// compare equal only at the same level.
+    /// zstd level of the archive (default 1: at level 3 a capture costs about twice the CPU
+    /// for archives only 2-10 % smaller; see `docs/bench-snapshots.md`). Part of what makes
+    /// archives byte-identical: two captures compare equal only at the same level. The content
+    /// hash does not depend on it.
     pub zstd_level: i32,
     /// Worker threads for walking, hashing and compressing; 0 picks the number of CPUs.
     pub threads: usize,
@@ -50,7 +52,7 @@ impl Default for CaptureOptions {
             max_files: DEFAULT_MAX_FILES,
             max_compressed_bytes: DEFAULT_MAX_COMPRESSED_BYTES,
             max_uncompressed_bytes: 8 * DEFAULT_MAX_COMPRESSED_BYTES,
-            zstd_level: 3,
+            zstd_level: 1,
             threads: 0,
             stat_cache_dir: None,
         }

@@ -170,7 +170,7 @@ impl Shared<'_> {
     fn visit(&self, result: Result<DirEntry, ignore::Error>, out: &mut Vec<ScanEntry>) -> WalkState {
         let entry = match result {
             Ok(e) => e,
-            Err(e) => return self.fail(walk_error(e)),
+            Err(e) => return self.fail(walk_error(e, &self.root)),
         };
         if entry.depth() == 0 {
             return WalkState::Continue;
@@ -189,7 +189,7 @@ impl Shared<'_> {
         let kind = if ft.is_file() {
             let meta = match entry.metadata() {
                 Ok(m) => m,
-                Err(e) => return self.fail(walk_error(e)),
+                Err(e) => return self.fail(walk_error(e, &self.root)),
             };
             let total = self.bytes.fetch_add(meta.len(), Ordering::Relaxed) + meta.len();
             if total > self.opts.max_uncompressed_bytes {
@@ -227,13 +227,19 @@ impl Shared<'_> {
     }
 }
 
-fn walk_error(e: ignore::Error) -> CaptureError {
+/// The walk's error, naming the path relative to the source root like every other guard (a
+/// host path is nobody's business but the server's).
+fn walk_error(e: ignore::Error, root: &Path) -> CaptureError {
     let mut path = None;
     let mut cur = &e;
     loop {
         match cur {
             ignore::Error::WithPath { path: p, err } => {
-                path.get_or_insert_with(|| p.display().to_string());
+                path.get_or_insert_with(|| match p.strip_prefix(root) {
+                    Ok(rel) if rel.as_os_str().is_empty() => ".".to_string(),
+                    Ok(rel) => rel.display().to_string(),
+                    Err(_) => p.display().to_string(),
+                });
                 cur = err;
             }
             ignore::Error::WithDepth { err, .. } | ignore::Error::WithLineNumber { err, .. } => cur = err,

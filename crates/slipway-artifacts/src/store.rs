@@ -208,6 +208,77 @@ impl LocalArtifactStore {
     }
 }
 
+/// Releases (issue 6): the immutable build outputs, content-addressed like snapshots but in
+/// their own namespace, `artifacts/<agentId>/releases/<contentHash>.tar.zst`, so a release and a
+/// snapshot of the same tree never share (or collect) one file.
+impl LocalArtifactStore {
+    /// The location of a release as recorded in its row.
+    pub fn release_location(&self, agent: &str, hash: &str) -> String {
+        format!("artifacts/{agent}/releases/{hash}.tar.zst")
+    }
+
+    /// The file of a release archive (which may not exist).
+    ///
+    /// # Errors
+    /// `agent` or `hash` is not a valid name.
+    pub fn release_path(&self, agent: &str, hash: &str) -> Result<PathBuf, StoreError> {
+        check_agent(agent)?;
+        check_hash(hash)?;
+        Ok(self.root.join(agent).join("releases").join(format!("{hash}.tar.zst")))
+    }
+
+    /// The agent's release directory, created on first use; stage release archives here so the
+    /// final rename never crosses a file system.
+    ///
+    /// # Errors
+    /// An invalid agent id or an I/O error.
+    pub fn release_dir(&self, agent: &str) -> Result<PathBuf, StoreError> {
+        let dir = self.agent_dir(agent)?.join("releases");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|source| StoreError::Io { path: dir.clone(), source })?;
+        Ok(dir)
+    }
+
+    /// Whether the release archive exists.
+    pub fn contains_release(&self, agent: &str, hash: &str) -> bool {
+        self.release_path(agent, hash).is_ok_and(|p| p.is_file())
+    }
+
+    /// Opens the compressed archive of a release.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] or an I/O error.
+    pub fn open_release(&self, agent: &str, hash: &str) -> Result<File, StoreError> {
+        let path = self.release_path(agent, hash)?;
+        File::open(&path).map_err(|source| {
+            if source.kind() == io::ErrorKind::NotFound {
+                StoreError::NotFound { hash: hash.to_string() }
+            } else {
+                StoreError::Io { path, source }
+            }
+        })
+    }
+
+    /// Makes the complete, fsynced file `staged` (in [`Self::release_dir`]) the release archive
+    /// of `hash`. Returns `false`, and drops `staged`, when the store already had it.
+    ///
+    /// # Errors
+    /// An invalid name or an I/O error.
+    pub fn publish_release(&self, agent: &str, hash: &str, staged: tempfile::TempPath) -> Result<bool, StoreError> {
+        let dest = self.release_path(agent, hash)?;
+        let ioerr = |source| StoreError::Io { path: dest.clone(), source };
+        if !rename_noreplace(&staged, &dest).map_err(ioerr)? {
+            return Ok(false);
+        }
+        let _ = staged.keep();
+        fsync_dir(dest.parent().expect("release paths have a parent")).map_err(ioerr)?;
+        Ok(true)
+    }
+}
+
 impl ArtifactStore for LocalArtifactStore {
     fn contains(&self, agent: &str, hash: &str) -> bool {
         LocalArtifactStore::contains(self, agent, hash)

@@ -20,8 +20,11 @@ mod app;
 pub mod events;
 pub mod logs;
 mod pipeline;
+pub mod production;
 pub mod readiness;
+pub mod release;
 mod snapshots;
+pub mod trust;
 mod upstream;
 
 use std::collections::HashMap;
@@ -38,6 +41,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use events::{Event, EventBus};
 pub use logs::LogLimits;
+pub use production::{slugify, ProductionError, RollbackOutcome};
+pub use release::GcReport;
 pub use snapshots::SnapshotError;
 
 /// The current time in milliseconds; injected so tests can control it.
@@ -83,6 +88,11 @@ pub struct EngineConfig {
     /// Limits for captures and extractions.
     pub max_snapshot_files: u64,
     pub max_snapshot_bytes: u64,
+    /// How long a replaced production instance stays running for instant rollback (after its
+    /// in-flight requests finished).
+    pub warm_time: Duration,
+    /// How long a replaced production instance may take to finish its in-flight requests.
+    pub drain_timeout: Duration,
 }
 
 impl EngineConfig {
@@ -103,6 +113,8 @@ impl EngineConfig {
             toolchain_paths: Vec::new(),
             max_snapshot_files: 100_000,
             max_snapshot_bytes: 1 << 30,
+            warm_time: Duration::from_secs(600),
+            drain_timeout: Duration::from_secs(30),
         }
     }
 
@@ -139,6 +151,8 @@ pub struct StartRequest {
     pub target: Option<DeploymentTarget>,
     pub note: Option<String>,
     pub source: Source,
+    /// The token that asked (recorded on the version a production run creates).
+    pub operator: Option<String>,
 }
 
 /// Why the engine refused a request. Pipeline failures are not errors: they are `failed` runs.
@@ -177,6 +191,10 @@ pub(crate) struct Inner {
     active: Mutex<HashMap<String, Active>>,
     /// One extraction at a time per content hash.
     extracting: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Production instances and the active version of every agent.
+    production: production::ProductionState,
+    /// Signs stored artifacts and verifies them before use (see `trust.rs`); unset: neither.
+    signer: std::sync::OnceLock<Arc<slipway_trust::Signer>>,
 }
 
 /// The engine. Cheap to clone.
@@ -215,6 +233,8 @@ impl Engine {
                 clock,
                 active: Mutex::new(HashMap::new()),
                 extracting: tokio::sync::Mutex::new(HashMap::new()),
+                production: production::ProductionState::default(),
+                signer: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -286,7 +306,7 @@ impl Engine {
         let engine = self.clone();
         let started = run.clone();
         tokio::spawn(async move {
-            pipeline::run(engine, started, req.source, cancel).await;
+            pipeline::run(engine, started, req.source, req.operator, cancel).await;
             let _ = done_tx.send(true);
         });
         Ok(run)
@@ -316,6 +336,7 @@ impl Engine {
         match run.status {
             DeploymentStatus::Ready | DeploymentStatus::Failed => {
                 run = self.transition(&run, DeploymentStatus::Stopping, RunPatch::default()).await?;
+                self.production_run_stopping(agent_id, run_id).await;
                 inner.router.set(&inner.config.preview_host(run_id), stopped_route()).ok();
                 self.teardown(run_id).await;
                 let patch = RunPatch { stopped_at: Some((inner.clock)()), ..Default::default() };
@@ -397,12 +418,14 @@ impl Engine {
                 report.runs_stopped += 1;
             }
         }
+        self.restore_production().await?;
         Ok(report)
     }
 
     /// Stops every app and destroys every sandbox this engine owns (graceful server shutdown).
     /// Runs are left as they are; the next start-up's reconcile settles them.
     pub async fn shutdown(&self) {
+        self.production_shutdown().await;
         let ids: Vec<String> = lock(&self.inner.active).keys().cloned().collect();
         for id in ids {
             if let Some(a) = lock(&self.inner.active).get(&id) {

@@ -78,7 +78,11 @@ impl RunLog {
         let _ = self.tx.send(Msg::Line { ts: 0, stream: STREAM_SYSTEM.into(), text: text.into() }).await;
     }
 
-    /// Waits until every line sent so far is persisted.
+    /// Waits until every line sent so far is persisted and published — including, when the
+    /// run has overflowed its cap, the drop marker and the held-back tail. The pipeline calls it
+    /// once before it records `ready` or `failed`, so a reader that sees the run settled finds
+    /// the whole pipeline log in the store. Lines after a flush are capped the same way (a new
+    /// tail, written at the next flush or when the log ends).
     pub async fn flush(&self) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         if self.tx.send(Msg::Flush(tx)).await.is_ok() {
@@ -149,28 +153,38 @@ impl Writer {
                 }
             }
             self.write_pending().await;
+            if !flushes.is_empty() {
+                self.write_tail().await;
+            }
             for f in flushes {
                 let _ = f.send(());
             }
         }
         // All senders are gone: the pipeline is over. Write the drop marker and the tail.
-        if self.dropped > 0 {
-            let kept = self.tail.len() as u64;
-            let lost = self.dropped - kept;
-            let now = (self.clock)();
-            if lost > 0 {
-                self.pending.push((
-                    now,
-                    STREAM_SYSTEM.into(),
-                    format!(
-                        "[slipway] {lost} lines dropped here: a run keeps at most {} lines (the first lines and the last {})",
-                        self.limits.max_lines, self.limits.tail_lines
-                    ),
-                ));
-            }
-            self.pending.extend(self.tail.drain(..));
-            self.write_pending().await;
+        self.write_tail().await;
+    }
+
+    /// Writes the drop marker and the held-back tail, if lines were dropped.
+    async fn write_tail(&mut self) {
+        if self.dropped == 0 {
+            return;
         }
+        let kept = self.tail.len() as u64;
+        let lost = self.dropped - kept;
+        let now = (self.clock)();
+        if lost > 0 {
+            self.pending.push((
+                now,
+                STREAM_SYSTEM.into(),
+                format!(
+                    "[slipway] {lost} lines dropped here: a run keeps at most {} lines (the first lines and the last {})",
+                    self.limits.max_lines, self.limits.tail_lines
+                ),
+            ));
+        }
+        self.pending.extend(self.tail.drain(..));
+        self.dropped = 0;
+        self.write_pending().await;
     }
 
     async fn write_pending(&mut self) {

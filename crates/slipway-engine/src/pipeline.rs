@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use slipway_core::DeploymentStatus;
+use slipway_core::{DeploymentStatus, DeploymentTarget};
 use slipway_router::Route;
 use slipway_sandbox::{EgressConfig, ExecRequest, ExitStatus, Sandbox, SandboxSpec};
 use slipway_store::{RunPatch, RunRecord};
@@ -42,7 +42,7 @@ fn describe_exit(what: &str, status: &ExitStatus) -> String {
     }
 }
 
-pub(crate) async fn run(engine: Engine, run: RunRecord, source: Source, cancel: CancellationToken) {
+pub(crate) async fn run(engine: Engine, run: RunRecord, source: Source, operator: Option<String>, cancel: CancellationToken) {
     let inner = engine.inner.clone();
     let (log, writer) = RunLog::start(
         inner.store.clone(),
@@ -53,7 +53,7 @@ pub(crate) async fn run(engine: Engine, run: RunRecord, source: Source, cancel: 
         inner.clock.clone(),
     );
     let mut current = run.clone();
-    let outcome = drive(&engine, &mut current, source, &cancel, &log).await;
+    let outcome = drive(&engine, &mut current, source, operator, &cancel, &log).await;
     if let Err(Failure(reason)) = outcome {
         let phase = current.status;
         let error = if reason == "cancelled" { reason } else { format!("{phase}: {reason}") };
@@ -81,6 +81,7 @@ async fn drive(
     engine: &Engine,
     current: &mut RunRecord,
     source: Source,
+    operator: Option<String>,
     cancel: &CancellationToken,
     log: &RunLog,
 ) -> Result<(), Failure> {
@@ -99,6 +100,11 @@ async fn drive(
         snapshot.size_bytes
     ))
     .await;
+
+    // Nothing runs from an artifact whose hash or signature does not verify (issue 7).
+    crate::trust::verify(engine, crate::trust::ArtifactKind::Snapshot, &current.agent_id, &snapshot.content_hash, Some(&current.id))
+        .await
+        .map_err(Failure)?;
 
     // provisioning
     let patch = RunPatch { snapshot_id: Some(snapshot.id.clone()), ..Default::default() };
@@ -148,9 +154,25 @@ async fn drive(
         }
     }
 
+    // The build's output becomes the release (before the app can change the workspace).
+    log.system("> storing the release...").await;
+    let release = or_cancel(cancel, crate::release::make_release(engine, current, &sandbox)).await??;
+    crate::trust::sign(engine, crate::trust::ArtifactKind::Release, &release.agent_id, &release.content_hash).await.map_err(Failure)?;
+    log.system(format!(
+        "> release {} ({}, {} files, {} bytes)",
+        &release.content_hash[..12],
+        release.kind.as_str(),
+        release.file_count,
+        release.size_bytes
+    ))
+    .await;
+
     // starting: the build is over, so is its way out. The app runs with no outbound network.
     sandbox.close_egress();
     *current = engine.transition(current, DeploymentStatus::Starting, RunPatch::default()).await?;
+    if release.kind == slipway_store::ReleaseKind::Static {
+        return finish_static(engine, current, &release, operator, log).await;
+    }
     log.system(format!("> {}", spec.start_command)).await;
     let mut req = ExecRequest::new(spec.start_command.clone()).env("PORT", spec.runtime_port.to_string());
     for (k, v) in &env {
@@ -200,9 +222,51 @@ async fn drive(
     let url = cfg.preview_url(&current.id);
     let upstream = SandboxUpstream { sandbox: sandbox.clone(), port, name: current.id.clone() };
     inner.router.set(&host, Route::Upstream(Arc::new(upstream))).ok();
+    if current.target == DeploymentTarget::Production {
+        // The production route switches only now that the instance is ready; a failure here
+        // fails the run and leaves production as it was.
+        let upstream = SandboxUpstream { sandbox: sandbox.clone(), port, name: format!("{}-production", current.id) };
+        let version = engine.deploy_ready(current, &release, Route::Upstream(Arc::new(upstream)), operator).await?;
+        log.system(format!("> production version {} is live", version.version_number)).await;
+    }
+    // The log first (flushed, with any held-back tail): a reader that sees `ready` finds the
+    // whole pipeline log stored (the SSE log stream ends there).
+    log.system(format!("> ready at {url}")).await;
+    log.flush().await;
     let patch = RunPatch { url: Some(url.clone()), ..Default::default() };
     *current = engine.transition(current, DeploymentStatus::Ready, patch).await?;
+    Ok(())
+}
+
+/// A static release needs no process: the router serves its files. The build sandbox is
+/// destroyed here, so nothing of the run keeps running.
+async fn finish_static(
+    engine: &Engine,
+    current: &mut RunRecord,
+    release: &slipway_store::ReleaseRecord,
+    operator: Option<String>,
+    log: &RunLog,
+) -> Result<(), Failure> {
+    let inner = engine.inner.clone();
+    let cfg = &inner.config;
+    let route = engine.static_route(release).await.map_err(Failure)?;
+    let sandbox = lock(&inner.active).get_mut(&current.id).and_then(|a| a.sandbox.take());
+    if let Some(sandbox) = sandbox {
+        if let Err(e) = sandbox.destroy().await {
+            tracing::warn!(run = %current.id, error = %e, "sandbox destroy failed; start-up cleanup will retry");
+        }
+    }
+    log.system(format!("> static site: serving {}/ without a process", release.static_dir.as_deref().unwrap_or("."))).await;
+    let url = cfg.preview_url(&current.id);
+    inner.router.set(&cfg.preview_host(&current.id), route.clone()).ok();
+    if current.target == DeploymentTarget::Production {
+        let version = engine.deploy_ready(current, release, route, operator).await?;
+        log.system(format!("> production version {} is live", version.version_number)).await;
+    }
     log.system(format!("> ready at {url}")).await;
+    log.flush().await;
+    let patch = RunPatch { url: Some(url), ..Default::default() };
+    *current = engine.transition(current, DeploymentStatus::Ready, patch).await?;
     Ok(())
 }
 

@@ -72,7 +72,9 @@ where
     C: FnMut() -> F,
     F: Future<Output = io::Result<TcpStream>>,
 {
-    let mut delay = Duration::from_millis(20);
+    // A refused connect inside the sandbox's namespace costs microseconds; poll often early so
+    // a fast app is seen ready within a few milliseconds, and back off to at most 50 ms.
+    let mut delay = Duration::from_millis(5);
     let mut last = ProbeError::Timeout(Duration::ZERO);
     loop {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -89,6 +91,6 @@ where
             Err(_) => last = ProbeError::Timeout(per_try),
         }
         tokio::time::sleep(delay.min(deadline.saturating_duration_since(tokio::time::Instant::now()))).await;
-        delay = (delay * 2).min(Duration::from_millis(250));
+        delay = (delay * 3 / 2).min(Duration::from_millis(50));
     }
 }

@@ -79,6 +79,9 @@ pub(crate) async fn resolve(engine: &Engine, run: &RunRecord, source: &Source) -
                 .await
                 .expect("capture task panicked")
                 .map_err(|e| SnapshotError::Capture(e.to_string()))?;
+            crate::trust::sign(engine, crate::trust::ArtifactKind::Snapshot, &run.agent_id, &captured.content_hash)
+                .await
+                .map_err(SnapshotError::Capture)?;
             let record = SnapshotRecord {
                 id: random_id(IdKind::Snapshot),
                 agent_id: run.agent_id.clone(),

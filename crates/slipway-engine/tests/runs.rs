@@ -128,7 +128,7 @@ async fn one_active_pipeline_per_agent() {
     let first = h.start().await;
     let second = h
         .engine
-        .start(StartRequest { agent_id: h.agent.clone(), target: None, note: None, source: Source::SpecSourceDir })
+        .start(StartRequest { agent_id: h.agent.clone(), target: None, note: None, source: Source::SpecSourceDir, operator: None })
         .await;
     match second {
         Err(EngineError::Busy { run_id }) => assert_eq!(run_id, first.id),

@@ -129,7 +129,7 @@ impl Harness {
 
     pub async fn start(&self) -> RunRecord {
         self.engine
-            .start(StartRequest { agent_id: self.agent.clone(), target: None, note: None, source: Source::SpecSourceDir })
+            .start(StartRequest { agent_id: self.agent.clone(), target: None, note: None, source: Source::SpecSourceDir, operator: None })
             .await
             .unwrap()
     }

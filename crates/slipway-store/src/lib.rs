@@ -12,12 +12,24 @@
 
 mod migrations;
 mod sqlite;
+mod trust;
+mod versions;
 
 use std::collections::BTreeMap;
 
 use slipway_core::{DeploymentSpec, DeploymentStatus, DeploymentTarget, Millis, TransitionError};
 
 pub use sqlite::SqliteStore;
+
+/// The schema version a freshly migrated database has (the last migration's number).
+pub fn latest_schema_version() -> i64 {
+    migrations::MIGRATIONS.last().map_or(0, |(v, _)| *v)
+}
+pub use trust::{AuditChain, AuditQuery, AuditStore, GateStore};
+pub use versions::{
+    DeploymentRecord, NewVersion, ReferencedArtifacts, ReleaseKind, ReleaseRecord, RouteChange, RouteSwitch, VersionRecord,
+    VersionStore,
+};
 
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
@@ -143,7 +155,7 @@ impl LogLine {
 }
 
 /// Which part of a run's log to read.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LogQuery {
     /// Only lines with `line_no > since`.
     pub since: Option<u64>,
@@ -151,10 +163,12 @@ pub struct LogQuery {
     pub tail: Option<u64>,
     /// At most this many lines.
     pub limit: Option<u64>,
+    /// Only lines whose text contains this string (case-sensitive, taken literally).
+    pub q: Option<String>,
 }
 
 /// Everything slipway keeps about agents, tokens, specs, snapshots, runs and logs.
-pub trait Store: Send + Sync {
+pub trait Store: Send + Sync + VersionStore + GateStore + AuditStore {
     // agents and tokens
     fn insert_agent(&self, agent: &Agent) -> Result<()>;
     fn get_agent(&self, id: &str) -> Result<Option<Agent>>;

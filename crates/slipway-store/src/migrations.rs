@@ -79,4 +79,7 @@ CREATE TABLE run_logs (
     PRIMARY KEY (run_id, line_no)
 ) WITHOUT ROWID;
 "#,
-)];
+),
+    (2, crate::versions::MIGRATION),
+    (3, crate::trust::MIGRATION),
+];

@@ -62,7 +62,7 @@ impl SqliteStore {
         Ok(self.conn().query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))?)
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite half-written (transactions roll
         // back on drop), so the connection stays usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
@@ -137,7 +137,7 @@ fn finish_spec((mut spec, env, target, kind): (DeploymentSpec, String, String, S
 }
 
 /// The frozen spec of a run, as JSON text.
-fn spec_to_json(s: &DeploymentSpec) -> String {
+pub(crate) fn spec_to_json(s: &DeploymentSpec) -> String {
     serde_json::json!({
         "id": s.id, "agentId": s.agent_id, "name": s.name, "sourceDir": s.source_dir,
         "installCommand": s.install_command, "buildCommand": s.build_command,
@@ -148,7 +148,7 @@ fn spec_to_json(s: &DeploymentSpec) -> String {
     .to_string()
 }
 
-fn spec_from_json(text: &str) -> Result<DeploymentSpec> {
+pub(crate) fn spec_from_json(text: &str) -> Result<DeploymentSpec> {
     let bad = |what: &str| StoreError::Corrupt(format!("run spec snapshot: {what}"));
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(&e.to_string()))?;
     let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string).ok_or_else(|| bad(k));
@@ -554,21 +554,25 @@ impl Store for SqliteStore {
         let map = |r: &Row<'_>| {
             Ok(LogLine { line_no: r.get::<_, i64>(0)? as u64, ts: r.get(1)?, stream: r.get(2)?, text: r.get(3)? })
         };
+        // `instr` rather than LIKE: the search text is taken literally (no `%`/`_` wildcards).
+        // An empty or absent search matches every line.
+        let needle = q.q.clone().unwrap_or_default();
         let mut lines: Vec<LogLine> = if let Some(tail) = q.tail {
             let mut stmt = conn.prepare(
                 "SELECT line_no, ts, stream, text FROM run_logs WHERE run_id = ?1 AND line_no > ?2 \
-                 ORDER BY line_no DESC LIMIT ?3",
+                 AND (?4 = '' OR instr(text, ?4) > 0) ORDER BY line_no DESC LIMIT ?3",
             )?;
-            let mut v: Vec<LogLine> =
-                stmt.query_map(params![run_id, since, tail as i64], map)?.collect::<rusqlite::Result<_>>()?;
+            let mut v: Vec<LogLine> = stmt
+                .query_map(params![run_id, since, tail as i64, needle], map)?
+                .collect::<rusqlite::Result<_>>()?;
             v.reverse();
             v
         } else {
             let mut stmt = conn.prepare(
                 "SELECT line_no, ts, stream, text FROM run_logs WHERE run_id = ?1 AND line_no > ?2 \
-                 ORDER BY line_no LIMIT ?3",
+                 AND (?4 = '' OR instr(text, ?4) > 0) ORDER BY line_no LIMIT ?3",
             )?;
-            let v = stmt.query_map(params![run_id, since, limit], map)?.collect::<rusqlite::Result<_>>()?;
+            let v = stmt.query_map(params![run_id, since, limit, needle], map)?.collect::<rusqlite::Result<_>>()?;
             v
         };
         if let (Some(_), Some(limit)) = (q.tail, q.limit) {

@@ -62,10 +62,10 @@ fn reopen_keeps_data_and_migrations_are_idempotent() {
         s.upsert_spec(&spec("agt-a", 10)).unwrap();
         s.insert_run_if_idle(&run("agt-a", "run-1", DeploymentStatus::Queued, 20)).unwrap();
         s.append_logs("run-1", &[LogLine::new(21, "system", "> capturing source...")]).unwrap();
-        assert_eq!(s.schema_version().unwrap(), 1);
+        assert_eq!(s.schema_version().unwrap(), slipway_store::latest_schema_version());
     }
     let s = SqliteStore::open(&path).unwrap();
-    assert_eq!(s.schema_version().unwrap(), 1);
+    assert_eq!(s.schema_version().unwrap(), slipway_store::latest_schema_version());
     assert_eq!(s.get_agent("agt-a").unwrap().unwrap().name, "name of agt-a");
     assert_eq!(s.get_spec("agt-a").unwrap().unwrap(), spec("agt-a", 10));
     let r = s.get_run("agt-a", "run-1").unwrap().unwrap();

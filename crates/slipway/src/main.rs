@@ -68,6 +68,27 @@ enum Command {
     Snapshot(cmd::runs::SnapshotArgs),
     /// List the agent's snapshots, newest first.
     Snapshots,
+    /// List the production versions (which is active, which are warm); `versions N` shows one,
+    /// `versions --history` the production route's history.
+    Versions(cmd::versions::VersionsArgs),
+    /// Point the production URL at an older version (default: the previous one). No rebuild.
+    Rollback(cmd::versions::RollbackArgs),
+    /// Make a ready (preview) run the new production version, without rebuilding.
+    Promote(cmd::versions::PromoteArgs),
+    /// Print live events (runs, logs, snapshots) as they happen; `--json` for one JSON object
+    /// per line.
+    Events(cmd::events::EventsArgs),
+    /// List gates (approval requests for privileged actions), pending first.
+    Gates(cmd::trust::GatesArgs),
+    /// Approve a pending gate (operator token); its requester then runs the action once.
+    Approve(cmd::trust::GateArg),
+    /// Deny a pending gate (operator token).
+    Deny(cmd::trust::DenyArgs),
+    /// Read the audit log (`audit verify` checks its hash chain).
+    Audit(cmd::trust::AuditArgs),
+    /// Verify an artifact's sha256 and signature offline, against the server's public key or a
+    /// key file.
+    Verify(cmd::trust::VerifyArgs),
 }
 
 fn main() -> ExitCode {
@@ -93,6 +114,15 @@ fn main() -> ExitCode {
         Command::Inspect(args) => cmd::runs::inspect(&cli.global, args),
         Command::Snapshot(args) => cmd::runs::snapshot(&cli.global, args),
         Command::Snapshots => cmd::runs::snapshots(&cli.global),
+        Command::Versions(args) => cmd::versions::versions(&cli.global, args),
+        Command::Rollback(args) => cmd::versions::rollback(&cli.global, args),
+        Command::Promote(args) => cmd::versions::promote(&cli.global, args),
+        Command::Events(args) => cmd::events::run(&cli.global, args),
+        Command::Gates(args) => cmd::trust::gates(&cli.global, args),
+        Command::Approve(args) => cmd::trust::approve(&cli.global, args),
+        Command::Deny(args) => cmd::trust::deny(&cli.global, args),
+        Command::Audit(args) => cmd::trust::audit(&cli.global, args),
+        Command::Verify(args) => cmd::trust::verify(&cli.global, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

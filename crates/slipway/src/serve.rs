@@ -94,6 +94,18 @@ pub struct ServeArgs {
     /// Revoke every operator token and write a new one to <data-dir>/admin.token.
     #[arg(long)]
     pub rotate_admin_token: bool,
+    /// Actions that need an operator's approval (a gate); repeat for several (environment:
+    /// comma-separated), `none` for none [default: production_deploy, promote, rollback,
+    /// secret_env]. Also: preview_deploy.
+    #[arg(long = "gate-action", env = "SLIPWAY_GATE_ACTIONS", value_delimiter = ',', value_name = "ACTION")]
+    pub gate_actions: Vec<String>,
+    /// How long an approved gate's single-use token stays usable, in seconds [default: 300].
+    #[arg(long, env = "SLIPWAY_GATE_TOKEN_TTL", value_name = "SECONDS")]
+    pub gate_token_ttl: Option<u64>,
+    /// How long a replaced production instance keeps running for an instant rollback, in
+    /// seconds (0: stop it once drained) [default: 600].
+    #[arg(long, env = "SLIPWAY_WARM_TIME", value_name = "SECONDS")]
+    pub warm_time: Option<u64>,
 }
 
 /// The config file. Unknown keys are refused so that a typo is not silently ignored.
@@ -109,6 +121,9 @@ pub struct FileConfig {
     pub base_domain: Option<String>,
     pub log_format: Option<LogFormat>,
     pub log_level: Option<String>,
+    pub gate_actions: Option<Vec<String>>,
+    pub gate_token_ttl: Option<u64>,
+    pub warm_time: Option<u64>,
 }
 
 impl FileConfig {
@@ -139,6 +154,10 @@ pub struct ServeConfig {
     pub log_format: LogFormat,
     pub log_level: String,
     pub rotate_admin_token: bool,
+    /// Which actions need a gate, and how long an approval's token lives.
+    pub trust_policy: slipway_trust::TrustPolicy,
+    /// How long a replaced production instance stays warm.
+    pub warm_time: std::time::Duration,
 }
 
 impl ServeConfig {
@@ -191,7 +210,22 @@ impl ServeConfig {
             .or_else(|| std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty()))
             .or(file.log_level)
             .unwrap_or_else(|| "info".to_string());
+        let mut trust_policy = slipway_trust::TrustPolicy::default();
+        let gate_actions = if args.gate_actions.is_empty() { file.gate_actions } else { Some(args.gate_actions) };
+        if let Some(actions) = gate_actions {
+            trust_policy.gated = slipway_trust::TrustPolicy::parse_actions(actions.iter().map(String::as_str))
+                .map_err(|e| anyhow::anyhow!("invalid gate action: {e}"))?;
+        }
+        if let Some(ttl) = args.gate_token_ttl.or(file.gate_token_ttl) {
+            if ttl == 0 || ttl > 24 * 3600 {
+                bail!("gate token ttl must be between 1 second and 24 hours, got {ttl}");
+            }
+            trust_policy.token_ttl_ms = i64::try_from(ttl * 1000).unwrap_or(i64::MAX);
+        }
+        let warm_time = std::time::Duration::from_secs(args.warm_time.or(file.warm_time).unwrap_or(600));
         Ok(Self {
+            warm_time,
+            trust_policy,
             config_file: args.config,
             data_dir,
             api_addr: args
@@ -305,7 +339,12 @@ pub async fn build_server(config: ServeConfig) -> anyhow::Result<Server> {
         sandboxes_cleaned = report.sandboxes_cleaned,
         "reconciled state left by the previous run of the server"
     );
-    let state = AppState::new(store, api_config).with_clock(clock).with_engine(engine.clone(), artifacts);
+    let signer = load_signing_key(&config.data_dir, &artifacts)?;
+    engine.set_signer(Arc::clone(&signer));
+    let state = AppState::new(store, api_config)
+        .with_clock(clock)
+        .with_engine(engine.clone(), artifacts)
+        .with_trust(config.trust_policy.clone(), Some(signer));
 
     Ok(Server {
         config,
@@ -328,6 +367,13 @@ impl Server {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         info!(api = %self.api_addr, app = %self.app_addr, data_dir = %self.config.data_dir.display(), "serving");
         let api = slipway_api::app(self.state.clone());
+        // Long-lived streams (WebSocket events, SSE logs) end when the bus closes, so that the
+        // graceful shutdown below does not wait for them.
+        let (bus, closing) = (self.engine.events().clone(), shutdown.clone());
+        tokio::spawn(async move {
+            closing.cancelled().await;
+            bus.close();
+        });
         let api_shutdown = shutdown.clone();
         let api_server = async move {
             let result = axum::serve(self.api_listener, api)
@@ -373,6 +419,52 @@ fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// Loads the artifact signing key, creating it (0600) on first start. A new key signs the
+/// artifacts stored before it existed, so they stay deployable.
+fn load_signing_key(
+    data_dir: &Path,
+    artifacts: &slipway_artifacts::LocalArtifactStore,
+) -> anyhow::Result<Arc<slipway_trust::Signer>> {
+    let path = data_dir.join(slipway_trust::signing::KEY_FILE);
+    let (signer, created) = slipway_trust::Signer::load_or_create(&path)?;
+    if created {
+        info!(path = %path.display(), key_id = signer.key_id(), "created the artifact signing key");
+        let signed = sign_existing_artifacts(&signer, artifacts.root());
+        if signed > 0 {
+            info!(signed, "signed the artifacts stored before the key existed");
+        }
+    } else {
+        info!(key_id = signer.key_id(), "loaded the artifact signing key");
+    }
+    Ok(Arc::new(signer))
+}
+
+/// Signs `<root>/<agent>/<hash>.tar.zst` and `<root>/<agent>/releases/<hash>.tar.zst` that have
+/// no signature yet. Returns how many were signed.
+fn sign_existing_artifacts(signer: &slipway_trust::Signer, root: &Path) -> usize {
+    let mut signed = 0;
+    let Ok(agents) = fs::read_dir(root) else { return 0 };
+    for agent in agents.flatten() {
+        let agent_name = agent.file_name().to_string_lossy().into_owned();
+        for (kind, dir) in [("snapshot", agent.path()), ("release", agent.path().join("releases"))] {
+            let Ok(files) = fs::read_dir(&dir) else { continue };
+            for file in files.flatten() {
+                let name = file.file_name().to_string_lossy().into_owned();
+                let Some(hash) = name.strip_suffix(".tar.zst") else { continue };
+                if !slipway_artifacts::is_content_hash(hash) {
+                    continue;
+                }
+                match signer.sign_file_once(kind, &agent_name, hash, &file.path()) {
+                    Ok(true) => signed += 1,
+                    Ok(false) => {}
+                    Err(e) => warn!(path = %file.path().display(), error = %e, "could not sign an existing artifact"),
+                }
+            }
+        }
+    }
+    signed
 }
 
 /// Makes sure an operator token exists; writes a new one to `path` on first start or when
@@ -571,6 +663,7 @@ fn build_engine(
     let mut engine_config = EngineConfig::new(config.data_dir.join("cache"), config.agent_root.clone());
     engine_config.base_domain = config.base_domain.clone();
     engine_config.app_port = app_addr.port();
+    engine_config.warm_time = config.warm_time;
     let registry = slipway_sandbox::RegistryConfig::derive();
     engine_config.egress_allow = registry.egress_config(&config.egress_allow).allow_hosts;
     engine_config.egress_env = registry.sandbox_env();

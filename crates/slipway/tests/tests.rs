@@ -5,4 +5,7 @@ mod util;
 
 mod cli;
 mod deploy;
+mod events;
 mod serve;
+mod trust;
+mod versions;

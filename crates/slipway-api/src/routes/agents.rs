@@ -32,7 +32,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 )]
 pub async fn create_agent(
     State(state): State<AppState>,
-    _operator: Operator,
+    Operator(operator): Operator,
     ApiJson(req): ApiJson<CreateAgentRequest>,
 ) -> Result<(StatusCode, Json<CreatedAgentDto>), ApiError> {
     let name = AgentName::parse(&req.name)
@@ -44,6 +44,7 @@ pub async fn create_agent(
         created_at: now,
     };
     let token = mint_token(TokenKind::Agent, Some(agent.id.clone()), now);
+    let token_id = token.record.id.clone();
     let (stored, record) = (agent.clone(), token.record);
     state
         .store(move |s| {
@@ -52,6 +53,13 @@ pub async fn create_agent(
         })
         .await?;
     tracing::info!(agent_id = %agent.id, "agent created");
+    let entry = slipway_trust::NewAuditEntry {
+        agent_id: Some(agent.id.clone()),
+        target: Some(token_id.clone()),
+        reason: Some(format!("agent {:?} and its agent token {token_id}", agent.name)),
+        ..crate::routes::audit::by(&operator, now, "token.create", "ok")
+    };
+    crate::routes::audit::record(&state, entry).await?;
     let dto = CreatedAgentDto {
         id: agent.id,
         name: agent.name,

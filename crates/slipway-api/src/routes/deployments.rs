@@ -73,8 +73,15 @@ pub async fn list_runs(
 ) -> Result<Json<RunListDto>, ApiError> {
     let agent = access.agent.id;
     let limit = q.limit.unwrap_or(50).clamp(1, 500);
-    let runs = state.store(move |s| s.list_runs(&agent, limit)).await?;
-    Ok(Json(RunListDto { runs: runs.into_iter().map(RunDto::from).collect() }))
+    let (runs, versions) = state.store(move |s| Ok((s.list_runs(&agent, limit)?, s.versions_by_run(&agent)?))).await?;
+    let runs = runs
+        .into_iter()
+        .map(|r| {
+            let version_number = versions.get(&r.id).copied();
+            RunDto { version_number, ..RunDto::from(r) }
+        })
+        .collect();
+    Ok(Json(RunListDto { runs }))
 }
 
 /// Body of `POST …/deployments/start`.
@@ -99,6 +106,7 @@ pub struct StartInput {
     responses(
         (status = 202, body = RunDto),
         (status = 400, body = ErrorBody),
+        (status = 403, description = "gate_required (with gateId) for a gated target without a gate token; gate_token_invalid, gate_token_expired, gate_token_used or gate_token_mismatch", body = ErrorBody),
         (status = 404, description = "agent_not_found, spec_not_found or snapshot_not_found", body = ErrorBody),
         (status = 409, description = "conflict: another run of this agent is in its start pipeline", body = ErrorBody),
     ),
@@ -106,6 +114,7 @@ pub struct StartInput {
 pub async fn start_run(
     State(state): State<AppState>,
     access: AgentAccess,
+    headers: axum::http::HeaderMap,
     JsonObject(body): JsonObject,
 ) -> Result<(StatusCode, Json<RunDto>), ApiError> {
     let input: StartInput = serde_json::from_value(serde_json::Value::Object(body))
@@ -134,9 +143,13 @@ pub async fn start_run(
             ))
         }
     };
-    let run = engine(&state)?
-        .start(StartRequest { agent_id: access.agent.id, target, note: input.note, source })
-        .await?;
+    // Production (by policy) needs an approved gate; the token is consumed just before starting.
+    let eng = engine(&state)?;
+    let gate = crate::routes::gates::DeployGate::check(&state, &access, &headers, target, &source).await?;
+    let started = eng
+        .start(StartRequest { agent_id: access.agent.id.clone(), target, note: input.note, source, operator: Some(access.caller.token_id.clone()) })
+        .await;
+    let run = gate.started(&state, &access.caller, started).await?;
     Ok((StatusCode::ACCEPTED, Json(run.into())))
 }
 
@@ -182,6 +195,13 @@ pub async fn stop_run(
     let (_, raw) = ids;
     let id = run_id(&raw)?;
     let run = engine(&state)?.stop(&access.agent.id, &id).await?;
+    let entry = slipway_trust::NewAuditEntry {
+        agent_id: Some(access.agent.id.clone()),
+        run_id: Some(run.id.clone()),
+        target: Some(run.target.as_str().to_string()),
+        ..crate::routes::audit::by(&access.caller, state.now(), "run.stop", run.status.as_str())
+    };
+    crate::routes::audit::record(&state, entry).await?;
     Ok(Json(run.into()))
 }
 
@@ -193,27 +213,41 @@ pub struct LogsQuery {
     pub tail: Option<u64>,
     /// At most this many lines (default 10,000).
     pub limit: Option<u64>,
+    /// Only lines containing this text (case-sensitive, taken literally): a search of the
+    /// run's history. Each line keeps its number.
+    pub q: Option<String>,
 }
 
 /// A run's log: platform lines (`system`) and the commands' `stdout`/`stderr`, numbered from 1.
-/// Readable while the run is going and after it ended.
+/// Readable while the run is going and after it ended; `q` searches it. With
+/// `Accept: text/event-stream` the answer is the run's live stream (see `…/logs/stream`).
 #[utoipa::path(
     get, path = "/api/agents/{id}/deployments/{runId}/logs", tag = "deployments",
     security(("bearer" = [])),
     params(("id" = String, Path, description = "agent id"), ("runId" = String, Path, description = "run id"), LogsQuery),
-    responses((status = 200, body = LogsDto), (status = 404, body = ErrorBody)),
+    responses(
+        (status = 200, body = LogsDto),
+        (status = 200, description = "with `Accept: text/event-stream`: the live stream", content_type = "text/event-stream", body = String),
+        (status = 404, body = ErrorBody),
+    ),
 )]
 pub async fn get_logs(
     State(state): State<AppState>,
     access: AgentAccess,
     ApiPath(ids): ApiPath<(String, String)>,
     Query(q): Query<LogsQuery>,
-) -> Result<Json<LogsDto>, ApiError> {
+    headers: axum::http::HeaderMap,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
     let (_, raw) = ids;
+    if crate::routes::stream::wants_event_stream(&headers) {
+        let since = crate::routes::stream::resume_point(&headers, q.since)?;
+        return crate::routes::stream::sse_response(state, access.agent.id, raw, since).await;
+    }
     let id = run_id(&raw)?;
     let agent = access.agent.id;
     let limit = q.limit.unwrap_or(10_000).clamp(1, 100_000);
-    let query = LogQuery { since: q.since, tail: q.tail, limit: Some(limit) };
+    let query = LogQuery { since: q.since, tail: q.tail, limit: Some(limit), q: q.q.clone() };
     let (run, lines, total) = state
         .store(move |s| {
             let run = s.get_run(&agent, &id)?;
@@ -230,5 +264,6 @@ pub async fn get_logs(
         total_lines: total,
         next_since,
         lines: lines.into_iter().map(LogLineDto::from).collect(),
-    }))
+    })
+    .into_response())
 }

@@ -6,11 +6,17 @@
 //! `router()`, then add one `.merge(<name>::router())` line to [`api_router`].
 
 pub mod agents;
+pub mod audit;
 pub mod deployments;
+pub mod events;
+pub mod gates;
 pub mod health;
+pub mod keys;
 pub mod openapi;
 pub mod snapshots;
 pub mod spec;
+pub mod stream;
+pub mod versions;
 pub mod whoami;
 
 use utoipa::OpenApi;
@@ -27,5 +33,11 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(spec::router())
         .merge(snapshots::router())
         .merge(deployments::router())
+        .merge(versions::router())
+        .merge(stream::router())
+        .merge(events::router())
+        .merge(gates::router())
+        .merge(audit::router())
+        .merge(keys::router())
         .merge(openapi::router())
 }

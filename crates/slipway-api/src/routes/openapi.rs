@@ -20,6 +20,7 @@ use crate::state::AppState;
         (name = "meta", description = "Health, identity and this document"),
         (name = "agents", description = "Agents and their tokens"),
         (name = "deployments", description = "Deployment spec, runs, logs and snapshots of an agent"),
+        (name = "events", description = "Live events over a WebSocket"),
     ),
 )]
 pub struct ApiDoc;

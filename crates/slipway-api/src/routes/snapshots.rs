@@ -180,6 +180,9 @@ pub async fn put_snapshot(
         size_bytes: captured.size_bytes,
         created_at: state.now(),
     };
+    if let Ok(path) = artifacts_for_path.path(&agent, &hash) {
+        crate::routes::keys::sign_artifact(&state, "snapshot", &agent, &hash, &path).await?;
+    }
     let rec = record.clone();
     state.store(move |s| s.insert_snapshot(&rec)).await?;
     if let Some(engine) = &state.engine {

@@ -89,6 +89,17 @@ pub async fn put_spec(
     let spec = valid.into_spec(new_id(IdKind::Spec), access.agent.id, now, now);
     let stored = state.store(move |s| s.upsert_spec(&spec)).await?;
     tracing::info!(agent_id = %stored.agent_id, spec_id = %stored.id, "spec saved");
+    let entry = slipway_trust::NewAuditEntry {
+        agent_id: Some(stored.agent_id.clone()),
+        target: Some(stored.id.clone()),
+        reason: Some(format!(
+            "name {:?}, sourceDir {:?}, install {:?}, build {:?}, start {:?}, port {}, target {}, env keys [{}]",
+            stored.name, stored.source_dir, stored.install_command, stored.build_command, stored.start_command,
+            stored.runtime_port, stored.target_default.as_str(), stored.env.keys().cloned().collect::<Vec<_>>().join(",")
+        )),
+        ..crate::routes::audit::by(&access.caller, now, "spec.update", "ok")
+    };
+    crate::routes::audit::record(&state, entry).await?;
     Ok(Json(stored.into()))
 }
 

@@ -6,9 +6,12 @@
 //! `run(global, args)` function, add a variant to `Command` in `main.rs` and one dispatch arm.
 
 pub mod agents;
+pub mod events;
 pub mod login;
 pub mod runs;
 pub mod spec;
+pub mod trust;
+pub mod versions;
 
 use anyhow::bail;
 use clap::Args;

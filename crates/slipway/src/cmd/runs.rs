@@ -52,6 +52,9 @@ pub struct LogsArgs {
     /// Only the last N lines.
     #[arg(long)]
     pub tail: Option<u64>,
+    /// Only lines containing TEXT (case-sensitive), printed with their line numbers.
+    #[arg(long, value_name = "TEXT", conflicts_with = "follow")]
+    pub grep: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -228,7 +231,11 @@ pub fn deploy(global: &GlobalArgs, args: &DeployArgs) -> anyhow::Result<()> {
         }
         body["snapshot"] = json!(captured.content_hash);
     }
-    let run: Value = client.post(&format!("{base}/start"), &body)?;
+    // A gated target (production, by default) goes through the gate: request, wait for an
+    // operator, then start once with the single-use token.
+    let run = super::trust::with_gate(&client, agent_of(&base), &deploy_gate_request(&client, &base, args, &body), quiet, |token| {
+        super::trust::post_gated(&client, &format!("{base}/start"), &body, token)
+    })?;
     let id = run["id"].as_str().context("the server's run has no id")?.to_string();
     if args.no_wait {
         return print_run(global, &run);
@@ -240,6 +247,12 @@ pub fn deploy(global: &GlobalArgs, args: &DeployArgs) -> anyhow::Result<()> {
     let status = final_run["status"].as_str().unwrap_or_default();
     if global.json {
         global.print_json(&final_run)?;
+    } else if status == "ready" && final_run["target"] == "production" {
+        // A production deploy answers with the stable production URL, not the run's own.
+        match super::versions::production_url(&client, &base) {
+            Ok(url) => println!("{url}"),
+            Err(_) => println!("{}", final_run["url"].as_str().unwrap_or_default()),
+        }
     } else if status == "ready" {
         println!("{}", final_run["url"].as_str().unwrap_or_default());
     }
@@ -253,57 +266,54 @@ pub fn deploy(global: &GlobalArgs, args: &DeployArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints the run's log as it grows until the run has settled; returns the final run.
-fn follow(client: &Client, base: &str, id: &str, print: bool, tail: Option<u64>) -> anyhow::Result<Value> {
-    let mut since = 0u64;
-    let mut first = true;
-    let mut errors = 0;
-    loop {
-        let mut query = format!("{base}/{id}/logs?since={since}");
-        if let (true, Some(t)) = (first, tail) {
-            query = format!("{base}/{id}/logs?tail={t}");
-        }
-        first = false;
-        let page: Value = match client.get(&query) {
-            Ok(p) => {
-                errors = 0;
-                p
-            }
-            // A dropped connection or a restarting server: retry from the same line, so no
-            // line is lost or repeated.
-            Err(e) if e.downcast_ref::<ApiFailure>().is_none() && errors < 20 => {
-                errors += 1;
-                std::thread::sleep(Duration::from_millis(500));
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        let lines = page["lines"].as_array().cloned().unwrap_or_default();
-        for l in &lines {
-            if print {
-                // The run's log goes to stderr so that stdout carries only the result (the URL,
-                // or the JSON run with --json).
-                eprintln!("{}", l["text"].as_str().unwrap_or_default());
-            }
-        }
-        since = page["nextSince"].as_u64().unwrap_or(since);
-        let run: Value = client.get(&format!("{base}/{id}"))?;
-        let status = run["status"].as_str().unwrap_or_default();
-        let settled = matches!(status, "ready" | "failed" | "stopped");
-        if settled && lines.is_empty() {
-            // One last read after the run settled catches lines written just before.
-            let page: Value = client.get(&format!("{base}/{id}/logs?since={since}"))?;
-            for l in page["lines"].as_array().cloned().unwrap_or_default() {
-                if print {
-                    eprintln!("{}", l["text"].as_str().unwrap_or_default());
-                }
-            }
-            return Ok(run);
-        }
-        if lines.is_empty() {
-            std::thread::sleep(Duration::from_millis(250));
-        }
+/// The agent id of an agent's deployments path.
+fn agent_of(base: &str) -> &str {
+    base.trim_start_matches("/api/agents/").trim_end_matches("/deployments")
+}
+
+/// The gate a deploy asks for: its action (from `--prod` or the spec's default target), the
+/// snapshot it deploys, and the framework detected here.
+fn deploy_gate_request(client: &Client, base: &str, args: &DeployArgs, body: &Value) -> Value {
+    let production = args.prod
+        || client
+            .get::<Value>(&format!("{base}/spec"))
+            .is_ok_and(|spec| spec["targetDefault"].as_str() == Some("production"));
+    let mut req = json!({ "action": if production { "production_deploy" } else { "preview_deploy" } });
+    if !production {
+        req["target"] = json!("preview");
     }
+    if let Some(hash) = body["snapshot"].as_str() {
+        req["subject"] = json!(format!("snapshot:{hash}"));
+    }
+    if let Some(d) = detect(&tree_shape(&args.dir)) {
+        req["framework"] = json!(d.framework.to_string());
+    }
+    req
+}
+
+/// Prints the run's log as it grows until the run has settled; returns the final run. Reads
+/// the run's SSE stream (`links.stream`) and reopens a dropped one from the last line received,
+/// so no line is lost or repeated.
+fn follow(client: &Client, base: &str, id: &str, print: bool, tail: Option<u64>) -> anyhow::Result<Value> {
+    follow_with(client, base, id, tail, |text| {
+        if print {
+            // The run's log goes to stderr so that stdout carries only the result (the URL, or
+            // the JSON run with --json).
+            eprintln!("{text}");
+        }
+    })
+}
+
+fn follow_with(client: &Client, base: &str, id: &str, tail: Option<u64>, mut out: impl FnMut(&str)) -> anyhow::Result<Value> {
+    let mut after = 0;
+    if let Some(t) = tail {
+        let page: Value = client.get(&format!("{base}/{id}/logs?tail={t}"))?;
+        for l in page["lines"].as_array().cloned().unwrap_or_default() {
+            out(l["text"].as_str().unwrap_or_default());
+        }
+        after = page["nextSince"].as_u64().unwrap_or(0);
+    }
+    super::events::follow_log(client, &format!("{base}/{id}"), after, |l| out(l["text"].as_str().unwrap_or_default()))
 }
 
 fn print_run(global: &GlobalArgs, run: &Value) -> anyhow::Result<()> {
@@ -343,13 +353,14 @@ pub fn runs(global: &GlobalArgs) -> anyhow::Result<()> {
         println!("no runs yet: `slipway deploy` starts one");
         return Ok(());
     }
-    println!("{:<22} {:<10} {:<10} {:<20} URL", "RUN", "STATUS", "TARGET", "CREATED");
+    println!("{:<22} {:<10} {:<10} {:<7} {:<20} URL", "RUN", "STATUS", "TARGET", "VERSION", "CREATED");
     for r in runs {
         println!(
-            "{:<22} {:<10} {:<10} {:<20} {}",
+            "{:<22} {:<10} {:<10} {:<7} {:<20} {}",
             r["id"].as_str().unwrap_or_default(),
             r["status"].as_str().unwrap_or_default(),
             r["target"].as_str().unwrap_or_default(),
+            r["versionNumber"].as_i64().map_or("-".to_string(), |n| format!("v{n}")),
             super::format_millis(r["createdAt"].as_i64().unwrap_or(0)),
             r["url"].as_str().unwrap_or("-"),
         );
@@ -379,19 +390,33 @@ pub fn logs(global: &GlobalArgs, args: &LogsArgs) -> anyhow::Result<()> {
     let client = global.client()?;
     let base = agent_path(global, &client)?;
     if args.follow {
-        follow(&client, &base, &args.run, true, args.tail)?;
+        let run = follow_with(&client, &base, &args.run, args.tail, |text| println!("{text}"))?;
+        if !global.json {
+            eprintln!("run {} {}", args.run, run["status"].as_str().unwrap_or_default());
+        }
         return Ok(());
     }
-    let mut query = format!("{base}/{}/logs", args.run);
+    let mut params = Vec::new();
     if let Some(t) = args.tail {
-        query.push_str(&format!("?tail={t}"));
+        params.push(format!("tail={t}"));
+    }
+    if let Some(text) = &args.grep {
+        params.push(format!("q={}", super::events::encode_query(text)));
+    }
+    let mut query = format!("{base}/{}/logs", args.run);
+    if !params.is_empty() {
+        query.push_str(&format!("?{}", params.join("&")));
     }
     let page: Value = client.get(&query)?;
     if global.json {
         return global.print_json(&page);
     }
     for l in page["lines"].as_array().cloned().unwrap_or_default() {
-        println!("{}", l["text"].as_str().unwrap_or_default());
+        if args.grep.is_some() {
+            println!("{}:{}", l["line"].as_u64().unwrap_or(0), l["text"].as_str().unwrap_or_default());
+        } else {
+            println!("{}", l["text"].as_str().unwrap_or_default());
+        }
     }
     Ok(())
 }
