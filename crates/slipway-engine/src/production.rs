@@ -178,7 +178,8 @@ impl Engine {
 
     async fn ensure_deployment(&self, agent_id: &str, name: &str) -> Result<DeploymentRecord, EngineError> {
         let store = self.inner.store.clone();
-        let (a, n, id, now) = (agent_id.to_string(), name.to_string(), random_id(IdKind::Deployment), (self.inner.clock)());
+        let (a, n, id, now) =
+            (agent_id.to_string(), name.to_string(), random_id(IdKind::Deployment), (self.inner.clock)());
         let slug = slugify(name);
         Ok(blocking(move || store.ensure_deployment(&a, &id, &n, &slug, now)).await?)
     }
@@ -282,10 +283,10 @@ impl Engine {
             .await
             .map_err(|reason| ProductionError::BootFailed { version: 0, reason })?;
         let route = match release.kind {
-            ReleaseKind::Static => self.static_route(&release).await.map_err(|reason| ProductionError::BootFailed {
-                version: 0,
-                reason,
-            })?,
+            ReleaseKind::Static => self
+                .static_route(&release)
+                .await
+                .map_err(|reason| ProductionError::BootFailed { version: 0, reason })?,
             ReleaseKind::Dynamic => {
                 let sandbox = lock(&self.inner.active)
                     .get(run_id)
@@ -301,7 +302,9 @@ impl Engine {
             ReleaseKind::Dynamic => Owner::Run { run_id: run_id.to_string() },
         };
         let note = note.or_else(|| run.note.clone());
-        Ok(self.create_version(&run, &release, Instance { owner, route, retiring: None }, "promote", operator, note).await?)
+        Ok(self
+            .create_version(&run, &release, Instance { owner, route, retiring: None }, "promote", operator, note)
+            .await?)
     }
 
     /// Called by the pipeline when a production run passed readiness, before it is marked
@@ -317,8 +320,15 @@ impl Engine {
             ReleaseKind::Static => Owner::Files,
             ReleaseKind::Dynamic => Owner::Run { run_id: run.id.clone() },
         };
-        self.create_version(run, release, Instance { owner, route, retiring: None }, "deploy", operator, run.note.clone())
-            .await
+        self.create_version(
+            run,
+            release,
+            Instance { owner, route, retiring: None },
+            "deploy",
+            operator,
+            run.note.clone(),
+        )
+        .await
     }
 
     async fn create_version(
@@ -420,7 +430,8 @@ impl Engine {
         }
         let live_arc = self.inner.production.agent(&agent_id);
         let mut live = live_arc.lock().await;
-        let still_ours = live.instances.get(&version).is_some_and(|i| i.retiring.as_ref().is_some_and(|(s, _)| *s == seq));
+        let still_ours =
+            live.instances.get(&version).is_some_and(|i| i.retiring.as_ref().is_some_and(|(s, _)| *s == seq));
         if !still_ours || live.active == Some(version) {
             return;
         }
@@ -561,9 +572,16 @@ impl Engine {
             let _ = sandbox.destroy().await;
             return Err(failed(reason));
         }
-        let upstream =
-            SandboxUpstream { sandbox: sandbox.clone(), port, name: format!("v{}-{}", version.version_number, sandbox.id()) };
-        Ok(Instance { owner: Owner::Booted { sandbox, app }, route: Route::Upstream(Arc::new(upstream)), retiring: None })
+        let upstream = SandboxUpstream {
+            sandbox: sandbox.clone(),
+            port,
+            name: format!("v{}-{}", version.version_number, sandbox.id()),
+        };
+        Ok(Instance {
+            owner: Owner::Booted { sandbox, app },
+            route: Route::Upstream(Arc::new(upstream)),
+            retiring: None,
+        })
     }
 
     /// After a restart, points every deployment's production host at its active version again,

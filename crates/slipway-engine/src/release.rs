@@ -96,7 +96,11 @@ pub struct BuiltShape {
 ///
 /// # Errors
 /// [`ReleaseError::NoStaticOutput`] when `kind: static` finds no output.
-pub fn decide_kind(kind: DeploymentKind, explicit: Option<&str>, shape: &BuiltShape) -> Result<KindDecision, ReleaseError> {
+pub fn decide_kind(
+    kind: DeploymentKind,
+    explicit: Option<&str>,
+    shape: &BuiltShape,
+) -> Result<KindDecision, ReleaseError> {
     let mut candidates: Vec<String> = Vec::new();
     if let Some(e) = explicit {
         candidates.push(e.trim_matches('/').to_string());
@@ -193,7 +197,11 @@ fn spa_on(spec: &DeploymentSpec) -> bool {
 
 /// Exports the run's built workspace and stores it as a release. Called once the build
 /// commands succeeded, before the start command runs (so the release is exactly what was built).
-pub(crate) async fn make_release(engine: &Engine, run: &RunRecord, sandbox: &Sandbox) -> Result<ReleaseRecord, ReleaseError> {
+pub(crate) async fn make_release(
+    engine: &Engine,
+    run: &RunRecord,
+    sandbox: &Sandbox,
+) -> Result<ReleaseRecord, ReleaseError> {
     let inner = engine.inner.clone();
     let spec = &run.spec_snapshot;
     let exports = inner.config.cache_dir.join("exports");
@@ -268,7 +276,8 @@ fn walk(root: &Path) -> Result<Vec<(String, Item)>, ReleaseError> {
         for entry in fs::read_dir(root.join(&rel)).map_err(io)? {
             let entry = entry.map_err(io)?;
             let child = rel.join(entry.file_name());
-            let name = child.to_str().ok_or_else(|| ReleaseError::NonUtf8(child.to_string_lossy().into_owned()))?.to_string();
+            let name =
+                child.to_str().ok_or_else(|| ReleaseError::NonUtf8(child.to_string_lossy().into_owned()))?.to_string();
             let meta = fs::symlink_metadata(root.join(&child)).map_err(io)?;
             let ft = meta.file_type();
             if ft.is_dir() {
@@ -278,8 +287,10 @@ fn walk(root: &Path) -> Result<Vec<(String, Item)>, ReleaseError> {
                 out.push((name, Item::File { executable: meta.permissions().mode() & 0o100 != 0, size: meta.len() }));
             } else if ft.is_symlink() {
                 let target = fs::read_link(root.join(&child)).map_err(io)?;
-                let target =
-                    target.to_str().ok_or_else(|| ReleaseError::NonUtf8(format!("{name} -> {}", target.display())))?.to_string();
+                let target = target
+                    .to_str()
+                    .ok_or_else(|| ReleaseError::NonUtf8(format!("{name} -> {}", target.display())))?
+                    .to_string();
                 out.push((name, Item::Symlink { target }));
             }
             // Export never copies devices, fifos or sockets.
@@ -398,9 +409,15 @@ pub fn archive_tree(
 /// per hash, concurrent callers wait for the one extraction.
 pub(crate) async fn extracted(engine: &Engine, release: &ReleaseRecord, uid: u32) -> Result<PathBuf, ReleaseError> {
     // Every instance boots through here: verify the release's hash and signature first (issue 7).
-    crate::trust::verify(engine, crate::trust::ArtifactKind::Release, &release.agent_id, &release.content_hash, release.run_id.as_deref())
-        .await
-        .map_err(|message| ReleaseError::Extract { content_hash: release.content_hash.clone(), message })?;
+    crate::trust::verify(
+        engine,
+        crate::trust::ArtifactKind::Release,
+        &release.agent_id,
+        &release.content_hash,
+        release.run_id.as_deref(),
+    )
+    .await
+    .map_err(|message| ReleaseError::Extract { content_hash: release.content_hash.clone(), message })?;
     let inner = engine.inner.clone();
     let dir = inner.config.cache_dir.join("releases").join(&release.content_hash);
     let gate = {

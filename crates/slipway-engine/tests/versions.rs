@@ -213,7 +213,14 @@ async fn production_versions_rollback_warm_and_cold_from_the_release() {
     assert_eq!(v1.release_hash.len(), 64);
     let release = h.store.get_release(&h.agent, &v1.release_id).unwrap().unwrap();
     assert!(release.file_count >= 3 && release.size_bytes > 0);
-    assert!(h.dir.path().join("artifacts").join(&h.agent).join("releases").join(format!("{}.tar.zst", v1.release_hash)).is_file());
+    assert!(h
+        .dir
+        .path()
+        .join("artifacts")
+        .join(&h.agent)
+        .join("releases")
+        .join(format!("{}.tar.zst", v1.release_hash))
+        .is_file());
 
     // v2's instance is stopped: it is cold now. v1's is still warm.
     h.engine.stop(&h.agent, &runs[1].id).await.unwrap();
@@ -375,7 +382,13 @@ async fn gapless_swaps_under_load() {
     for w in workers {
         failures.extend(w.await.unwrap());
     }
-    assert!(failures.is_empty(), "{} failed requests (of {} ok), first: {:?}", failures.len(), ok.load(Ordering::Relaxed), &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} failed requests (of {} ok), first: {:?}",
+        failures.len(),
+        ok.load(Ordering::Relaxed),
+        &failures[..failures.len().min(5)]
+    );
     assert!(ok.load(Ordering::Relaxed) > 100, "the load loop barely ran");
     h.engine.shutdown().await;
 }

@@ -155,8 +155,14 @@ pub struct ReferencedArtifacts {
 pub trait VersionStore: Send + Sync {
     /// The agent's deployment, created on first call with `name` and a slug made unique from
     /// `base_slug` (`app`, `app-2`, `app-3`, …). Later calls return the stored one unchanged.
-    fn ensure_deployment(&self, agent_id: &str, id: &str, name: &str, base_slug: &str, now: Millis)
-        -> Result<DeploymentRecord>;
+    fn ensure_deployment(
+        &self,
+        agent_id: &str,
+        id: &str,
+        name: &str,
+        base_slug: &str,
+        now: Millis,
+    ) -> Result<DeploymentRecord>;
     fn get_deployment(&self, agent_id: &str) -> Result<Option<DeploymentRecord>>;
     fn list_deployments(&self) -> Result<Vec<DeploymentRecord>>;
 
@@ -167,12 +173,22 @@ pub trait VersionStore: Send + Sync {
 
     /// Allocates the next version number, inserts the version, points `active_version` at it
     /// and appends the route change — all in one transaction.
-    fn create_version(&self, deployment_id: &str, new: &NewVersion, switch: &RouteSwitch, now: Millis)
-        -> Result<VersionRecord>;
+    fn create_version(
+        &self,
+        deployment_id: &str,
+        new: &NewVersion,
+        switch: &RouteSwitch,
+        now: Millis,
+    ) -> Result<VersionRecord>;
     /// Points `active_version` at `to` (an existing version, or `None` when production has
     /// nothing to serve) and appends the route change, in one transaction.
-    fn switch_route(&self, deployment_id: &str, to: Option<i64>, switch: &RouteSwitch, now: Millis)
-        -> Result<RouteChange>;
+    fn switch_route(
+        &self,
+        deployment_id: &str,
+        to: Option<i64>,
+        switch: &RouteSwitch,
+        now: Millis,
+    ) -> Result<RouteChange>;
     /// Newest first.
     fn list_versions(&self, agent_id: &str, limit: u64) -> Result<Vec<VersionRecord>>;
     fn get_version(&self, agent_id: &str, version_number: i64) -> Result<Option<VersionRecord>>;
@@ -225,7 +241,8 @@ fn release_from_row(r: &Row<'_>) -> rusqlite::Result<(ReleaseRecord, String)> {
 }
 
 fn finish_release((mut rel, kind): (ReleaseRecord, String)) -> Result<ReleaseRecord> {
-    rel.kind = ReleaseKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("unknown release kind {kind:?}")))?;
+    rel.kind =
+        ReleaseKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("unknown release kind {kind:?}")))?;
     Ok(rel)
 }
 
@@ -305,14 +322,21 @@ fn insert_route_change(
     switch: &RouteSwitch,
     now: Millis,
 ) -> Result<RouteChange> {
-    tx.execute(
-        "UPDATE deployments SET active_version = ?2, updated_at = ?3 WHERE id = ?1",
-        params![dep.id, to, now],
-    )?;
+    tx.execute("UPDATE deployments SET active_version = ?2, updated_at = ?3 WHERE id = ?1", params![dep.id, to, now])?;
     tx.execute(
         "INSERT INTO route_changes (deployment_id, agent_id, host, from_version, to_version, reason, operator, note, \
          created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        params![dep.id, dep.agent_id, switch.host, dep.active_version, to, switch.reason, switch.operator, switch.note, now],
+        params![
+            dep.id,
+            dep.agent_id,
+            switch.host,
+            dep.active_version,
+            to,
+            switch.reason,
+            switch.operator,
+            switch.note,
+            now
+        ],
     )?;
     let id = tx.last_insert_rowid();
     Ok(RouteChange {
@@ -341,7 +365,11 @@ impl VersionStore for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let existing = tx
-            .query_row(&format!("SELECT {DEPLOYMENT_COLS} FROM deployments WHERE agent_id = ?1"), [agent_id], deployment_from_row)
+            .query_row(
+                &format!("SELECT {DEPLOYMENT_COLS} FROM deployments WHERE agent_id = ?1"),
+                [agent_id],
+                deployment_from_row,
+            )
             .optional()?;
         if let Some(d) = existing {
             return Ok(d);
@@ -377,7 +405,11 @@ impl VersionStore for SqliteStore {
     fn get_deployment(&self, agent_id: &str) -> Result<Option<DeploymentRecord>> {
         Ok(self
             .conn()
-            .query_row(&format!("SELECT {DEPLOYMENT_COLS} FROM deployments WHERE agent_id = ?1"), [agent_id], deployment_from_row)
+            .query_row(
+                &format!("SELECT {DEPLOYMENT_COLS} FROM deployments WHERE agent_id = ?1"),
+                [agent_id],
+                deployment_from_row,
+            )
             .optional()?)
     }
 
@@ -458,7 +490,9 @@ impl VersionStore for SqliteStore {
         // this version were later lost.
         tx.execute("UPDATE deployments SET next_version = ?2 WHERE id = ?1", params![deployment_id, next + 1])?;
         tx.execute(
-            &format!("INSERT INTO versions ({VERSION_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+            &format!(
+                "INSERT INTO versions ({VERSION_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+            ),
             params![
                 deployment_id,
                 dep.agent_id,
@@ -492,11 +526,21 @@ impl VersionStore for SqliteStore {
         })
     }
 
-    fn switch_route(&self, deployment_id: &str, to: Option<i64>, switch: &RouteSwitch, now: Millis) -> Result<RouteChange> {
+    fn switch_route(
+        &self,
+        deployment_id: &str,
+        to: Option<i64>,
+        switch: &RouteSwitch,
+        now: Millis,
+    ) -> Result<RouteChange> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let dep = tx
-            .query_row(&format!("SELECT {DEPLOYMENT_COLS} FROM deployments WHERE id = ?1"), [deployment_id], deployment_from_row)
+            .query_row(
+                &format!("SELECT {DEPLOYMENT_COLS} FROM deployments WHERE id = ?1"),
+                [deployment_id],
+                deployment_from_row,
+            )
             .optional()?
             .ok_or_else(|| not_found("deployment", deployment_id))?;
         if let Some(n) = to {
@@ -555,8 +599,9 @@ impl VersionStore for SqliteStore {
 
     fn route_history(&self, agent_id: &str, limit: u64) -> Result<Vec<RouteChange>> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare(&format!("SELECT {ROUTE_COLS} FROM route_changes WHERE agent_id = ?1 ORDER BY id DESC LIMIT ?2"))?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {ROUTE_COLS} FROM route_changes WHERE agent_id = ?1 ORDER BY id DESC LIMIT ?2"
+        ))?;
         let rows = stmt
             .query_map(params![agent_id, limit.min(i64::MAX as u64) as i64], route_from_row)?
             .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -649,3 +694,94 @@ CREATE TABLE route_changes (
 );
 CREATE INDEX route_changes_by_agent ON route_changes (agent_id, id);
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Agent, Store};
+
+    fn spec(agent: &str) -> DeploymentSpec {
+        DeploymentSpec { agent_id: agent.into(), name: "shop".into(), ..placeholder_spec() }
+    }
+
+    fn release(agent: &str, id: &str) -> ReleaseRecord {
+        ReleaseRecord {
+            id: id.into(),
+            agent_id: agent.into(),
+            run_id: None,
+            content_hash: "c".repeat(64),
+            artifact_sha256: "d".repeat(64),
+            artifact_path: "x".into(),
+            kind: ReleaseKind::Static,
+            static_dir: Some("dist".into()),
+            spa_fallback: true,
+            start_command: "true".into(),
+            runtime_port: 3000,
+            file_count: 2,
+            size_bytes: 10,
+            created_at: 1,
+        }
+    }
+
+    #[test]
+    fn slugs_are_unique_numbers_monotonic_and_history_kept() {
+        let s = SqliteStore::open_in_memory().unwrap();
+        for a in ["agt-a", "agt-b"] {
+            s.insert_agent(&Agent { id: a.into(), name: a.into(), created_at: 1 }).unwrap();
+        }
+        let a = s.ensure_deployment("agt-a", "dep-a", "Shop", "shop", 1).unwrap();
+        let b = s.ensure_deployment("agt-b", "dep-b", "Shop", "shop", 1).unwrap();
+        assert_eq!((a.slug.as_str(), b.slug.as_str()), ("shop", "shop-2"));
+        // Fixed once created.
+        assert_eq!(s.ensure_deployment("agt-a", "dep-x", "Other", "other", 2).unwrap(), a);
+
+        s.insert_release(&release("agt-a", "rel-1")).unwrap();
+        assert_eq!(s.get_release("agt-a", "rel-1").unwrap().unwrap(), release("agt-a", "rel-1"));
+        let new = NewVersion {
+            release_id: "rel-1".into(),
+            run_id: None,
+            snapshot_hash: None,
+            release_hash: "c".repeat(64),
+            spec: spec("agt-a"),
+            operator: Some("tok-1".into()),
+            note: None,
+            origin: "deploy".into(),
+        };
+        let sw = |reason: &str| RouteSwitch {
+            host: "shop.localhost".into(),
+            reason: reason.into(),
+            operator: None,
+            note: None,
+        };
+        let v1 = s.create_version("dep-a", &new, &sw("deploy"), 10).unwrap();
+        let v2 = s.create_version("dep-a", &new, &sw("deploy"), 11).unwrap();
+        assert_eq!((v1.version_number, v2.version_number), (1, 2));
+        assert_eq!(s.get_version("agt-a", 1).unwrap().unwrap().spec.name, "shop");
+        assert!(s.get_version("agt-b", 1).unwrap().is_none(), "another agent's versions are not visible");
+        s.switch_route("dep-a", Some(1), &sw("rollback"), 12).unwrap();
+        assert!(matches!(s.switch_route("dep-a", Some(9), &sw("rollback"), 13), Err(StoreError::NotFound { .. })));
+        assert_eq!(s.get_deployment("agt-a").unwrap().unwrap().active_version, Some(1));
+        let v3 = s.create_version("dep-a", &new, &sw("promote"), 14).unwrap();
+        assert_eq!(v3.version_number, 3);
+        let listed: Vec<i64> = s.list_versions("agt-a", 10).unwrap().iter().map(|v| v.version_number).collect();
+        assert_eq!(listed, [3, 2, 1]);
+        let moves: Vec<_> = s
+            .route_history("agt-a", 10)
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.from_version, c.to_version, c.reason))
+            .collect();
+        assert_eq!(
+            moves,
+            [
+                (Some(1), Some(3), "promote".to_string()),
+                (Some(2), Some(1), "rollback".to_string()),
+                (Some(1), Some(2), "deploy".to_string()),
+                (None, Some(1), "deploy".to_string()),
+            ]
+        );
+        let refs = s.referenced_artifacts().unwrap();
+        assert!(refs.releases["agt-a"].contains(&"c".repeat(64)));
+        assert_eq!(s.schema_version().unwrap() >= 2, true);
+    }
+}

@@ -72,7 +72,8 @@ fn deploy_prod_versions_rollback_and_promote_from_the_cli() {
     assert_eq!(get(&env.server.app, &host, "/version.txt"), (200, "v2".to_string()));
 
     let list = cli(&["--json", "versions"]).json();
-    let numbers: Vec<i64> = list["versions"].as_array().unwrap().iter().map(|v| v["versionNumber"].as_i64().unwrap()).collect();
+    let numbers: Vec<i64> =
+        list["versions"].as_array().unwrap().iter().map(|v| v["versionNumber"].as_i64().unwrap()).collect();
     assert_eq!(numbers, [2, 1], "newest first");
     assert_eq!(list["versions"][0]["active"], true);
     assert_eq!(list["versions"][1]["warm"], true);
@@ -109,7 +110,8 @@ fn deploy_prod_versions_rollback_and_promote_from_the_cli() {
     let one = cli(&["versions", "3"]);
     assert!(one.ok().contains("origin    promote") && one.stdout.contains(&run_id), "{one:#?}");
     let history = cli(&["--json", "versions", "--history"]).json();
-    let reasons: Vec<&str> = history["changes"].as_array().unwrap().iter().map(|c| c["reason"].as_str().unwrap()).collect();
+    let reasons: Vec<&str> =
+        history["changes"].as_array().unwrap().iter().map(|c| c["reason"].as_str().unwrap()).collect();
     assert_eq!(reasons, ["promote", "rollback", "rollback", "deploy", "deploy"]);
     assert_eq!(history["changes"][2]["note"], "v2 is broken");
 }

@@ -13,9 +13,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::AgentAccess;
-use crate::dto::{
-    DeploymentDto, RollbackDto, RouteChangeInput, RouteHistoryDto, VersionDto, VersionListDto,
-};
+use crate::dto::{DeploymentDto, RollbackDto, RouteChangeInput, RouteHistoryDto, VersionDto, VersionListDto};
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::extract::{ApiPath, ApiQuery};
 use crate::state::AppState;
@@ -49,9 +47,10 @@ impl From<ProductionError> for ApiError {
 }
 
 fn engine(state: &AppState) -> Result<&Engine, ApiError> {
-    state.engine.as_ref().ok_or_else(|| {
-        ApiError::with_message(ErrorCode::Unavailable, "this server was started without a run engine")
-    })
+    state
+        .engine
+        .as_ref()
+        .ok_or_else(|| ApiError::with_message(ErrorCode::Unavailable, "this server was started without a run engine"))
 }
 
 fn deployment_dto(engine: &Engine, d: DeploymentRecord) -> DeploymentDto {
@@ -126,9 +125,8 @@ pub async fn list_versions(
     let engine = engine(&state)?;
     let agent = access.agent.id.clone();
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let (dep, versions) = state
-        .store(move |s| Ok((s.get_deployment(&agent)?, s.list_versions(&agent, limit)?)))
-        .await?;
+    let (dep, versions) =
+        state.store(move |s| Ok((s.get_deployment(&agent)?, s.list_versions(&agent, limit)?))).await?;
     let live = engine.live_versions(&access.agent.id).await;
     let active = dep.as_ref().and_then(|d| d.active_version);
     Ok(Json(VersionListDto {
@@ -167,14 +165,19 @@ pub async fn rollback(
     let note = note_of(&body)?;
     let engine = engine(&state)?;
     let agent = access.agent.id.clone();
-    let gate = crate::routes::gates::ActionGate::check(&state, &access, &headers, slipway_trust::GatedAction::Rollback, format!("version:{n}")).await?;
+    let gate = crate::routes::gates::ActionGate::check(
+        &state,
+        &access,
+        &headers,
+        slipway_trust::GatedAction::Rollback,
+        format!("version:{n}"),
+    )
+    .await?;
     let out = engine.rollback(&agent, Some(n), Some(access.caller.token_id.clone()), note).await;
     gate.finish(&state, &access.caller, "rollback", &out).await;
     let out = out?;
-    let dep = engine
-        .deployment(&agent)
-        .await?
-        .ok_or_else(|| ApiError::internal("deployment vanished after a rollback"))?;
+    let dep =
+        engine.deployment(&agent).await?.ok_or_else(|| ApiError::internal("deployment vanished after a rollback"))?;
     let live = engine.live_versions(&agent).await;
     Ok(Json(RollbackDto {
         production_url: engine.production_url(&dep.slug),
@@ -211,7 +214,14 @@ pub async fn promote(
     let note = note_of(&body)?;
     let engine = engine(&state)?;
     let agent = access.agent.id.clone();
-    let gate = crate::routes::gates::ActionGate::check(&state, &access, &headers, slipway_trust::GatedAction::Promote, format!("run:{raw}")).await?;
+    let gate = crate::routes::gates::ActionGate::check(
+        &state,
+        &access,
+        &headers,
+        slipway_trust::GatedAction::Promote,
+        format!("run:{raw}"),
+    )
+    .await?;
     let v = engine.promote(&agent, &raw, Some(access.caller.token_id.clone()), note).await;
     gate.finish(&state, &access.caller, "promote", &v).await;
     let v = v?;

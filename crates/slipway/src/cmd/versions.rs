@@ -75,7 +75,8 @@ pub fn versions(global: &GlobalArgs, args: &VersionsArgs) -> anyhow::Result<()> 
     }
     let list: Value = client.get(&format!("{base}/versions"))?;
     if let Some(n) = args.number {
-        let Some(v) = list["versions"].as_array().and_then(|a| a.iter().find(|v| v["versionNumber"] == n)).cloned() else {
+        let Some(v) = list["versions"].as_array().and_then(|a| a.iter().find(|v| v["versionNumber"] == n)).cloned()
+        else {
             bail!("version {n} not found");
         };
         if global.json {
@@ -84,7 +85,10 @@ pub fn versions(global: &GlobalArgs, args: &VersionsArgs) -> anyhow::Result<()> 
         let s = |k: &str| v[k].as_str().unwrap_or("-").to_string();
         println!("version   {n}{}", if v["active"] == true { " (active)" } else { "" });
         println!("url       {}", list["deployment"]["productionUrl"].as_str().unwrap_or("-"));
-        println!("instance  {}", if v["warm"] == true { "running" } else { "stopped (a rollback boots it from its release)" });
+        println!(
+            "instance  {}",
+            if v["warm"] == true { "running" } else { "stopped (a rollback boots it from its release)" }
+        );
         println!("origin    {}", s("origin"));
         println!("run       {}", s("runId"));
         println!("release   {} ({})", s("releaseHash"), s("releaseId"));
@@ -105,7 +109,10 @@ pub fn versions(global: &GlobalArgs, args: &VersionsArgs) -> anyhow::Result<()> 
             return Ok(());
         }
     }
-    println!("{:>7}  {:<6}  {:<7}  {:<20}  {:<22}  {:<12}  NOTE", "VERSION", "STATE", "ORIGIN", "CREATED", "RUN", "RELEASE");
+    println!(
+        "{:>7}  {:<6}  {:<7}  {:<20}  {:<22}  {:<12}  NOTE",
+        "VERSION", "STATE", "ORIGIN", "CREATED", "RUN", "RELEASE"
+    );
     for v in list["versions"].as_array().cloned().unwrap_or_default() {
         let state = if v["active"] == true {
             "active"
@@ -193,8 +200,5 @@ pub fn promote(global: &GlobalArgs, args: &PromoteArgs) -> anyhow::Result<()> {
 /// The request failed or there is no deployment yet.
 pub fn production_url(client: &Client, base: &str) -> anyhow::Result<String> {
     let list: Value = client.get(&format!("{base}/versions"))?;
-    list["deployment"]["productionUrl"]
-        .as_str()
-        .map(str::to_string)
-        .context("the agent has no production deployment")
+    list["deployment"]["productionUrl"].as_str().map(str::to_string).context("the agent has no production deployment")
 }
