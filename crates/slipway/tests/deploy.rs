@@ -1,49 +1,8 @@
 //! `slipway deploy` end to end: the real binary, a real server, real sandboxes, real HTTP.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::util::*;
-
-/// Sandboxes need root, namespaces and cgroups. Skip loudly without them — fail under CI.
-fn sandboxes_available() -> bool {
-    match slipway_sandbox::check_support() {
-        Ok(()) => true,
-        Err(e) => {
-            if std::env::var_os("CI").is_some() {
-                panic!("sandboxes are required in CI but unavailable: {e}");
-            }
-            eprintln!("SKIPPED (needs root, namespaces and cgroups): {e}");
-            false
-        }
-    }
-}
-
-fn write(dir: &Path, files: &[(&str, &str)]) {
-    for (name, body) in files {
-        let p = dir.join(name);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, body).unwrap();
-    }
-}
-
-/// GET through the app listener with a given Host header.
-fn get(app: &str, host: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let addr = app.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).unwrap();
-    let status = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
-}
-
-fn host_of(url: &str) -> String {
-    url.trim_start_matches("http://").split(['/', ':']).next().unwrap().to_string()
-}
 
 #[test]
 fn deploy_a_static_site_then_redeploy_without_reupload() {

@@ -3,7 +3,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,28 +11,6 @@ use serde_json::Value;
 use tungstenite::client::IntoClientRequest;
 
 use crate::util::*;
-
-/// Sandboxes need root, namespaces and cgroups. Skip loudly without them — fail under CI.
-fn sandboxes_available() -> bool {
-    match slipway_sandbox::check_support() {
-        Ok(()) => true,
-        Err(e) => {
-            if std::env::var_os("CI").is_some() {
-                panic!("sandboxes are required in CI but unavailable: {e}");
-            }
-            eprintln!("SKIPPED (needs root, namespaces and cgroups): {e}");
-            false
-        }
-    }
-}
-
-fn write(dir: &Path, files: &[(&str, &str)]) {
-    for (name, body) in files {
-        let p = dir.join(name);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, body).unwrap();
-    }
-}
 
 /// An app whose build runs `build` and whose server prints nothing (so that the log is exactly
 /// the pipeline's when the run is ready).

@@ -6,62 +6,9 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::util::*;
-
-fn sandboxes_available() -> bool {
-    match slipway_sandbox::check_support() {
-        Ok(()) => true,
-        Err(e) => {
-            if std::env::var_os("CI").is_some() {
-                panic!("sandboxes are required in CI but unavailable: {e}");
-            }
-            eprintln!("SKIPPED (needs root, namespaces and cgroups): {e}");
-            false
-        }
-    }
-}
-
-fn write(dir: &Path, files: &[(&str, &str)]) {
-    for (name, body) in files {
-        let p = dir.join(name);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, body).unwrap();
-    }
-}
-
-fn get(app: &str, host: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let addr = app.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).unwrap();
-    let status = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
-fn host_of(url: &str) -> String {
-    url.trim_start_matches("http://")
-        .split(['/', ':'])
-        .next()
-        .unwrap()
-        .to_string()
-}
 
 fn flip_byte(path: &Path) {
     let mut bytes = std::fs::read(path).unwrap();
