@@ -177,7 +177,17 @@ pub fn run_unprivileged(name: &str) -> bool {
         panic!("{name}: still root in the unprivileged child");
     }
     use std::os::unix::process::CommandExt;
-    let exe = std::env::current_exe().unwrap();
+    // The build directory may sit under a path `nobody` cannot traverse (a 0700 home or CI
+    // work dir): run a copy of the test binary from a world-readable temporary directory.
+    let exe = {
+        let dir = tempfile::Builder::new().prefix("slipway-unprivileged-").tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let copy = dir.path().join("tests");
+        fs::copy(std::env::current_exe().unwrap(), &copy).unwrap();
+        fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).unwrap();
+        (dir, copy)
+    };
+    let (_exe_dir, exe) = exe;
     let out = std::process::Command::new(&exe)
         .args([name, "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, "1")
