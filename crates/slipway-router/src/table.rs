@@ -214,7 +214,9 @@ pub(crate) struct RouteEntry {
     pub(crate) in_flight: Arc<InFlight>,
 }
 
-type Table = HashMap<String, Arc<RouteEntry>>;
+/// A persistent (structurally shared) map: a writer's copy costs O(1) and its insert O(log n),
+/// so switching one route stays cheap however many hosts the table holds.
+type Table = imbl::HashMap<String, Arc<RouteEntry>>;
 
 /// The app-traffic router: a routing table plus the settings of its listener. Share it as
 /// `Arc<Router>` between [`crate::serve`] and the engine.
@@ -229,7 +231,7 @@ impl Router {
     /// An empty table: every host answers 404 until routes are set.
     pub fn new(config: RouterConfig) -> Self {
         Self {
-            table: ArcSwap::from_pointee(HashMap::new()),
+            table: ArcSwap::from_pointee(Table::new()),
             writer: Mutex::new(()),
             config,
         }
@@ -287,7 +289,7 @@ impl Router {
             .collect::<Result<Vec<_>, RouteError>>()?;
         let _writer = self.lock_writer();
         let current = self.table.load_full();
-        let mut next = Table::with_capacity(routes.len());
+        let mut next = Table::new();
         for (key, route) in routes {
             let entry = match current.get(&key) {
                 Some(old) if old.route.same_as(&route) => Arc::clone(old),
