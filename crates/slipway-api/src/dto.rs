@@ -212,7 +212,11 @@ impl From<slipway_store::RunRecord> for RunDto {
     fn from(r: slipway_store::RunRecord) -> Self {
         let base = format!("/api/agents/{}/deployments/{}", r.agent_id, r.id);
         Self {
-            links: RunLinksDto { logs: format!("{base}/logs"), stream: format!("{base}/logs/stream"), self_: base },
+            links: RunLinksDto {
+                logs: format!("{base}/logs"),
+                stream: format!("{base}/logs/stream"),
+                self_: base,
+            },
             id: r.id,
             agent_id: r.agent_id,
             spec_id: r.spec_id,
@@ -253,7 +257,12 @@ pub struct LogLineDto {
 
 impl From<slipway_store::LogLine> for LogLineDto {
     fn from(l: slipway_store::LogLine) -> Self {
-        Self { line: l.line_no, ts: l.ts, stream: l.stream, text: l.text }
+        Self {
+            line: l.line_no,
+            ts: l.ts,
+            stream: l.stream,
+            text: l.text,
+        }
     }
 }
 

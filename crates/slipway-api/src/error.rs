@@ -142,9 +142,7 @@ impl ErrorCode {
             | ErrorCode::SpecNotFound
             | ErrorCode::RunNotFound
             | ErrorCode::SnapshotNotFound
-            | ErrorCode::NotFound => {
-                StatusCode::NOT_FOUND
-            }
+            | ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::InvalidJson => StatusCode::BAD_REQUEST,
             ErrorCode::InvalidSpec | ErrorCode::InvalidRequest | ErrorCode::InvalidSnapshot => {
@@ -240,7 +238,10 @@ impl ApiError {
 
     /// `gate_required`, naming the pending gate opened for the refused action.
     pub fn gate_required(gate_id: impl Into<String>) -> Self {
-        Self { gate_id: Some(gate_id.into()), ..Self::new(ErrorCode::GateRequired) }
+        Self {
+            gate_id: Some(gate_id.into()),
+            ..Self::new(ErrorCode::GateRequired)
+        }
     }
 
     /// An internal error: `detail` goes to the server log only, the client gets the generic

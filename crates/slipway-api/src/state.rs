@@ -90,14 +90,26 @@ impl AppState {
 
     /// Replaces the gate policy and the artifact signer.
     #[must_use]
-    pub fn with_trust(mut self, policy: slipway_trust::TrustPolicy, signer: Option<Arc<slipway_trust::Signer>>) -> Self {
-        self.trust = Arc::new(TrustState { policy, signer, decided: tokio::sync::Notify::new() });
+    pub fn with_trust(
+        mut self,
+        policy: slipway_trust::TrustPolicy,
+        signer: Option<Arc<slipway_trust::Signer>>,
+    ) -> Self {
+        self.trust = Arc::new(TrustState {
+            policy,
+            signer,
+            decided: tokio::sync::Notify::new(),
+        });
         self
     }
 
     /// Attaches the run engine and the artifact store (deployments and snapshots routes).
     #[must_use]
-    pub fn with_engine(mut self, engine: slipway_engine::Engine, artifacts: Arc<slipway_artifacts::LocalArtifactStore>) -> Self {
+    pub fn with_engine(
+        mut self,
+        engine: slipway_engine::Engine,
+        artifacts: Arc<slipway_artifacts::LocalArtifactStore>,
+    ) -> Self {
         self.engine = Some(engine);
         self.artifacts = Some(artifacts);
         self

@@ -24,11 +24,23 @@ const ROUTES: [(&str, &str); 31] = [
     ("get", "/api/agents/{id}/deployments/{runId}/logs/stream"),
     ("get", "/api/events"),
     ("get", "/api/agents/{id}/deployments/snapshots"),
-    ("get", "/api/agents/{id}/deployments/snapshots/{contentHash}"),
-    ("head", "/api/agents/{id}/deployments/snapshots/{contentHash}"),
-    ("put", "/api/agents/{id}/deployments/snapshots/{contentHash}"),
+    (
+        "get",
+        "/api/agents/{id}/deployments/snapshots/{contentHash}",
+    ),
+    (
+        "head",
+        "/api/agents/{id}/deployments/snapshots/{contentHash}",
+    ),
+    (
+        "put",
+        "/api/agents/{id}/deployments/snapshots/{contentHash}",
+    ),
     ("get", "/api/agents/{id}/deployments/versions"),
-    ("post", "/api/agents/{id}/deployments/versions/{versionNumber}/rollback"),
+    (
+        "post",
+        "/api/agents/{id}/deployments/versions/{versionNumber}/rollback",
+    ),
     ("post", "/api/agents/{id}/deployments/{runId}/promote"),
     ("get", "/api/agents/{id}/deployments/routes/history"),
     ("post", "/api/agents/{id}/gates"),

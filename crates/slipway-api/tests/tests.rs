@@ -4,9 +4,9 @@
 mod util;
 
 mod agents;
+mod audit;
 mod errors;
 mod gates;
-mod audit;
 mod openapi;
 mod socket;
 mod spec;

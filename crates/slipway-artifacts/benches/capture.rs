@@ -27,14 +27,21 @@ fn main() {
     if let Some(i) = args.iter().position(|a| a == "--child") {
         return child(&args[i + 1..]);
     }
-    let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5).max(1);
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+        .max(1);
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let want = |what: &str| only.is_empty() || only.split(',').any(|o| o.trim() == what);
     let _tmp;
     let base = match std::env::var_os("BENCH_DIR") {
         Some(d) => PathBuf::from(d),
         None => {
-            _tmp = tempfile::Builder::new().prefix("slipway-bench-").tempdir().expect("temp dir");
+            _tmp = tempfile::Builder::new()
+                .prefix("slipway-bench-")
+                .tempdir()
+                .expect("temp dir");
             _tmp.path().to_path_buf()
         }
     };
@@ -54,21 +61,45 @@ fn main() {
         let dir = base.join("node");
         let t = Instant::now();
         let (files, bytes) = gen_node_tree(&dir);
-        eprintln!("generated node-like tree: {files} files, {:.1} MB in {:.1?}", mb(bytes), t.elapsed());
+        eprintln!(
+            "generated node-like tree: {files} files, {:.1} MB in {:.1?}",
+            mb(bytes),
+            t.elapsed()
+        );
         trees.push(("node-like", dir.clone()));
         if want("node") {
-            capture_rows.push(measure_capture("node-like (≈3,000 files)", &dir, files, bytes, runs, reference, &base));
+            capture_rows.push(measure_capture(
+                "node-like (≈3,000 files)",
+                &dir,
+                files,
+                bytes,
+                runs,
+                reference,
+                &base,
+            ));
         }
     }
     if want("small") || want("memory") {
         let dir = base.join("small");
         let t = Instant::now();
         let (files, bytes) = gen_small_tree(&dir, 100_000, 64, 2048, 1000, 0x5EED_0002);
-        eprintln!("generated small-files tree: {files} files, {:.1} MB in {:.1?}", mb(bytes), t.elapsed());
+        eprintln!(
+            "generated small-files tree: {files} files, {:.1} MB in {:.1?}",
+            mb(bytes),
+            t.elapsed()
+        );
         trees.push(("100k small files", dir.clone()));
         if want("small") {
             let small_runs = runs.min(3);
-            capture_rows.push(measure_capture("100,000 small files", &dir, files, bytes, small_runs, reference, &base));
+            capture_rows.push(measure_capture(
+                "100,000 small files",
+                &dir,
+                files,
+                bytes,
+                small_runs,
+                reference,
+                &base,
+            ));
         }
     }
     if !capture_rows.is_empty() {
@@ -80,7 +111,9 @@ fn main() {
             println!("{}", r.wall());
         }
         println!("\nRatios are medians of per-round ratios (each round runs every variant once, in turn).");
-        println!("\nCPU time (user + sys, all threads and child processes), median; archive sizes:\n");
+        println!(
+            "\nCPU time (user + sys, all threads and child processes), median; archive sizes:\n"
+        );
         println!("| tree | reference | slipway level 1 | slipway level 3 | CPU ratio level 1 | slipway hash only | archive MB (reference / level 1 / level 3) |");
         println!("|---|---:|---:|---:|---:|---:|---:|");
         for r in &capture_rows {
@@ -129,7 +162,12 @@ fn main() {
             for level in [1, 3] {
                 let out = base.join(format!("mem-{level}.tar.zst"));
                 let _ = fs::remove_file(&out);
-                let hwm = run_child(&["capture", dir.to_str().unwrap(), out.to_str().unwrap(), &level.to_string()]);
+                let hwm = run_child(&[
+                    "capture",
+                    dir.to_str().unwrap(),
+                    out.to_str().unwrap(),
+                    &level.to_string(),
+                ]);
                 let _ = fs::remove_file(&out);
                 println!(
                     "| {name} | {files} | {:.1} | {level} | {:.1} MB | {:.1} MB |",
@@ -167,7 +205,9 @@ impl CaptureRow {
         let opt = |s: &Option<Stats>| s.as_ref().map_or("—".to_string(), |s| s.to_string());
         let (r1, r3) = self
             .ratios
-            .map_or(("—".to_string(), "—".to_string()), |(a, b)| (format!("**{a:.2}×**"), format!("{b:.2}×")));
+            .map_or(("—".to_string(), "—".to_string()), |(a, b)| {
+                (format!("**{a:.2}×**"), format!("{b:.2}×"))
+            });
         format!(
             "| {} | {} | {:.1} | {} | {} | {} | {r1} | {r3} | {} | {} |",
             self.name,
@@ -182,10 +222,9 @@ impl CaptureRow {
     }
     fn cpu(&self) -> String {
         let c = |s: &Stats| format!("{:.2} s", s.cpu.as_secs_f64());
-        let ratio = self
-            .reference
-            .as_ref()
-            .map_or("—".to_string(), |r| format!("{:.2}×", self.l1.cpu.as_secs_f64() / r.cpu.as_secs_f64()));
+        let ratio = self.reference.as_ref().map_or("—".to_string(), |r| {
+            format!("{:.2}×", self.l1.cpu.as_secs_f64() / r.cpu.as_secs_f64())
+        });
         format!(
             "| {} | {} | {} | {} | {ratio} | {} | {:.1} / {:.1} / {:.1} |",
             self.name,
@@ -219,7 +258,11 @@ fn rounds(runs: usize, variants: &mut [Variant<'_>]) -> (Vec<Stats>, Vec<Vec<Dur
             cpu[i].push(cpu_time().saturating_sub(c0));
         }
     }
-    let stats = wall.iter().zip(&cpu).map(|(w, c)| Stats::of(w.clone(), c.clone())).collect();
+    let stats = wall
+        .iter()
+        .zip(&cpu)
+        .map(|(w, c)| Stats::of(w.clone(), c.clone()))
+        .collect();
     (stats, wall)
 }
 
@@ -239,7 +282,10 @@ fn measure_capture(
 ) -> CaptureRow {
     let sizes = std::cell::Cell::new([0u64; 3]);
     let slipway = |level: i32, out: PathBuf, slot: Option<usize>| -> Variant<'_> {
-        let o = CaptureOptions { zstd_level: level, ..CaptureOptions::default() };
+        let o = CaptureOptions {
+            zstd_level: level,
+            ..CaptureOptions::default()
+        };
         let sizes = &sizes;
         Box::new(move || {
             let _ = fs::remove_file(&out);
@@ -256,13 +302,26 @@ fn measure_capture(
         })
     };
     if reference {
-        let size_cmd = format!("tar -cf - -C '{}' . | zstd -1 -T0 -q | wc -c", dir.display());
-        let o = Command::new("sh").arg("-c").arg(&size_cmd).output().unwrap();
+        let size_cmd = format!(
+            "tar -cf - -C '{}' . | zstd -1 -T0 -q | wc -c",
+            dir.display()
+        );
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg(&size_cmd)
+            .output()
+            .unwrap();
         let mut s = sizes.get();
-        s[0] = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap_or(0);
+        s[0] = String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
         sizes.set(s);
     }
-    let cmd = format!("tar -cf - -C '{}' . | zstd -1 -T0 -q | sha256sum >/dev/null", dir.display());
+    let cmd = format!(
+        "tar -cf - -C '{}' . | zstd -1 -T0 -q | sha256sum >/dev/null",
+        dir.display()
+    );
     let shm = Path::new("/dev/shm");
     let tmpfs = shm.is_dir();
     let mut variants: Vec<Variant<'_>> = vec![
@@ -275,7 +334,11 @@ fn measure_capture(
         }),
     ];
     if tmpfs {
-        variants.push(slipway(1, shm.join(format!("slipway-bench-{}.tar.zst", std::process::id())), None));
+        variants.push(slipway(
+            1,
+            shm.join(format!("slipway-bench-{}.tar.zst", std::process::id())),
+            None,
+        ));
     }
     if reference {
         variants.push(Box::new(|| {
@@ -290,8 +353,14 @@ fn measure_capture(
     drop(variants);
     let (reference, ratios) = if reference {
         let r = wall.last().unwrap();
-        let paired =
-            |w: &Vec<Duration>| median(w.iter().zip(r).map(|(a, b)| a.as_secs_f64() / b.as_secs_f64()).collect());
+        let paired = |w: &Vec<Duration>| {
+            median(
+                w.iter()
+                    .zip(r)
+                    .map(|(a, b)| a.as_secs_f64() / b.as_secs_f64())
+                    .collect(),
+            )
+        };
         let ratios = (paired(&wall[0]), paired(&wall[1]));
         (stats.pop(), Some(ratios))
     } else {
@@ -316,14 +385,22 @@ fn measure_capture(
 }
 
 fn recapture(name: &str, dir: &Path, runs: usize, base: &Path) {
-    let store_dir = base.join(format!("store-{}", dir.file_name().unwrap().to_string_lossy()));
+    let store_dir = base.join(format!(
+        "store-{}",
+        dir.file_name().unwrap().to_string_lossy()
+    ));
     let cache = base.join("statcache");
     let _ = fs::remove_dir_all(&store_dir);
     let _ = fs::remove_dir_all(&cache);
     let store = LocalArtifactStore::new(&store_dir).unwrap();
-    let opts = CaptureOptions { stat_cache_dir: Some(cache), ..CaptureOptions::default() };
+    let opts = CaptureOptions {
+        stat_cache_dir: Some(cache),
+        ..CaptureOptions::default()
+    };
     let t = Instant::now();
-    let first = store.capture_dir("bench", dir, &opts).expect("first capture");
+    let first = store
+        .capture_dir("bench", dir, &opts)
+        .expect("first capture");
     let first_time = t.elapsed();
     assert!(!first.deduplicated);
     let cap = time(runs, || {
@@ -340,7 +417,10 @@ fn recapture(name: &str, dir: &Path, runs: usize, base: &Path) {
         assert_eq!(h, first.content_hash);
         d
     });
-    println!("| {name} | first `capture_dir` (fills store and cache) | {} | | | |", fmt_d(first_time));
+    println!(
+        "| {name} | first `capture_dir` (fills store and cache) | {} | | | |",
+        fmt_d(first_time)
+    );
     println!(
         "| {name} | `capture_dir`, unchanged, cache on (deduplicated) | **{}** | {}-{} | {} | ≤ 50 ms |",
         fmt_d(cap.median),
@@ -367,7 +447,13 @@ struct Stats {
 
 impl std::fmt::Display for Stats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({}-{})", fmt_d(self.median), fmt_d(self.min), fmt_d(self.max))
+        write!(
+            f,
+            "{} ({}-{})",
+            fmt_d(self.median),
+            fmt_d(self.min),
+            fmt_d(self.max)
+        )
     }
 }
 
@@ -398,7 +484,12 @@ impl Stats {
         wall.sort();
         cpu.sort();
         let n = wall.len();
-        Stats { median: wall[n / 2], min: wall[0], max: wall[n - 1], cpu: cpu[n / 2] }
+        Stats {
+            median: wall[n / 2],
+            min: wall[0],
+            max: wall[n - 1],
+            cpu: cpu[n / 2],
+        }
     }
 }
 
@@ -423,28 +514,43 @@ fn child(args: &[String]) {
     match args.first().map(String::as_str) {
         Some("baseline") => {}
         Some("repeat-hash") => {
-            let threads = std::env::var("BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-            let opts =
-                CaptureOptions { threads, stat_cache_dir: Some(PathBuf::from(&args[2])), ..CaptureOptions::default() };
+            let threads = std::env::var("BENCH_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let opts = CaptureOptions {
+                threads,
+                stat_cache_dir: Some(PathBuf::from(&args[2])),
+                ..CaptureOptions::default()
+            };
             for _ in 0..args[3].parse::<usize>().unwrap() {
                 hash_tree(Path::new(&args[1]), &opts).expect("hash");
             }
         }
         Some("repeat-capture") => {
-            let opts = CaptureOptions { zstd_level: args[3].parse().unwrap(), ..CaptureOptions::default() };
+            let opts = CaptureOptions {
+                zstd_level: args[3].parse().unwrap(),
+                ..CaptureOptions::default()
+            };
             for _ in 0..args[4].parse::<usize>().unwrap() {
                 let _ = fs::remove_file(&args[2]);
                 capture_to_file(Path::new(&args[1]), Path::new(&args[2]), &opts).expect("capture");
             }
         }
         Some("capture") => {
-            let opts = CaptureOptions { zstd_level: args[3].parse().unwrap(), ..CaptureOptions::default() };
+            let opts = CaptureOptions {
+                zstd_level: args[3].parse().unwrap(),
+                ..CaptureOptions::default()
+            };
             capture_to_file(Path::new(&args[1]), Path::new(&args[2]), &opts).expect("capture");
         }
         other => panic!("unknown child mode {other:?}"),
     }
     let status = fs::read_to_string("/proc/self/status").unwrap();
-    let hwm = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).expect("VmHWM in /proc/self/status");
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .expect("VmHWM in /proc/self/status");
     println!("{}", hwm.trim().trim_end_matches(" kB"));
 }
 
@@ -457,7 +563,10 @@ fn run_child(args: &[&str]) -> u64 {
         .output()
         .unwrap();
     assert!(out.status.success(), "child {args:?} failed");
-    String::from_utf8_lossy(&out.stdout).trim().parse().expect("VmHWM in kB")
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("VmHWM in kB")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -634,14 +743,26 @@ fn gen_node_tree(root: &Path) -> (u64, u64) {
         return tree_size(root);
     }
     let mut rng = Rng(0x5EED_0001);
-    let areas =
-        ["src/components", "src/pages", "src/lib", "src/hooks", "src/styles", "src/utils", "src/api", "tests", "docs"];
+    let areas = [
+        "src/components",
+        "src/pages",
+        "src/lib",
+        "src/hooks",
+        "src/styles",
+        "src/utils",
+        "src/api",
+        "tests",
+        "docs",
+    ];
     let exts = ["ts", "tsx", "js", "json", "css", "md"];
     let mut total = 0u64;
     let mut files = 0u64;
-    for (name, size) in
-        [("package.json", 3_000usize), ("package-lock.json", 600_000), ("README.md", 8_000), ("tsconfig.json", 900)]
-    {
+    for (name, size) in [
+        ("package.json", 3_000usize),
+        ("package-lock.json", 600_000),
+        ("README.md", 8_000),
+        ("tsconfig.json", 900),
+    ] {
         let d = text(&mut rng, size);
         write(&root.join(name), &d);
         total += d.len() as u64;
@@ -650,11 +771,18 @@ fn gen_node_tree(root: &Path) -> (u64, u64) {
     for i in 0..2_846u64 {
         let area = areas[rng.below(areas.len() as u64) as usize];
         let sub = rng.below(40);
-        let deeper = if rng.below(3) == 0 { format!("/part{}", rng.below(6)) } else { String::new() };
+        let deeper = if rng.below(3) == 0 {
+            format!("/part{}", rng.below(6))
+        } else {
+            String::new()
+        };
         let ext = exts[rng.below(exts.len() as u64) as usize];
         let size = rng.log_uniform(200, 64_000) as usize;
         let d = text(&mut rng, size);
-        write(&root.join(format!("{area}/mod{sub}{deeper}/file{i}.{ext}")), &d);
+        write(
+            &root.join(format!("{area}/mod{sub}{deeper}/file{i}.{ext}")),
+            &d,
+        );
         total += d.len() as u64;
         files += 1;
     }
@@ -746,7 +874,14 @@ fn tool_version(tool: &str, arg: &str) -> String {
         .arg(arg)
         .output()
         .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").trim().to_string())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
         .unwrap_or_else(|| "missing".into())
 }
 
@@ -760,10 +895,16 @@ fn cpu_model() -> String {
         .lines()
         .find_map(|l| l.strip_prefix("model name"))
         .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string());
-    let sha = if info.contains(" sha_ni") { ", SHA-NI" } else { "" };
+    let sha = if info.contains(" sha_ni") {
+        ", SHA-NI"
+    } else {
+        ""
+    };
     format!("{}{sha}", model.unwrap_or_else(|| "unknown CPU".into()))
 }
 
 fn kernel() -> String {
-    fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| format!("Linux {}", s.trim())).unwrap_or_default()
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| format!("Linux {}", s.trim()))
+        .unwrap_or_default()
 }

@@ -29,7 +29,11 @@ pub enum CaptureError {
     #[error("source files add up to more than the limit of {limit} bytes")]
     TooManyBytes { limit: u64 },
     #[error("symlink {path} -> {target} points outside the source directory (escapes at {via})")]
-    SymlinkEscapes { path: String, target: String, via: String },
+    SymlinkEscapes {
+        path: String,
+        target: String,
+        via: String,
+    },
     #[error("symlink {path} resolves through too many links")]
     SymlinkLoop { path: String },
     #[error("{path} is a {kind}; only regular files, directories and symlinks can be captured")]
@@ -79,18 +83,33 @@ pub fn hash_tree(dir: &Path, opts: &CaptureOptions) -> Result<String, CaptureErr
 /// # Errors
 /// Any [`CaptureError`] guard, [`CaptureError::OutputExists`] when `out` exists, or
 /// [`CaptureError::Write`]. On error no file is left behind.
-pub fn capture_to_file(dir: &Path, out: &Path, opts: &CaptureOptions) -> Result<Captured, CaptureError> {
+pub fn capture_to_file(
+    dir: &Path,
+    out: &Path,
+    opts: &CaptureOptions,
+) -> Result<Captured, CaptureError> {
     if out.symlink_metadata().is_ok() {
-        return Err(CaptureError::OutputExists { path: out.to_path_buf() });
+        return Err(CaptureError::OutputExists {
+            path: out.to_path_buf(),
+        });
     }
     let scan = scan(dir, opts)?;
     let parent = parent_or_dot(out);
-    let werr = |source| CaptureError::Write { path: out.to_path_buf(), source };
-    let tmp = tempfile::Builder::new().prefix(".slipway-capture-").suffix(".partial").tempfile_in(&parent).map_err(werr)?;
+    let werr = |source| CaptureError::Write {
+        path: out.to_path_buf(),
+        source,
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix(".slipway-capture-")
+        .suffix(".partial")
+        .tempfile_in(&parent)
+        .map_err(werr)?;
     let written = write_archive(&scan, tmp.as_file(), opts, out)?;
     tmp.as_file().sync_all().map_err(werr)?;
     if !rename_noreplace(tmp.path(), out).map_err(werr)? {
-        return Err(CaptureError::OutputExists { path: out.to_path_buf() });
+        return Err(CaptureError::OutputExists {
+            path: out.to_path_buf(),
+        });
     }
     // The temp name is gone now; keep the guard from deleting whatever lands there later.
     let _ = tmp.into_temp_path().keep();
@@ -117,11 +136,18 @@ pub(crate) fn load_cache(scan: &Scan, opts: &CaptureOptions) -> StatCache {
 }
 
 pub(crate) fn save_cache(scan: &Scan, opts: &CaptureOptions, hashed: &Hashed) {
-    let Some(dir) = &opts.stat_cache_dir else { return };
+    let Some(dir) = &opts.stat_cache_dir else {
+        return;
+    };
     if hashed.cache_misses == 0 {
         return;
     }
-    let entries = scan.entries.iter().zip(&hashed.keys).zip(&hashed.shas).filter_map(|((e, k), s)| k.map(|k| (e.path.as_str(), k, *s)));
+    let entries = scan
+        .entries
+        .iter()
+        .zip(&hashed.keys)
+        .zip(&hashed.shas)
+        .filter_map(|((e, k), s)| k.map(|k| (e.path.as_str(), k, *s)));
     if let Err(e) = StatCache::save(dir, &scan.root, entries) {
         // The cache only saves work; a capture does not fail because of it.
         tracing::warn!(dir = %dir.display(), error = %e, "could not save the stat cache");
@@ -163,12 +189,18 @@ pub(crate) fn prehash(scan: &Scan, cache: &StatCache) -> Result<Hashed, CaptureE
     let mut misses = 0;
     for (e, (sha, key, miss)) in scan.entries.iter().zip(results) {
         // The scan sorted and de-duplicated the paths.
-        tree.push(&e.path, entry_kind(e), &sha).expect("scan entries are sorted and unique");
+        tree.push(&e.path, entry_kind(e), &sha)
+            .expect("scan entries are sorted and unique");
         shas.push(sha);
         keys.push(key);
         misses += u64::from(miss);
     }
-    Ok(Hashed { shas, keys, content_hash: tree.finish(), cache_misses: misses })
+    Ok(Hashed {
+        shas,
+        keys,
+        content_hash: tree.finish(),
+        cache_misses: misses,
+    })
 }
 
 fn entry_kind(e: &ScanEntry) -> EntryKind {
@@ -181,17 +213,30 @@ fn entry_kind(e: &ScanEntry) -> EntryKind {
 /// Opens a scanned file without following symlinks and checks it is still the file the walk
 /// saw (same inode, size and times), so the content matches the metadata we archive.
 fn open_checked(root: &Root, e: &ScanEntry) -> Result<(File, StatKey), CaptureError> {
-    let ScanKind::File { key, .. } = &e.kind else { unreachable!("only files are opened") };
-    let f = root.open_file(&e.path).map_err(|source| match source.raw_os_error() {
-        Some(libc::ELOOP) | Some(libc::EXDEV) | Some(libc::ENOENT) | Some(libc::ENOTDIR) => {
-            CaptureError::FileChanged { path: e.path.clone() }
-        }
-        _ => CaptureError::Unreadable { path: e.path.clone(), source },
+    let ScanKind::File { key, .. } = &e.kind else {
+        unreachable!("only files are opened")
+    };
+    let f =
+        root.open_file(&e.path)
+            .map_err(|source| match source.raw_os_error() {
+                Some(libc::ELOOP) | Some(libc::EXDEV) | Some(libc::ENOENT)
+                | Some(libc::ENOTDIR) => CaptureError::FileChanged {
+                    path: e.path.clone(),
+                },
+                _ => CaptureError::Unreadable {
+                    path: e.path.clone(),
+                    source,
+                },
+            })?;
+    let meta = f.metadata().map_err(|source| CaptureError::Unreadable {
+        path: e.path.clone(),
+        source,
     })?;
-    let meta = f.metadata().map_err(|source| CaptureError::Unreadable { path: e.path.clone(), source })?;
     let now = StatKey::of(&meta);
     if !meta.is_file() || now != *key {
-        return Err(CaptureError::FileChanged { path: e.path.clone() });
+        return Err(CaptureError::FileChanged {
+            path: e.path.clone(),
+        });
     }
     Ok((f, now))
 }
@@ -199,10 +244,19 @@ fn open_checked(root: &Root, e: &ScanEntry) -> Result<(File, StatKey), CaptureEr
 fn read_some(f: &mut File, buf: &mut [u8], path: &str) -> Result<usize, CaptureError> {
     loop {
         match f.read(buf) {
-            Ok(0) => return Err(CaptureError::FileChanged { path: path.to_string() }),
+            Ok(0) => {
+                return Err(CaptureError::FileChanged {
+                    path: path.to_string(),
+                })
+            }
             Ok(n) => return Ok(n),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(source) => return Err(CaptureError::Unreadable { path: path.to_string(), source }),
+            Err(source) => {
+                return Err(CaptureError::Unreadable {
+                    path: path.to_string(),
+                    source,
+                })
+            }
         }
     }
 }
@@ -327,15 +381,31 @@ fn read_ahead(scan: &Scan, range: Range<usize>) -> Vec<ReadAhead> {
 
 /// Writes the deterministic archive of `scan` to `out` and hashes exactly the bytes archived.
 /// `shown` names the output in errors.
-pub(crate) fn write_archive(scan: &Scan, out: &File, opts: &CaptureOptions, shown: &Path) -> Result<Written, CaptureError> {
+pub(crate) fn write_archive(
+    scan: &Scan,
+    out: &File,
+    opts: &CaptureOptions,
+    shown: &Path,
+) -> Result<Written, CaptureError> {
     let over = AtomicBool::new(false);
-    let sink =
-        Sink { out, hasher: Sha256::new(), count: 0, limit: opts.max_compressed_bytes, over: &over, written_back: 0 };
+    let sink = Sink {
+        out,
+        hasher: Sha256::new(),
+        count: 0,
+        limit: opts.max_compressed_bytes,
+        over: &over,
+        written_back: 0,
+    };
     let io_err = |source: io::Error| {
         if over.load(Ordering::Relaxed) {
-            CaptureError::TooLarge { limit: opts.max_compressed_bytes }
+            CaptureError::TooLarge {
+                limit: opts.max_compressed_bytes,
+            }
         } else {
-            CaptureError::Write { path: shown.to_path_buf(), source }
+            CaptureError::Write {
+                path: shown.to_path_buf(),
+                source,
+            }
         }
     };
     let werr = io_err;
@@ -354,7 +424,10 @@ pub(crate) fn write_archive(scan: &Scan, out: &File, opts: &CaptureOptions, show
         uncompressed: 0,
     };
     let plan = batches(scan);
-    let mut ahead = plan.first().map(|r| read_ahead(scan, r.clone())).unwrap_or_default();
+    let mut ahead = plan
+        .first()
+        .map(|r| read_ahead(scan, r.clone()))
+        .unwrap_or_default();
     for (i, range) in plan.iter().enumerate() {
         let current = std::mem::take(&mut ahead);
         let next = plan.get(i + 1).cloned();
@@ -368,14 +441,26 @@ pub(crate) fn write_archive(scan: &Scan, out: &File, opts: &CaptureOptions, show
     }
     // End of archive: two zero blocks.
     w.enc.write_all(&[0u8; 2 * TAR_BLOCK]).map_err(io_err)?;
-    let ArchiveWriter { enc, tree, shas, keys, uncompressed, .. } = w;
+    let ArchiveWriter {
+        enc,
+        tree,
+        shas,
+        keys,
+        uncompressed,
+        ..
+    } = w;
     let sink = enc.finish().map_err(io_err)?;
     Ok(Written {
         file_count: scan.entries.len() as u64,
         uncompressed_bytes: uncompressed,
         compressed_bytes: sink.count,
         artifact_sha256: hex::encode(sink.hasher.finalize()),
-        hashed: Hashed { shas, keys, content_hash: tree.finish(), cache_misses: scan.entries.len() as u64 },
+        hashed: Hashed {
+            shas,
+            keys,
+            content_hash: tree.finish(),
+            cache_misses: scan.entries.len() as u64,
+        },
     })
 }
 
@@ -401,23 +486,36 @@ impl ArchiveWriter<'_> {
         for (e, pre) in scan.entries[range].iter().zip(ahead) {
             match &e.kind {
                 ScanKind::Symlink { target } => {
-                    write_header(&mut self.enc, &e.path, EntryKind::Symlink, 0, Some(target.as_bytes())).map_err(io_err)?;
+                    write_header(
+                        &mut self.enc,
+                        &e.path,
+                        EntryKind::Symlink,
+                        0,
+                        Some(target.as_bytes()),
+                    )
+                    .map_err(io_err)?;
                     let sha = sha256(target.as_bytes());
-                    self.tree.push(&e.path, EntryKind::Symlink, &sha).expect("scan entries are sorted and unique");
+                    self.tree
+                        .push(&e.path, EntryKind::Symlink, &sha)
+                        .expect("scan entries are sorted and unique");
                     self.shas.push(sha);
                     self.keys.push(None);
                 }
                 ScanKind::File { executable, .. } => {
-                    let kind = EntryKind::File { executable: *executable };
+                    let kind = EntryKind::File {
+                        executable: *executable,
+                    };
                     let (sha, key) = match pre? {
                         Some((data, sha, key)) => {
-                            write_header(&mut self.enc, &e.path, kind, key.size, None).map_err(io_err)?;
+                            write_header(&mut self.enc, &e.path, kind, key.size, None)
+                                .map_err(io_err)?;
                             self.enc.write_all(&data).map_err(io_err)?;
                             (sha, key)
                         }
                         None => {
                             let (mut f, key) = open_checked(&scan.dir, e)?;
-                            write_header(&mut self.enc, &e.path, kind, key.size, None).map_err(io_err)?;
+                            write_header(&mut self.enc, &e.path, kind, key.size, None)
+                                .map_err(io_err)?;
                             let mut h = Sha256::new();
                             let mut left = key.size;
                             while left > 0 {
@@ -431,7 +529,9 @@ impl ArchiveWriter<'_> {
                         }
                     };
                     pad(&mut self.enc, key.size).map_err(io_err)?;
-                    self.tree.push(&e.path, kind, &sha).expect("scan entries are sorted and unique");
+                    self.tree
+                        .push(&e.path, kind, &sha)
+                        .expect("scan entries are sorted and unique");
                     self.shas.push(sha);
                     self.keys.push(Some(key));
                     self.uncompressed += key.size;
@@ -452,7 +552,13 @@ fn pad(w: &mut impl Write, size: u64) -> io::Result<()> {
 
 /// Writes one entry header with fixed metadata: mtime 0, uid/gid 0, no user/group names,
 /// mode 0644/0755 (0777 for symlinks, as `ln -s` makes them).
-fn write_header(w: &mut impl Write, path: &str, kind: EntryKind, size: u64, link: Option<&[u8]>) -> io::Result<()> {
+fn write_header(
+    w: &mut impl Write,
+    path: &str,
+    kind: EntryKind,
+    size: u64,
+    link: Option<&[u8]>,
+) -> io::Result<()> {
     if path.len() > NAME_FIELD {
         write_long_name(w, tar::EntryType::GNULongName, path.as_bytes())?;
     }

@@ -29,7 +29,11 @@ pub struct ExtractOptions {
 
 impl Default for ExtractOptions {
     fn default() -> Self {
-        ExtractOptions { owner: None, max_bytes: 8 << 30, max_entries: 200_000 }
+        ExtractOptions {
+            owner: None,
+            max_bytes: 8 << 30,
+            max_entries: 200_000,
+        }
     }
 }
 
@@ -67,8 +71,14 @@ pub enum ExtractError {
 pub(crate) enum Item<'a> {
     Dir,
     /// The visitor must consume exactly `size` bytes from `data`.
-    File { executable: bool, size: u64, data: &'a mut dyn Read },
-    Symlink { target: String },
+    File {
+        executable: bool,
+        size: u64,
+        data: &'a mut dyn Read,
+    },
+    Symlink {
+        target: String,
+    },
 }
 
 pub(crate) struct Limits {
@@ -77,7 +87,10 @@ pub(crate) struct Limits {
 }
 
 fn bad(path: &[u8], reason: impl Into<String>) -> ExtractError {
-    ExtractError::BadEntry { path: lossy(path), reason: reason.into() }
+    ExtractError::BadEntry {
+        path: lossy(path),
+        reason: reason.into(),
+    }
 }
 
 fn corrupt(e: io::Error) -> ExtractError {
@@ -109,7 +122,9 @@ pub(crate) fn walk<R: Read>(
         }
         entries += 1;
         if entries > limits.max_entries {
-            return Err(ExtractError::TooManyEntries { limit: limits.max_entries });
+            return Err(ExtractError::TooManyEntries {
+                limit: limits.max_entries,
+            });
         }
         let raw = entry.path_bytes().into_owned();
         let is_dir = kind == tar::EntryType::Directory;
@@ -121,7 +136,9 @@ pub(crate) fn walk<R: Read>(
                         PathProblem::Empty => "empty path",
                         PathProblem::Absolute => "absolute path",
                         PathProblem::ParentDir => "path has a '..' component",
-                        PathProblem::NotCanonical => "path is not canonical (empty or '.' component)",
+                        PathProblem::NotCanonical => {
+                            "path is not canonical (empty or '.' component)"
+                        }
                         PathProblem::NotUtf8 => "path is not valid UTF-8",
                     },
                 )
@@ -132,7 +149,10 @@ pub(crate) fn walk<R: Read>(
         for (i, _) in path.match_indices('/') {
             let ancestor = &path[..i];
             if leaves.contains(ancestor) {
-                return Err(bad(&raw, format!("lies beneath {ancestor}, which is a file or symlink")));
+                return Err(bad(
+                    &raw,
+                    format!("lies beneath {ancestor}, which is a file or symlink"),
+                ));
             }
         }
         if leaves.contains(&path) || (!is_dir && dirs.contains(&path)) {
@@ -155,15 +175,27 @@ pub(crate) fn walk<R: Read>(
                 let size = entry.size();
                 total.bytes = total.bytes.saturating_add(size);
                 if total.bytes > limits.max_bytes {
-                    return Err(ExtractError::TooManyBytes { limit: limits.max_bytes });
+                    return Err(ExtractError::TooManyBytes {
+                        limit: limits.max_bytes,
+                    });
                 }
                 let mode = entry.header().mode().map_err(corrupt)?;
                 leaves.insert(path.clone());
                 total.files += 1;
-                visit(&path, Item::File { executable: mode & 0o100 != 0, size, data: &mut entry })?;
+                visit(
+                    &path,
+                    Item::File {
+                        executable: mode & 0o100 != 0,
+                        size,
+                        data: &mut entry,
+                    },
+                )?;
             }
             tar::EntryType::Symlink => {
-                let target = entry.link_name_bytes().map(|t| t.into_owned()).unwrap_or_default();
+                let target = entry
+                    .link_name_bytes()
+                    .map(|t| t.into_owned())
+                    .unwrap_or_default();
                 let target = match String::from_utf8(target) {
                     Ok(t) if !t.is_empty() && !t.contains('\0') => t,
                     Ok(_) => return Err(bad(&raw, "symlink with an empty target")),
@@ -173,8 +205,12 @@ pub(crate) fn walk<R: Read>(
                 total.files += 1;
                 visit(&path, Item::Symlink { target })?;
             }
-            tar::EntryType::Link => return Err(bad(&raw, "hard links are not allowed in a snapshot")),
-            tar::EntryType::Char | tar::EntryType::Block => return Err(bad(&raw, "device files are not allowed")),
+            tar::EntryType::Link => {
+                return Err(bad(&raw, "hard links are not allowed in a snapshot"))
+            }
+            tar::EntryType::Char | tar::EntryType::Block => {
+                return Err(bad(&raw, "device files are not allowed"))
+            }
             tar::EntryType::Fifo => return Err(bad(&raw, "FIFOs are not allowed")),
             other => return Err(bad(&raw, format!("unsupported entry type {other:?}"))),
         }
@@ -193,26 +229,38 @@ pub(crate) fn walk<R: Read>(
             Err(e) => return Err(corrupt(e)),
         };
         if buf[..n].iter().any(|b| *b != 0) {
-            return Err(ExtractError::Corrupt("data after the end of the tar archive".into()));
+            return Err(ExtractError::Corrupt(
+                "data after the end of the tar archive".into(),
+            ));
         }
         trailer += n as u64;
     }
     if trailer > MAX_TRAILER {
-        return Err(ExtractError::Corrupt("too much padding after the end of the tar archive".into()));
+        return Err(ExtractError::Corrupt(
+            "too much padding after the end of the tar archive".into(),
+        ));
     }
     Ok(total)
 }
 
 /// Reads exactly `size` bytes of `data` into `sink`, failing on a short archive.
-pub(crate) fn copy_exact(data: &mut dyn Read, size: u64, sink: &mut impl io::Write, path: &str) -> Result<(), ExtractError> {
+pub(crate) fn copy_exact(
+    data: &mut dyn Read,
+    size: u64,
+    sink: &mut impl io::Write,
+    path: &str,
+) -> Result<(), ExtractError> {
     let copied = io::copy(&mut data.take(size), sink).map_err(|e| match e.kind() {
-        io::ErrorKind::WriteZero | io::ErrorKind::StorageFull => {
-            ExtractError::Io { path: PathBuf::from(path), source: e }
-        }
+        io::ErrorKind::WriteZero | io::ErrorKind::StorageFull => ExtractError::Io {
+            path: PathBuf::from(path),
+            source: e,
+        },
         _ => corrupt(e),
     })?;
     if copied != size {
-        return Err(ExtractError::Corrupt(format!("{path}: archive ends inside the file")));
+        return Err(ExtractError::Corrupt(format!(
+            "{path}: archive ends inside the file"
+        )));
     }
     Ok(())
 }
@@ -225,16 +273,25 @@ pub(crate) fn copy_exact(data: &mut dyn Read, size: u64, sink: &mut impl io::Wri
 ///
 /// # Errors
 /// [`ExtractError::DestinationExists`], a refused entry or limit, or an I/O error.
-pub fn extract(reader: impl Read, dest: &Path, opts: &ExtractOptions) -> Result<Extracted, ExtractError> {
+pub fn extract(
+    reader: impl Read,
+    dest: &Path,
+    opts: &ExtractOptions,
+) -> Result<Extracted, ExtractError> {
     if dest.symlink_metadata().is_ok() {
-        return Err(ExtractError::DestinationExists { path: dest.to_path_buf() });
+        return Err(ExtractError::DestinationExists {
+            path: dest.to_path_buf(),
+        });
     }
     let parent = parent_or_dot(dest);
     let io_at = |path: &Path| {
         let path = path.to_path_buf();
         move |source| ExtractError::Io { path, source }
     };
-    let staging = tempfile::Builder::new().prefix(".slipway-extract-").tempdir_in(&parent).map_err(io_at(&parent))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".slipway-extract-")
+        .tempdir_in(&parent)
+        .map_err(io_at(&parent))?;
     let root = staging.path().to_path_buf();
     let chown = |p: &Path| -> Result<(), ExtractError> {
         if let Some((uid, gid)) = opts.owner {
@@ -246,7 +303,10 @@ pub fn extract(reader: impl Read, dest: &Path, opts: &ExtractOptions) -> Result<
     chown(&root)?;
     let mut made: HashSet<String> = HashSet::new();
     let mut mkdirs = |path: &str, include_self: bool| -> Result<(), ExtractError> {
-        let ends = path.match_indices('/').map(|(i, _)| i).chain(include_self.then_some(path.len()));
+        let ends = path
+            .match_indices('/')
+            .map(|(i, _)| i)
+            .chain(include_self.then_some(path.len()));
         for end in ends {
             let d = &path[..end];
             if made.contains(d) {
@@ -258,8 +318,15 @@ pub fn extract(reader: impl Read, dest: &Path, opts: &ExtractOptions) -> Result<
             let full = root.join(d);
             match fs::create_dir(&full) {
                 Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && full.symlink_metadata().is_ok_and(|m| m.is_dir()) => {}
-                Err(e) => return Err(ExtractError::Io { path: full, source: e }),
+                Err(e)
+                    if e.kind() == io::ErrorKind::AlreadyExists
+                        && full.symlink_metadata().is_ok_and(|m| m.is_dir()) => {}
+                Err(e) => {
+                    return Err(ExtractError::Io {
+                        path: full,
+                        source: e,
+                    })
+                }
             }
             fs::set_permissions(&full, fs::Permissions::from_mode(0o755)).map_err(io_at(&full))?;
             chown(&full)?;
@@ -267,11 +334,18 @@ pub fn extract(reader: impl Read, dest: &Path, opts: &ExtractOptions) -> Result<
         }
         Ok(())
     };
-    let limits = Limits { max_entries: opts.max_entries, max_bytes: opts.max_bytes };
+    let limits = Limits {
+        max_entries: opts.max_entries,
+        max_bytes: opts.max_bytes,
+    };
     let summary = walk(reader, &limits, |path, item| {
         match item {
             Item::Dir => mkdirs(path, true)?,
-            Item::File { executable, size, data } => {
+            Item::File {
+                executable,
+                size,
+                data,
+            } => {
                 mkdirs(path, false)?;
                 let full = root.join(path);
                 let mode = if executable { 0o755 } else { 0o644 };
@@ -284,7 +358,8 @@ pub fn extract(reader: impl Read, dest: &Path, opts: &ExtractOptions) -> Result<
                     .map_err(io_at(&full))?;
                 copy_exact(data, size, &mut f, path)?;
                 // The umask may have cut the mode.
-                f.set_permissions(fs::Permissions::from_mode(mode)).map_err(io_at(&full))?;
+                f.set_permissions(fs::Permissions::from_mode(mode))
+                    .map_err(io_at(&full))?;
                 chown(&full)?;
             }
             Item::Symlink { target } => {
@@ -297,7 +372,9 @@ pub fn extract(reader: impl Read, dest: &Path, opts: &ExtractOptions) -> Result<
         Ok(())
     })?;
     if !rename_noreplace(&root, dest).map_err(io_at(dest))? {
-        return Err(ExtractError::DestinationExists { path: dest.to_path_buf() });
+        return Err(ExtractError::DestinationExists {
+            path: dest.to_path_buf(),
+        });
     }
     // The directory now lives at `dest`; the guard must not remove it.
     let _ = staging.keep();

@@ -30,7 +30,8 @@ const RESOLVE_NO_SYMLINKS: u64 = 0x04;
 const RESOLVE_BENEATH: u64 = 0x08;
 
 fn cstring(bytes: &[u8]) -> io::Result<CString> {
-    CString::new(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+    CString::new(bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
 }
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -46,15 +47,23 @@ impl Root {
     pub(crate) fn open(path: &Path) -> io::Result<Root> {
         let c = cstring(path.as_os_str().as_bytes())?;
         // SAFETY: `c` is a valid NUL-terminated string; the returned fd is checked and owned.
-        let fd = cvt(unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) })?;
+        let fd = cvt(unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        })?;
         // SAFETY: `fd` was just returned by open(2) and nothing else owns it.
-        Ok(Root { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(Root {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
 
     /// Opens the regular file `rel` ('/'-separated, relative) for reading, refusing symlinks in
     /// any component. `O_NONBLOCK` keeps a FIFO swapped in after the walk from hanging the open.
     pub(crate) fn open_file(&self, rel: &str) -> io::Result<File> {
-        let flags = libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK;
+        let flags =
+            libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK;
         let fd = match self.openat2(rel, flags) {
             Err(e) if fallback_wanted(&e) => self.open_by_components(rel, flags)?,
             other => other?,
@@ -77,18 +86,24 @@ impl Root {
                 other => other?,
             })
         };
-        let raw_dir = dir_fd.as_ref().map_or(self.fd.as_raw_fd(), |f| f.as_raw_fd());
+        let raw_dir = dir_fd
+            .as_ref()
+            .map_or(self.fd.as_raw_fd(), |f| f.as_raw_fd());
         let c = cstring(name.as_bytes())?;
         let mut buf = vec![0u8; 4096];
         // SAFETY: `buf` is writable for `buf.len()` bytes and `c` is NUL-terminated.
-        let n = unsafe { libc::readlinkat(raw_dir, c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let n =
+            unsafe { libc::readlinkat(raw_dir, c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
         let n = n as usize;
         if n == buf.len() {
             // PATH_MAX is 4096, so a target this long cannot be used by anything anyway.
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "symlink target is too long"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "symlink target is too long",
+            ));
         }
         buf.truncate(n);
         Ok(buf)
@@ -125,7 +140,10 @@ impl Root {
         let mut current: Option<OwnedFd> = None;
         while let Some(part) = parts.next() {
             if part.is_empty() || part == "." || part == ".." {
-                return Err(io::Error::new(io::ErrorKind::InvalidInput, "path is not canonical"));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "path is not canonical",
+                ));
             }
             let last = parts.peek().is_none();
             let f = if last {
@@ -134,7 +152,9 @@ impl Root {
                 libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC
             };
             let c = cstring(part.as_bytes())?;
-            let dir = current.as_ref().map_or(self.fd.as_raw_fd(), |f| f.as_raw_fd());
+            let dir = current
+                .as_ref()
+                .map_or(self.fd.as_raw_fd(), |f| f.as_raw_fd());
             // SAFETY: `dir` is an open directory fd and `c` is NUL-terminated.
             let fd = cvt(unsafe { libc::openat(dir, c.as_ptr(), f) })?;
             // SAFETY: fresh fd from openat(2).
@@ -146,7 +166,10 @@ impl Root {
 
 /// openat2 is missing (old kernel) or filtered (seccomp): use the per-component walk.
 fn fallback_wanted(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EPERM) | Some(libc::E2BIG))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOSYS) | Some(libc::EPERM) | Some(libc::E2BIG)
+    )
 }
 
 /// Renames `from` to `to` unless `to` exists. Returns `false` (and leaves `from` alone) when
@@ -156,7 +179,13 @@ pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<bool> {
     let b = cstring(to.as_os_str().as_bytes())?;
     // SAFETY: both strings are valid and NUL-terminated.
     let ret = unsafe {
-        libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_NOREPLACE)
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
     };
     if ret == 0 {
         return Ok(true);
@@ -183,7 +212,12 @@ pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<bool> {
 pub(crate) fn start_writeback(f: &File, offset: u64, len: u64) {
     // SAFETY: plain syscall on an open fd; failure only loses the head start.
     unsafe {
-        libc::sync_file_range(f.as_raw_fd(), offset as libc::off64_t, len as libc::off64_t, libc::SYNC_FILE_RANGE_WRITE);
+        libc::sync_file_range(
+            f.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
     }
 }
 

@@ -19,7 +19,14 @@ use crate::CaptureOptions;
 
 /// Ignore rules applied before `.slipwayignore` (which can re-include with `!pattern`).
 /// Directory-only patterns so a file called `build` (a script, say) is kept.
-pub const DEFAULT_IGNORES: &[&str] = &[".git", "node_modules/", "**/.next/cache/", "dist/", "build/", "*.log"];
+pub const DEFAULT_IGNORES: &[&str] = &[
+    ".git",
+    "node_modules/",
+    "**/.next/cache/",
+    "dist/",
+    "build/",
+    "*.log",
+];
 
 /// Name of the per-tree ignore file, read from the root only, gitignore syntax.
 pub const IGNORE_FILE: &str = ".slipwayignore";
@@ -55,18 +62,33 @@ pub(crate) fn scan(dir: &Path, opts: &CaptureOptions) -> Result<Scan, CaptureErr
     let root = match dir.canonicalize() {
         Ok(r) => r,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(CaptureError::SourceMissing { path: dir.to_path_buf() })
+            return Err(CaptureError::SourceMissing {
+                path: dir.to_path_buf(),
+            })
         }
-        Err(source) => return Err(CaptureError::Unreadable { path: dir.display().to_string(), source }),
+        Err(source) => {
+            return Err(CaptureError::Unreadable {
+                path: dir.display().to_string(),
+                source,
+            })
+        }
     };
     if !root.is_dir() {
-        return Err(CaptureError::NotADirectory { path: dir.to_path_buf() });
+        return Err(CaptureError::NotADirectory {
+            path: dir.to_path_buf(),
+        });
     }
-    let root_dir = Root::open(&root).map_err(|source| CaptureError::Unreadable { path: dir.display().to_string(), source })?;
+    let root_dir = Root::open(&root).map_err(|source| CaptureError::Unreadable {
+        path: dir.display().to_string(),
+        source,
+    })?;
     let matcher = Arc::new(ignore_matcher(&root, &root_dir)?);
 
     let mut builder = WalkBuilder::new(&root);
-    builder.standard_filters(false).follow_links(false).threads(opts.threads());
+    builder
+        .standard_filters(false)
+        .follow_links(false)
+        .threads(opts.threads());
     let m = matcher.clone();
     builder.filter_entry(move |e: &DirEntry| {
         let is_dir = e.file_type().is_some_and(|t| t.is_dir());
@@ -82,8 +104,15 @@ pub(crate) fn scan(dir: &Path, opts: &CaptureOptions) -> Result<Scan, CaptureErr
         bytes: AtomicU64::new(0),
         opts,
     };
-    builder.build_parallel().visit(&mut VisitorBuilder { shared: &shared });
-    let Shared { error, entries, bytes, .. } = shared;
+    builder
+        .build_parallel()
+        .visit(&mut VisitorBuilder { shared: &shared });
+    let Shared {
+        error,
+        entries,
+        bytes,
+        ..
+    } = shared;
     if let Some(e) = error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
@@ -91,7 +120,12 @@ pub(crate) fn scan(dir: &Path, opts: &CaptureOptions) -> Result<Scan, CaptureErr
     entries.sort_unstable_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
     check_links(&entries)?;
     let total_bytes = bytes.into_inner();
-    Ok(Scan { root, dir: root_dir, entries, total_bytes })
+    Ok(Scan {
+        root,
+        dir: root_dir,
+        entries,
+        total_bytes,
+    })
 }
 
 /// The defaults plus the root's `.slipwayignore`, read without following a symlink (an agent
@@ -100,9 +134,13 @@ fn ignore_matcher(root: &Path, root_dir: &Root) -> Result<Gitignore, CaptureErro
     let mut b = GitignoreBuilder::new(root);
     for line in DEFAULT_IGNORES {
         // The defaults are fixed, valid globs.
-        b.add_line(None, line).expect("default ignore patterns are valid");
+        b.add_line(None, line)
+            .expect("default ignore patterns are valid");
     }
-    let bad = |message: String| CaptureError::BadIgnoreFile { path: IGNORE_FILE.to_string(), message };
+    let bad = |message: String| CaptureError::BadIgnoreFile {
+        path: IGNORE_FILE.to_string(),
+        message,
+    };
     match root_dir.open_file(IGNORE_FILE) {
         Ok(f) => {
             let meta = f.metadata().map_err(|e| bad(e.to_string()))?;
@@ -113,14 +151,19 @@ fn ignore_matcher(root: &Path, root_dir: &Root) -> Result<Gitignore, CaptureErro
                 return Err(bad(format!("larger than {MAX_IGNORE_FILE} bytes")));
             }
             let mut text = String::new();
-            f.take(MAX_IGNORE_FILE).read_to_string(&mut text).map_err(|e| bad(e.to_string()))?;
+            f.take(MAX_IGNORE_FILE)
+                .read_to_string(&mut text)
+                .map_err(|e| bad(e.to_string()))?;
             let from = Some(root.join(IGNORE_FILE));
             for (n, line) in text.lines().enumerate() {
-                b.add_line(from.clone(), line).map_err(|e| bad(format!("line {}: {e}", n + 1)))?;
+                b.add_line(from.clone(), line)
+                    .map_err(|e| bad(format!("line {}: {e}", n + 1)))?;
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::EXDEV) => {
+        Err(e)
+            if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::EXDEV) =>
+        {
             return Err(bad("is a symlink".into()))
         }
         Err(e) => return Err(bad(e.to_string())),
@@ -140,7 +183,11 @@ fn check_links(entries: &[ScanEntry]) -> Result<(), CaptureError> {
         match check_link(path, target, &links) {
             Ok(()) => {}
             Err(LinkProblem::Escapes { via }) => {
-                return Err(CaptureError::SymlinkEscapes { path: path.clone(), target: target.clone(), via })
+                return Err(CaptureError::SymlinkEscapes {
+                    path: path.clone(),
+                    target: target.clone(),
+                    via,
+                })
             }
             Err(LinkProblem::Loop) => return Err(CaptureError::SymlinkLoop { path: path.clone() }),
         }
@@ -167,7 +214,11 @@ impl Shared<'_> {
         WalkState::Quit
     }
 
-    fn visit(&self, result: Result<DirEntry, ignore::Error>, out: &mut Vec<ScanEntry>) -> WalkState {
+    fn visit(
+        &self,
+        result: Result<DirEntry, ignore::Error>,
+        out: &mut Vec<ScanEntry>,
+    ) -> WalkState {
         let entry = match result {
             Ok(e) => e,
             Err(e) => return self.fail(walk_error(e, &self.root)),
@@ -175,15 +226,27 @@ impl Shared<'_> {
         if entry.depth() == 0 {
             return WalkState::Continue;
         }
-        let Some(ft) = entry.file_type() else { return WalkState::Continue };
+        let Some(ft) = entry.file_type() else {
+            return WalkState::Continue;
+        };
         if ft.is_dir() {
             return WalkState::Continue;
         }
-        let rel = match entry.path().strip_prefix(&self.root).ok().and_then(|p| p.to_str()) {
+        let rel = match entry
+            .path()
+            .strip_prefix(&self.root)
+            .ok()
+            .and_then(|p| p.to_str())
+        {
             Some(r) => r.to_string(),
             None => {
-                let shown = entry.path().strip_prefix(&self.root).unwrap_or(entry.path());
-                return self.fail(CaptureError::NonUtf8Path { path: shown.to_path_buf() });
+                let shown = entry
+                    .path()
+                    .strip_prefix(&self.root)
+                    .unwrap_or(entry.path());
+                return self.fail(CaptureError::NonUtf8Path {
+                    path: shown.to_path_buf(),
+                });
             }
         };
         let kind = if ft.is_file() {
@@ -193,9 +256,14 @@ impl Shared<'_> {
             };
             let total = self.bytes.fetch_add(meta.len(), Ordering::Relaxed) + meta.len();
             if total > self.opts.max_uncompressed_bytes {
-                return self.fail(CaptureError::TooManyBytes { limit: self.opts.max_uncompressed_bytes });
+                return self.fail(CaptureError::TooManyBytes {
+                    limit: self.opts.max_uncompressed_bytes,
+                });
             }
-            ScanKind::File { executable: meta.mode() & 0o100 != 0, key: StatKey::of(&meta) }
+            ScanKind::File {
+                executable: meta.mode() & 0o100 != 0,
+                key: StatKey::of(&meta),
+            }
         } else if ft.is_symlink() {
             let target = match self.dir.read_link(&rel) {
                 Ok(t) => t,
@@ -203,8 +271,19 @@ impl Shared<'_> {
             };
             match String::from_utf8(target) {
                 Ok(t) if !t.is_empty() => ScanKind::Symlink { target: t },
-                Ok(_) => return self.fail(CaptureError::SymlinkEscapes { path: rel.clone(), target: String::new(), via: rel }),
-                Err(e) => return self.fail(CaptureError::NonUtf8Target { path: rel, target: lossy(e.as_bytes()) }),
+                Ok(_) => {
+                    return self.fail(CaptureError::SymlinkEscapes {
+                        path: rel.clone(),
+                        target: String::new(),
+                        via: rel,
+                    })
+                }
+                Err(e) => {
+                    return self.fail(CaptureError::NonUtf8Target {
+                        path: rel,
+                        target: lossy(e.as_bytes()),
+                    })
+                }
             }
         } else {
             let what = if ft.is_fifo() {
@@ -216,11 +295,16 @@ impl Shared<'_> {
             } else {
                 "special file"
             };
-            return self.fail(CaptureError::SpecialFile { path: rel, kind: what });
+            return self.fail(CaptureError::SpecialFile {
+                path: rel,
+                kind: what,
+            });
         };
         let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
         if n > self.opts.max_files {
-            return self.fail(CaptureError::TooManyFiles { limit: self.opts.max_files });
+            return self.fail(CaptureError::TooManyFiles {
+                limit: self.opts.max_files,
+            });
         }
         out.push(ScanEntry { path: rel, kind });
         WalkState::Continue
@@ -242,7 +326,9 @@ fn walk_error(e: ignore::Error, root: &Path) -> CaptureError {
                 });
                 cur = err;
             }
-            ignore::Error::WithDepth { err, .. } | ignore::Error::WithLineNumber { err, .. } => cur = err,
+            ignore::Error::WithDepth { err, .. } | ignore::Error::WithLineNumber { err, .. } => {
+                cur = err
+            }
             ignore::Error::Io(io) => {
                 return CaptureError::Unreadable {
                     path: path.unwrap_or_default(),
@@ -265,7 +351,10 @@ struct VisitorBuilder<'s, 'a> {
 
 impl<'s, 'a: 's> ParallelVisitorBuilder<'s> for VisitorBuilder<'s, 'a> {
     fn build(&mut self) -> Box<dyn ParallelVisitor + 's> {
-        Box::new(Visitor { shared: self.shared, out: Vec::new() })
+        Box::new(Visitor {
+            shared: self.shared,
+            out: Vec::new(),
+        })
     }
 }
 
@@ -283,7 +372,11 @@ impl ParallelVisitor for Visitor<'_, '_> {
 
 impl Drop for Visitor<'_, '_> {
     fn drop(&mut self) {
-        let mut all = self.shared.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all = self
+            .shared
+            .entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         all.append(&mut self.out);
     }
 }

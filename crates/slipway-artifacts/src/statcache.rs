@@ -30,8 +30,14 @@ impl StatKey {
     pub(crate) fn of(m: &fs::Metadata) -> StatKey {
         StatKey {
             size: m.size(),
-            mtime_ns: m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec()),
-            ctime_ns: m.ctime().saturating_mul(1_000_000_000).saturating_add(m.ctime_nsec()),
+            mtime_ns: m
+                .mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(m.mtime_nsec()),
+            ctime_ns: m
+                .ctime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(m.ctime_nsec()),
             ino: m.ino(),
             dev: m.dev(),
         }
@@ -46,12 +52,21 @@ pub(crate) struct StatCache {
 
 impl StatCache {
     pub(crate) fn empty() -> StatCache {
-        StatCache { entries: HashMap::new(), trusted_before_ns: i64::MIN }
+        StatCache {
+            entries: HashMap::new(),
+            trusted_before_ns: i64::MIN,
+        }
     }
 
     #[cfg(test)]
-    pub(crate) fn with_entries(entries: HashMap<String, (StatKey, [u8; 32])>, trusted_before_ns: i64) -> StatCache {
-        StatCache { entries, trusted_before_ns }
+    pub(crate) fn with_entries(
+        entries: HashMap<String, (StatKey, [u8; 32])>,
+        trusted_before_ns: i64,
+    ) -> StatCache {
+        StatCache {
+            entries,
+            trusted_before_ns,
+        }
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -117,8 +132,14 @@ impl StatCache {
             r = &r[32..];
             entries.insert(path, (key, sha));
         }
-        let trusted_before_ns = meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec());
-        Ok(StatCache { entries, trusted_before_ns })
+        let trusted_before_ns = meta
+            .mtime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(meta.mtime_nsec());
+        Ok(StatCache {
+            entries,
+            trusted_before_ns,
+        })
     }
 
     /// The cached sha256 of `path`, when its stat fields are unchanged and it is not racy.
@@ -150,11 +171,14 @@ impl StatCache {
         }
         body[8..16].copy_from_slice(&count.to_le_bytes());
         let sum = Sha256::digest(&body);
-        let mut tmp = tempfile::Builder::new().prefix(".statcache-").tempfile_in(dir)?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".statcache-")
+            .tempfile_in(dir)?;
         tmp.write_all(&body)?;
         tmp.write_all(&sum)?;
         tmp.as_file().sync_data()?;
-        tmp.persist(Self::file_for(dir, root)).map_err(|e| e.error)?;
+        tmp.persist(Self::file_for(dir, root))
+            .map_err(|e| e.error)?;
         Ok(())
     }
 }
@@ -173,7 +197,13 @@ mod tests {
     use super::*;
 
     fn key(mtime_ns: i64) -> StatKey {
-        StatKey { size: 5, mtime_ns, ctime_ns: mtime_ns, ino: 7, dev: 1 }
+        StatKey {
+            size: 5,
+            mtime_ns,
+            ctime_ns: mtime_ns,
+            ino: 7,
+            dev: 1,
+        }
     }
 
     #[test]
@@ -194,8 +224,14 @@ mod tests {
         m.insert("f".to_string(), (key(100), [1u8; 32]));
         let c = StatCache::with_entries(m, 1_000);
         for changed in [
-            StatKey { size: 6, ..key(100) },
-            StatKey { ctime_ns: 101, ..key(100) },
+            StatKey {
+                size: 6,
+                ..key(100)
+            },
+            StatKey {
+                ctime_ns: 101,
+                ..key(100)
+            },
             StatKey { ino: 8, ..key(100) },
             StatKey { dev: 2, ..key(100) },
             key(99),

@@ -36,13 +36,17 @@ pub enum StoreError {
 
 /// True for 64 lowercase hex characters.
 pub fn is_content_hash(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn check_agent(agent: &str) -> Result<(), StoreError> {
     let ok = !agent.is_empty()
         && agent.len() <= 64
-        && agent.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        && agent
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
     if ok {
         Ok(())
     } else {
@@ -79,7 +83,12 @@ pub trait ArtifactStore: Send + Sync {
     ///
     /// # Errors
     /// An invalid name or an I/O error.
-    fn publish(&self, agent: &str, hash: &str, staged: tempfile::TempPath) -> Result<bool, StoreError>;
+    fn publish(
+        &self,
+        agent: &str,
+        hash: &str,
+        staged: tempfile::TempPath,
+    ) -> Result<bool, StoreError>;
 }
 
 /// The artifact store on the local file system.
@@ -95,7 +104,10 @@ impl LocalArtifactStore {
     /// The directory cannot be created.
     pub fn new(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(&root)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&root)?;
         Ok(LocalArtifactStore { root })
     }
 
@@ -123,7 +135,10 @@ impl LocalArtifactStore {
             .recursive(true)
             .mode(0o700)
             .create(&dir)
-            .map_err(|source| StoreError::Io { path: dir.clone(), source })?;
+            .map_err(|source| StoreError::Io {
+                path: dir.clone(),
+                source,
+            })?;
         Ok(dir)
     }
 
@@ -140,7 +155,9 @@ impl LocalArtifactStore {
         let path = self.path(agent, hash)?;
         File::open(&path).map_err(|source| {
             if source.kind() == io::ErrorKind::NotFound {
-                StoreError::NotFound { hash: hash.to_string() }
+                StoreError::NotFound {
+                    hash: hash.to_string(),
+                }
             } else {
                 StoreError::Io { path, source }
             }
@@ -153,7 +170,12 @@ impl LocalArtifactStore {
     ///
     /// # Errors
     /// Any capture guard, or a store error.
-    pub fn capture_dir(&self, agent: &str, dir: &Path, opts: &CaptureOptions) -> Result<Captured, CaptureError> {
+    pub fn capture_dir(
+        &self,
+        agent: &str,
+        dir: &Path,
+        opts: &CaptureOptions,
+    ) -> Result<Captured, CaptureError> {
         let agent_dir = self.agent_dir(agent)?;
         let scan = scan(dir, opts)?;
         let cache = load_cache(&scan, opts);
@@ -161,11 +183,23 @@ impl LocalArtifactStore {
             let hashed = prehash(&scan, &cache)?;
             if self.contains(agent, &hashed.content_hash) {
                 save_cache(&scan, opts, &hashed);
-                return Ok(self.existing(agent, &hashed.content_hash, scan.entries.len() as u64, scan.total_bytes)?);
+                return Ok(self.existing(
+                    agent,
+                    &hashed.content_hash,
+                    scan.entries.len() as u64,
+                    scan.total_bytes,
+                )?);
             }
         }
-        let werr = |source| CaptureError::Write { path: agent_dir.clone(), source };
-        let tmp = tempfile::Builder::new().prefix(".capture-").suffix(".partial").tempfile_in(&agent_dir).map_err(werr)?;
+        let werr = |source| CaptureError::Write {
+            path: agent_dir.clone(),
+            source,
+        };
+        let tmp = tempfile::Builder::new()
+            .prefix(".capture-")
+            .suffix(".partial")
+            .tempfile_in(&agent_dir)
+            .map_err(werr)?;
         let written = write_archive(&scan, tmp.as_file(), opts, &agent_dir)?;
         tmp.as_file().sync_all().map_err(werr)?;
         let hash = written.hashed.content_hash.clone();
@@ -180,18 +214,37 @@ impl LocalArtifactStore {
     ///
     /// # Errors
     /// [`UploadError`]: too large, a refused entry, a hash mismatch, or I/O.
-    pub fn verify_upload(&self, agent: &str, claimed: &str, body: impl Read, opts: &CaptureOptions) -> Result<Captured, UploadError> {
+    pub fn verify_upload(
+        &self,
+        agent: &str,
+        claimed: &str,
+        body: impl Read,
+        opts: &CaptureOptions,
+    ) -> Result<Captured, UploadError> {
         check_hash(claimed)?;
         let dir = self.agent_dir(agent)?;
         let (staged, captured) = verify_into(&dir, claimed, body, opts)?;
         let fresh = self.publish(agent, claimed, staged)?;
-        Ok(Captured { artifact_path: self.path(agent, claimed)?, deduplicated: !fresh, ..captured })
+        Ok(Captured {
+            artifact_path: self.path(agent, claimed)?,
+            deduplicated: !fresh,
+            ..captured
+        })
     }
 
     /// The description of an artifact the store already has.
-    fn existing(&self, agent: &str, hash: &str, file_count: u64, uncompressed: u64) -> Result<Captured, StoreError> {
+    fn existing(
+        &self,
+        agent: &str,
+        hash: &str,
+        file_count: u64,
+        uncompressed: u64,
+    ) -> Result<Captured, StoreError> {
         let path = self.path(agent, hash)?;
-        let ioerr = |source| StoreError::Io { path: path.clone(), source };
+        let ioerr = |source| StoreError::Io {
+            path: path.clone(),
+            source,
+        };
         let mut f = File::open(&path).map_err(ioerr)?;
         let size = f.metadata().map_err(ioerr)?.len();
         let mut h = Sha256::new();
@@ -224,7 +277,11 @@ impl LocalArtifactStore {
     pub fn release_path(&self, agent: &str, hash: &str) -> Result<PathBuf, StoreError> {
         check_agent(agent)?;
         check_hash(hash)?;
-        Ok(self.root.join(agent).join("releases").join(format!("{hash}.tar.zst")))
+        Ok(self
+            .root
+            .join(agent)
+            .join("releases")
+            .join(format!("{hash}.tar.zst")))
     }
 
     /// The agent's release directory, created on first use; stage release archives here so the
@@ -238,7 +295,10 @@ impl LocalArtifactStore {
             .recursive(true)
             .mode(0o700)
             .create(&dir)
-            .map_err(|source| StoreError::Io { path: dir.clone(), source })?;
+            .map_err(|source| StoreError::Io {
+                path: dir.clone(),
+                source,
+            })?;
         Ok(dir)
     }
 
@@ -255,7 +315,9 @@ impl LocalArtifactStore {
         let path = self.release_path(agent, hash)?;
         File::open(&path).map_err(|source| {
             if source.kind() == io::ErrorKind::NotFound {
-                StoreError::NotFound { hash: hash.to_string() }
+                StoreError::NotFound {
+                    hash: hash.to_string(),
+                }
             } else {
                 StoreError::Io { path, source }
             }
@@ -267,9 +329,17 @@ impl LocalArtifactStore {
     ///
     /// # Errors
     /// An invalid name or an I/O error.
-    pub fn publish_release(&self, agent: &str, hash: &str, staged: tempfile::TempPath) -> Result<bool, StoreError> {
+    pub fn publish_release(
+        &self,
+        agent: &str,
+        hash: &str,
+        staged: tempfile::TempPath,
+    ) -> Result<bool, StoreError> {
         let dest = self.release_path(agent, hash)?;
-        let ioerr = |source| StoreError::Io { path: dest.clone(), source };
+        let ioerr = |source| StoreError::Io {
+            path: dest.clone(),
+            source,
+        };
         if !rename_noreplace(&staged, &dest).map_err(ioerr)? {
             return Ok(false);
         }
@@ -288,9 +358,17 @@ impl ArtifactStore for LocalArtifactStore {
         Ok(Box::new(self.open(agent, hash)?))
     }
 
-    fn publish(&self, agent: &str, hash: &str, staged: tempfile::TempPath) -> Result<bool, StoreError> {
+    fn publish(
+        &self,
+        agent: &str,
+        hash: &str,
+        staged: tempfile::TempPath,
+    ) -> Result<bool, StoreError> {
         let dest = self.path(agent, hash)?;
-        let ioerr = |source| StoreError::Io { path: dest.clone(), source };
+        let ioerr = |source| StoreError::Io {
+            path: dest.clone(),
+            source,
+        };
         if !rename_noreplace(&staged, &dest).map_err(ioerr)? {
             return Ok(false);
         }

@@ -57,10 +57,17 @@ impl TreeHasher {
     ///
     /// # Errors
     /// [`OutOfOrder`] when `path` is not strictly greater than the previous path.
-    pub fn push(&mut self, path: &str, kind: EntryKind, content_sha256: &[u8; 32]) -> Result<(), OutOfOrder> {
+    pub fn push(
+        &mut self,
+        path: &str,
+        kind: EntryKind,
+        content_sha256: &[u8; 32],
+    ) -> Result<(), OutOfOrder> {
         if let Some(last) = &self.last {
             if path.as_bytes() <= last.as_bytes() {
-                return Err(OutOfOrder { path: path.to_string() });
+                return Err(OutOfOrder {
+                    path: path.to_string(),
+                });
             }
         }
         let mut hex_buf = [0u8; 64];
@@ -92,7 +99,9 @@ impl TreeHasher {
 ///
 /// # Errors
 /// [`OutOfOrder`] when two entries share a path.
-pub fn content_hash<'a>(entries: impl IntoIterator<Item = (&'a str, EntryKind, [u8; 32])>) -> Result<String, OutOfOrder> {
+pub fn content_hash<'a>(
+    entries: impl IntoIterator<Item = (&'a str, EntryKind, [u8; 32])>,
+) -> Result<String, OutOfOrder> {
     let mut v: Vec<_> = entries.into_iter().collect();
     v.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     let mut h = TreeHasher::new();
@@ -153,14 +162,20 @@ pub(crate) const MAX_LINK_HOPS: usize = 40;
 /// Resolves the symlink at `link_path` with `target` lexically inside the tree, following other
 /// symlinks of the tree (`links`: path → target) on the way. The tree on disk is never
 /// consulted: what counts is the snapshot, which is all the sandbox will see.
-pub(crate) fn check_link(link_path: &str, target: &str, links: &HashMap<String, String>) -> Result<(), LinkProblem> {
+pub(crate) fn check_link(
+    link_path: &str,
+    target: &str,
+    links: &HashMap<String, String>,
+) -> Result<(), LinkProblem> {
     let mut stack: Vec<&str> = link_path.split('/').collect();
     stack.pop();
     let mut pending: Vec<&str> = Vec::new();
     let mut via = link_path;
     push_components(&mut pending, target);
     if target.starts_with('/') {
-        return Err(LinkProblem::Escapes { via: via.to_string() });
+        return Err(LinkProblem::Escapes {
+            via: via.to_string(),
+        });
     }
     let mut hops = 0usize;
     let mut joined = String::new();
@@ -169,7 +184,9 @@ pub(crate) fn check_link(link_path: &str, target: &str, links: &HashMap<String, 
             "" | "." => {}
             ".." => {
                 if stack.pop().is_none() {
-                    return Err(LinkProblem::Escapes { via: via.to_string() });
+                    return Err(LinkProblem::Escapes {
+                        via: via.to_string(),
+                    });
                 }
             }
             name => {
@@ -211,7 +228,10 @@ mod tests {
     use super::*;
 
     fn links(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     /// The worked example of docs/snapshots.md. If this fails, fix the doc and this test
@@ -221,10 +241,15 @@ mod tests {
         let hello = sha256(b"hello\n");
         let run = sha256(b"#!/bin/sh\necho hi\n");
         let link = sha256(b"README.md");
-        assert_eq!(hex::encode(hello), "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03");
+        assert_eq!(
+            hex::encode(hello),
+            "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"
+        );
         let mut h = TreeHasher::new();
-        h.push("README.md", EntryKind::File { executable: false }, &hello).unwrap();
-        h.push("bin/run", EntryKind::File { executable: true }, &run).unwrap();
+        h.push("README.md", EntryKind::File { executable: false }, &hello)
+            .unwrap();
+        h.push("bin/run", EntryKind::File { executable: true }, &run)
+            .unwrap();
         h.push("docs/readme", EntryKind::Symlink, &link).unwrap();
         let doc_hash = include_str!("../../../docs/snapshots.md")
             .lines()
@@ -254,13 +279,18 @@ mod tests {
         let a = content_hash([("b", EntryKind::Symlink, z), ("a", EntryKind::Symlink, z)]).unwrap();
         let b = content_hash([("a", EntryKind::Symlink, z), ("b", EntryKind::Symlink, z)]).unwrap();
         assert_eq!(a, b);
-        assert!(content_hash([("a", EntryKind::Symlink, z), ("a", EntryKind::Symlink, z)]).is_err());
+        assert!(
+            content_hash([("a", EntryKind::Symlink, z), ("a", EntryKind::Symlink, z)]).is_err()
+        );
     }
 
     #[test]
     fn path_rules() {
         assert_eq!(check_path(b"a/b.txt", false), Ok("a/b.txt"));
-        assert_eq!(check_path(b"/etc/passwd", false), Err(PathProblem::Absolute));
+        assert_eq!(
+            check_path(b"/etc/passwd", false),
+            Err(PathProblem::Absolute)
+        );
         assert_eq!(check_path(b"a/../../x", false), Err(PathProblem::ParentDir));
         assert_eq!(check_path(b"..", false), Err(PathProblem::ParentDir));
         assert_eq!(check_path(b"./a", false), Err(PathProblem::NotCanonical));
@@ -277,23 +307,41 @@ mod tests {
         assert_eq!(check_link("a/b", "../c", &l), Ok(()));
         assert_eq!(check_link("x", "lib/b", &l), Ok(()));
         assert_eq!(check_link("self", ".", &l), Ok(()));
-        assert_eq!(check_link("d/e", "../../d", &l), Err(LinkProblem::Escapes { via: "d/e".into() }));
+        assert_eq!(
+            check_link("d/e", "../../d", &l),
+            Err(LinkProblem::Escapes { via: "d/e".into() })
+        );
     }
 
     #[test]
     fn escapes_are_found() {
         let l = links(&[("x", "/etc/passwd")]);
-        assert!(matches!(check_link("x", "/etc/passwd", &l), Err(LinkProblem::Escapes { .. })));
-        assert!(matches!(check_link("x", "../../outside", &links(&[])), Err(LinkProblem::Escapes { .. })));
+        assert!(matches!(
+            check_link("x", "/etc/passwd", &l),
+            Err(LinkProblem::Escapes { .. })
+        ));
+        assert!(matches!(
+            check_link("x", "../../outside", &links(&[])),
+            Err(LinkProblem::Escapes { .. })
+        ));
         // a -> b, b -> .. : a escapes through b.
         let l = links(&[("a", "b"), ("b", "..")]);
-        assert_eq!(check_link("a", "b", &l), Err(LinkProblem::Escapes { via: "b".into() }));
+        assert_eq!(
+            check_link("a", "b", &l),
+            Err(LinkProblem::Escapes { via: "b".into() })
+        );
         // Through a link to an absolute path.
         let l = links(&[("etc", "/etc"), ("p", "etc/passwd")]);
-        assert_eq!(check_link("p", "etc/passwd", &l), Err(LinkProblem::Escapes { via: "etc".into() }));
+        assert_eq!(
+            check_link("p", "etc/passwd", &l),
+            Err(LinkProblem::Escapes { via: "etc".into() })
+        );
         // A deep link climbing out through a link that points to the root's parent directory.
         let l = links(&[("d/up", "../.."), ("q", "d/up/x")]);
-        assert!(matches!(check_link("q", "d/up/x", &l), Err(LinkProblem::Escapes { .. })));
+        assert!(matches!(
+            check_link("q", "d/up/x", &l),
+            Err(LinkProblem::Escapes { .. })
+        ));
     }
 
     #[test]

@@ -25,7 +25,11 @@ pub enum UploadError {
     #[error("the archive's content hashes to {actual}, not to the claimed {claimed}")]
     HashMismatch { claimed: String, actual: String },
     #[error("symlink {path} -> {target} points outside the snapshot (escapes at {via})")]
-    SymlinkEscapes { path: String, target: String, via: String },
+    SymlinkEscapes {
+        path: String,
+        target: String,
+        via: String,
+    },
     #[error("symlink {path} resolves through too many links")]
     SymlinkLoop { path: String },
     #[error(transparent)]
@@ -49,13 +53,18 @@ impl UploadError {
             self,
             UploadError::TooLarge { .. }
                 | UploadError::TooManyFiles { .. }
-                | UploadError::Archive(ExtractError::TooManyBytes { .. } | ExtractError::TooManyEntries { .. })
+                | UploadError::Archive(
+                    ExtractError::TooManyBytes { .. } | ExtractError::TooManyEntries { .. }
+                )
         )
     }
 
     /// The client sent something unacceptable (as opposed to a server-side failure).
     pub fn is_client_error(&self) -> bool {
-        !matches!(self, UploadError::Stage { .. } | UploadError::Store(StoreError::Io { .. }))
+        !matches!(
+            self,
+            UploadError::Stage { .. } | UploadError::Store(StoreError::Io { .. })
+        )
     }
 }
 
@@ -67,8 +76,15 @@ pub(crate) fn verify_into(
     mut body: impl Read,
     opts: &CaptureOptions,
 ) -> Result<(tempfile::TempPath, Captured), UploadError> {
-    let stage_err = |source| UploadError::Stage { path: dir.to_path_buf(), source };
-    let mut tmp = tempfile::Builder::new().prefix(".upload-").suffix(".partial").tempfile_in(dir).map_err(stage_err)?;
+    let stage_err = |source| UploadError::Stage {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".upload-")
+        .suffix(".partial")
+        .tempfile_in(dir)
+        .map_err(stage_err)?;
     let mut archive_sha = Sha256::new();
     let mut size = 0u64;
     let mut buf = vec![0u8; 256 * 1024];
@@ -81,7 +97,9 @@ pub(crate) fn verify_into(
         };
         size += n as u64;
         if size > opts.max_compressed_bytes {
-            return Err(UploadError::TooLarge { limit: opts.max_compressed_bytes });
+            return Err(UploadError::TooLarge {
+                limit: opts.max_compressed_bytes,
+            });
         }
         archive_sha.update(&buf[..n]);
         tmp.write_all(&buf[..n]).map_err(stage_err)?;
@@ -90,36 +108,59 @@ pub(crate) fn verify_into(
     let file: &mut File = tmp.as_file_mut();
     file.rewind().map_err(stage_err)?;
 
-    let limits = Limits { max_entries: opts.max_files.saturating_mul(4).max(1024), max_bytes: opts.max_uncompressed_bytes };
+    let limits = Limits {
+        max_entries: opts.max_files.saturating_mul(4).max(1024),
+        max_bytes: opts.max_uncompressed_bytes,
+    };
     let mut records: Vec<(String, EntryKind, [u8; 32])> = Vec::new();
     let mut links: HashMap<String, String> = HashMap::new();
     let summary = walk(io::BufReader::new(&*file), &limits, |path, item| {
         match item {
             Item::Dir => {}
-            Item::File { executable, size, data } => {
+            Item::File {
+                executable,
+                size,
+                data,
+            } => {
                 let mut h = Sha256::new();
                 copy_exact(data, size, &mut h, path)?;
-                records.push((path.to_string(), EntryKind::File { executable }, h.finalize().into()));
+                records.push((
+                    path.to_string(),
+                    EntryKind::File { executable },
+                    h.finalize().into(),
+                ));
             }
             Item::Symlink { target } => {
-                records.push((path.to_string(), EntryKind::Symlink, sha256(target.as_bytes())));
+                records.push((
+                    path.to_string(),
+                    EntryKind::Symlink,
+                    sha256(target.as_bytes()),
+                ));
                 links.insert(path.to_string(), target);
             }
         }
         if records.len() as u64 > opts.max_files {
-            return Err(ExtractError::TooManyEntries { limit: opts.max_files });
+            return Err(ExtractError::TooManyEntries {
+                limit: opts.max_files,
+            });
         }
         Ok(())
     })
     .map_err(|e| match e {
-        ExtractError::TooManyEntries { limit } if limit == opts.max_files => UploadError::TooManyFiles { limit },
+        ExtractError::TooManyEntries { limit } if limit == opts.max_files => {
+            UploadError::TooManyFiles { limit }
+        }
         other => UploadError::Archive(other),
     })?;
     for (path, target) in &links {
         match check_link(path, target, &links) {
             Ok(()) => {}
             Err(LinkProblem::Escapes { via }) => {
-                return Err(UploadError::SymlinkEscapes { path: path.clone(), target: target.clone(), via })
+                return Err(UploadError::SymlinkEscapes {
+                    path: path.clone(),
+                    target: target.clone(),
+                    via,
+                })
             }
             Err(LinkProblem::Loop) => return Err(UploadError::SymlinkLoop { path: path.clone() }),
         }
@@ -132,7 +173,10 @@ pub(crate) fn verify_into(
     }
     let actual = tree.finish();
     if actual != claimed {
-        return Err(UploadError::HashMismatch { claimed: claimed.to_string(), actual });
+        return Err(UploadError::HashMismatch {
+            claimed: claimed.to_string(),
+            actual,
+        });
     }
     let captured = Captured {
         content_hash: actual,

@@ -28,26 +28,56 @@ fn worked_example_on_disk_and_from_git() {
         return;
     }
     let doc = docs("snapshots.md");
-    let section = doc.split("### The same hash from a git commit").nth(1).expect("git section in docs/snapshots.md");
-    let script =
-        section.split("```bash\n").nth(1).and_then(|s| s.split("```").next()).expect("bash block in the git section");
+    let section = doc
+        .split("### The same hash from a git commit")
+        .nth(1)
+        .expect("git section in docs/snapshots.md");
+    let script = section
+        .split("```bash\n")
+        .nth(1)
+        .and_then(|s| s.split("```").next())
+        .expect("bash block in the git section");
     let git = |args: &[&str]| {
         let out = Command::new("git")
-            .args(["-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "init.defaultBranch=main"])
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@example.com",
+                "-c",
+                "init.defaultBranch=main",
+            ])
             .args(args)
             .current_dir(&src)
             .output()
             .unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     git(&["init", "-q", "."]);
     git(&["add", "-A"]);
     git(&["commit", "-q", "-m", "snapshot"]);
     // `.git` is ignored by default, so the checkout still captures to the same hash.
     assert_eq!(hash_tree(&src, &opts()).unwrap(), documented);
-    let out = Command::new("bash").arg("-c").arg(script).current_dir(&src).output().unwrap();
-    assert!(out.status.success(), "script failed: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), documented, "script:\n{script}");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .current_dir(&src)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        documented,
+        "script:\n{script}"
+    );
 }
 
 #[test]
@@ -81,7 +111,15 @@ fn hash_is_stable_under_mtime_owner_and_non_exec_permission_changes() {
     assert_eq!(before, oracle_hash(&sample()));
 
     let old = FileTime::from_unix_time(1_000_000_000, 123);
-    for p in ["a.txt", "a/b", "bin/tool", "lib/deep/x/y.js", "empty", "lib", "lib/deep"] {
+    for p in [
+        "a.txt",
+        "a/b",
+        "bin/tool",
+        "lib/deep/x/y.js",
+        "empty",
+        "lib",
+        "lib/deep",
+    ] {
         filetime::set_file_times(src.join(p), old, old).unwrap();
     }
     filetime::set_symlink_file_times(src.join("link"), old, old).unwrap();
@@ -114,7 +152,10 @@ fn hash_is_stable_under_mtime_owner_and_non_exec_permission_changes() {
     assert_eq!(hash_tree(&copy, &opts()).unwrap(), before);
     // Reached through a symlink to the source directory, too.
     std::os::unix::fs::symlink(&src, dir.path().join("via-link")).unwrap();
-    assert_eq!(hash_tree(&dir.path().join("via-link"), &opts()).unwrap(), before);
+    assert_eq!(
+        hash_tree(&dir.path().join("via-link"), &opts()).unwrap(),
+        before
+    );
 }
 
 #[test]
@@ -183,7 +224,9 @@ fn two_captures_of_the_same_tree_are_byte_identical() {
     let src = dir.path().join("src");
     let mut t = sample();
     // Something zstd has to work on, spanning several blocks and a long name.
-    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 & 0x3f).collect();
+    let big: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 & 0x3f)
+        .collect();
     t.insert("assets/big.bin".into(), file(big));
     t.insert(format!("{}/long-name.txt", "d".repeat(120)), exe("x"));
     write_tree(&src, &t);
@@ -210,7 +253,11 @@ fn two_captures_of_the_same_tree_are_byte_identical() {
     for threads in [1, 4] {
         let out = dir.path().join(format!("copy-{threads}.tar.zst"));
         let c = capture_to_file(&copy, &out, &CaptureOptions { threads, ..opts() }).unwrap();
-        assert_eq!(fs::read(&out).unwrap(), bytes_a, "copy captured with {threads} worker(s)");
+        assert_eq!(
+            fs::read(&out).unwrap(),
+            bytes_a,
+            "copy captured with {threads} worker(s)"
+        );
         assert_eq!(c.content_hash, a.content_hash);
     }
 }
@@ -261,16 +308,29 @@ fn archive_has_the_documented_layout() {
     assert_eq!(paths, want, "entries in path-byte order, no directories");
 
     // GNU tar reads it back to the same tree (long names included).
-    let have_tools = Command::new("tar").arg("--version").output().is_ok_and(|o| o.status.success())
-        && Command::new("zstd").arg("--version").output().is_ok_and(|o| o.status.success());
+    let have_tools = Command::new("tar")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+        && Command::new("zstd")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
     if !have_tools {
-        return skip("hash::archive_has_the_documented_layout (GNU tar part)", "tar or zstd binary missing");
+        return skip(
+            "hash::archive_has_the_documented_layout (GNU tar part)",
+            "tar or zstd binary missing",
+        );
     }
     let x = dir.path().join("x");
     fs::create_dir(&x).unwrap();
     let st = Command::new("sh")
         .arg("-c")
-        .arg(format!("zstd -dc '{}' | tar -xf - -C '{}'", out.display(), x.display()))
+        .arg(format!(
+            "zstd -dc '{}' | tar -xf - -C '{}'",
+            out.display(),
+            x.display()
+        ))
         .status()
         .unwrap();
     assert!(st.success());
@@ -284,12 +344,21 @@ fn hash_tree_writes_nothing_but_the_cache() {
     write_tree(&src, &sample());
     let cache = dir.path().join("cache");
     let before = names(&src);
-    hash_tree(&src, &CaptureOptions { stat_cache_dir: Some(cache.clone()), ..opts() }).unwrap();
+    hash_tree(
+        &src,
+        &CaptureOptions {
+            stat_cache_dir: Some(cache.clone()),
+            ..opts()
+        },
+    )
+    .unwrap();
     assert_eq!(names(&src), before);
     // Named after the sha256 of the canonical source path, as documented.
     use sha2::Digest;
     use std::os::unix::ffi::OsStrExt;
-    let key = hex::encode(sha2::Sha256::digest(src.canonicalize().unwrap().as_os_str().as_bytes()));
+    let key = hex::encode(sha2::Sha256::digest(
+        src.canonicalize().unwrap().as_os_str().as_bytes(),
+    ));
     assert_eq!(names(&cache), vec![format!("{key}.statcache")]);
 }
 
@@ -310,10 +379,19 @@ fn tar_stream_is_exactly_the_documented_one() {
             2 => 262_145,
             _ => (i as usize * 37) % 3000,
         };
-        t.insert(path, Node::File { data: noise(size, u64::from(i) + 1), exec: i % 7 == 0 });
+        t.insert(
+            path,
+            Node::File {
+                data: noise(size, u64::from(i) + 1),
+                exec: i % 7 == 0,
+            },
+        );
     }
     t.insert("links/short".into(), link("../d1/f1.txt"));
-    t.insert("links/long".into(), link(&format!("../d5/{}-5.txt", "long".repeat(30))));
+    t.insert(
+        "links/long".into(),
+        link(&format!("../d5/{}-5.txt", "long".repeat(30))),
+    );
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
     write_tree(&src, &t);
@@ -323,5 +401,8 @@ fn tar_stream_is_exactly_the_documented_one() {
     let raw = zstd::decode_all(&fs::read(&out).unwrap()[..]).unwrap();
     let want = documented_tar(&t);
     assert_eq!(raw.len(), want.len());
-    assert!(raw == want, "the tar stream differs from the documented layout");
+    assert!(
+        raw == want,
+        "the tar stream differs from the documented layout"
+    );
 }

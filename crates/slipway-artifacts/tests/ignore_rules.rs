@@ -15,7 +15,11 @@ fn captured_paths(t: &Tree) -> Vec<String> {
     let out = dir.path().join("a.tar.zst");
     let c = capture_to_file(&src, &out, &opts()).unwrap();
     let paths = archive_paths(&fs::read(&out).unwrap());
-    let kept: Tree = t.iter().filter(|(p, _)| paths.contains(p)).map(|(p, n)| (p.clone(), n.clone())).collect();
+    let kept: Tree = t
+        .iter()
+        .filter(|(p, _)| paths.contains(p))
+        .map(|(p, n)| (p.clone(), n.clone()))
+        .collect();
     assert_eq!(c.content_hash, oracle_hash(&kept));
     assert_eq!(hash_tree(&src, &opts()).unwrap(), c.content_hash);
     paths
@@ -23,11 +27,24 @@ fn captured_paths(t: &Tree) -> Vec<String> {
 
 #[test]
 fn defaults_are_the_documented_ones() {
-    assert_eq!(DEFAULT_IGNORES, &[".git", "node_modules/", "**/.next/cache/", "dist/", "build/", "*.log"]);
+    assert_eq!(
+        DEFAULT_IGNORES,
+        &[
+            ".git",
+            "node_modules/",
+            "**/.next/cache/",
+            "dist/",
+            "build/",
+            "*.log"
+        ]
+    );
     assert_eq!(IGNORE_FILE, ".slipwayignore");
     let doc = docs("snapshots.md");
     for p in DEFAULT_IGNORES {
-        assert!(doc.contains(&format!("\n{p}\n")), "docs/snapshots.md lists {p}");
+        assert!(
+            doc.contains(&format!("\n{p}\n")),
+            "docs/snapshots.md lists {p}"
+        );
     }
 }
 
@@ -72,8 +89,12 @@ fn default_ignores() {
         ]
     );
     // At the root too: a file called `build` (no `build/` directory beside it, of course).
-    let t =
-        tree([("build", exe("#!/bin/sh\n")), ("dist", file("x")), ("node_modules", file("x")), ("a.log", file("x"))]);
+    let t = tree([
+        ("build", exe("#!/bin/sh\n")),
+        ("dist", file("x")),
+        ("node_modules", file("x")),
+        ("a.log", file("x")),
+    ]);
     assert_eq!(captured_paths(&t), vec!["build", "dist", "node_modules"]);
 }
 
@@ -97,7 +118,16 @@ fn slipwayignore_adds_patterns_and_reincludes_with_bang() {
         ("index.js", file("i")),
     ]);
     let paths = captured_paths(&t);
-    assert_eq!(paths, vec![".slipwayignore", "build/out.js", "index.js", "keep.log", "sub/root-only.txt"]);
+    assert_eq!(
+        paths,
+        vec![
+            ".slipwayignore",
+            "build/out.js",
+            "index.js",
+            "keep.log",
+            "sub/root-only.txt"
+        ]
+    );
 }
 
 #[test]
@@ -118,7 +148,10 @@ fn slipwayignore_that_is_a_symlink_is_refused() {
     write_tree(&src, &tree([("a", file("a"))]));
     std::os::unix::fs::symlink(&secret, src.join(".slipwayignore")).unwrap();
     let e = hash_tree(&src, &opts()).unwrap_err();
-    assert!(matches!(&e, CaptureError::BadIgnoreFile { path, .. } if path == ".slipwayignore"), "{e:?}");
+    assert!(
+        matches!(&e, CaptureError::BadIgnoreFile { path, .. } if path == ".slipwayignore"),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("symlink"), "{e}");
     assert!(!e.to_string().contains("root:x"), "{e}");
 }
@@ -126,10 +159,16 @@ fn slipwayignore_that_is_a_symlink_is_refused() {
 #[test]
 fn slipwayignore_with_a_bad_pattern_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    write_tree(dir.path(), &tree([(".slipwayignore", file("ok\n[z-a\n")), ("a", file("a"))]));
+    write_tree(
+        dir.path(),
+        &tree([(".slipwayignore", file("ok\n[z-a\n")), ("a", file("a"))]),
+    );
     let e = hash_tree(dir.path(), &opts()).unwrap_err();
     assert!(matches!(e, CaptureError::BadIgnoreFile { .. }), "{e:?}");
-    assert!(e.to_string().contains(".slipwayignore") && e.to_string().contains("line 2"), "{e}");
+    assert!(
+        e.to_string().contains(".slipwayignore") && e.to_string().contains("line 2"),
+        "{e}"
+    );
 }
 
 #[test]

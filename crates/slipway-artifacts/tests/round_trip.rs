@@ -10,7 +10,21 @@ use crate::util::*;
 
 /// Names chosen to collide (so directories nest and share prefixes) and to sort in
 /// interesting ways ('-' and '.' before '/', upper case before lower, non-ASCII last).
-const NAMES: &[&str] = &["a", "b", "c", "ab", "a-b", "a.b", "Z", "x.js", "README.md", ".hidden", "sp ace", "ü", "日本"];
+const NAMES: &[&str] = &[
+    "a",
+    "b",
+    "c",
+    "ab",
+    "a-b",
+    "a.b",
+    "Z",
+    "x.js",
+    "README.md",
+    ".hidden",
+    "sp ace",
+    "ü",
+    "日本",
+];
 
 #[derive(Debug, Clone)]
 enum Gen {
@@ -34,9 +48,18 @@ fn gen_entry() -> impl Strategy<Value = (Vec<&'static str>, Gen)> {
 
 /// The relative symlink target that leads from the link at `from` to the tree path `to`.
 fn relative(from: &str, to: &str) -> String {
-    let parent: Vec<&str> = from.split('/').collect::<Vec<_>>()[..from.split('/').count() - 1].to_vec();
-    let target: Vec<&str> = if to.is_empty() { vec![] } else { to.split('/').collect() };
-    let common = parent.iter().zip(&target).take_while(|(a, b)| a == b).count();
+    let parent: Vec<&str> =
+        from.split('/').collect::<Vec<_>>()[..from.split('/').count() - 1].to_vec();
+    let target: Vec<&str> = if to.is_empty() {
+        vec![]
+    } else {
+        to.split('/').collect()
+    };
+    let common = parent
+        .iter()
+        .zip(&target)
+        .take_while(|(a, b)| a == b)
+        .count();
     let mut parts: Vec<&str> = vec![".."; parent.len() - common];
     parts.extend(&target[common..]);
     if parts.is_empty() {
@@ -55,14 +78,21 @@ fn build(entries: Vec<(Vec<&'static str>, Gen)>) -> Tree {
         let path = parts.join("/");
         let clash = t.contains_key(&path)
             || t.keys().any(|k| k.starts_with(&format!("{path}/")))
-            || parts.iter().enumerate().any(|(i, _)| i > 0 && t.contains_key(&parts[..i].join("/")));
+            || parts
+                .iter()
+                .enumerate()
+                .any(|(i, _)| i > 0 && t.contains_key(&parts[..i].join("/")));
         if clash {
             continue;
         }
         let node = match g {
             Gen::File(data, exec) => Node::File { data, exec },
             Gen::Link(n) => {
-                let to = if n % 7 == 0 { "missing/inside".to_string() } else { targets[n % targets.len()].clone() };
+                let to = if n % 7 == 0 {
+                    "missing/inside".to_string()
+                } else {
+                    targets[n % targets.len()].clone()
+                };
                 Node::Link(relative(&path, &to))
             }
         };

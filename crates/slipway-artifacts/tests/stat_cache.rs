@@ -34,10 +34,16 @@ impl Watch {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let mut dirs = Vec::new();
         for sub in std::iter::once("").chain(subdirs.iter().copied()) {
-            let p = if sub.is_empty() { root.to_path_buf() } else { root.join(sub) };
+            let p = if sub.is_empty() {
+                root.to_path_buf()
+            } else {
+                root.join(sub)
+            };
             let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
             // SAFETY: valid fd and NUL-terminated path.
-            let wd = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), libc::IN_OPEN | libc::IN_ACCESS) };
+            let wd = unsafe {
+                libc::inotify_add_watch(fd.as_raw_fd(), c.as_ptr(), libc::IN_OPEN | libc::IN_ACCESS)
+            };
             if wd < 0 {
                 return None;
             }
@@ -62,14 +68,19 @@ impl Watch {
                 let mask = u32::from_ne_bytes(buf[off + 4..off + 8].try_into().unwrap());
                 let len = u32::from_ne_bytes(buf[off + 12..off + 16].try_into().unwrap()) as usize;
                 let name = &buf[off + 16..off + 16 + len];
-                let name = String::from_utf8_lossy(name.split(|b| *b == 0).next().unwrap()).into_owned();
+                let name =
+                    String::from_utf8_lossy(name.split(|b| *b == 0).next().unwrap()).into_owned();
                 off += 16 + len;
                 assert_eq!(mask & libc::IN_Q_OVERFLOW, 0, "inotify queue overflowed");
                 if name.is_empty() || mask & libc::IN_ISDIR != 0 {
                     continue; // the watched directory itself, or a subdirectory being listed
                 }
                 let dir = &self.dirs.iter().find(|(w, _)| *w == wd).unwrap().1;
-                seen.insert(if dir.is_empty() { name } else { format!("{dir}/{name}") });
+                seen.insert(if dir.is_empty() {
+                    name
+                } else {
+                    format!("{dir}/{name}")
+                });
             }
         }
         seen
@@ -79,7 +90,13 @@ impl Watch {
 fn watch(root: &Path, subdirs: &[&str], test: &str) -> Option<Watch> {
     let w = Watch::new(root, subdirs);
     if w.is_none() {
-        skip(test, &format!("inotify is not available: {}", std::io::Error::last_os_error()));
+        skip(
+            test,
+            &format!(
+                "inotify is not available: {}",
+                std::io::Error::last_os_error()
+            ),
+        );
     }
     w
 }
@@ -91,7 +108,14 @@ fn set(t: &[&str]) -> BTreeSet<String> {
 /// A tree of `n` files in the root and `sub/`, all last modified an hour ago (so the cache
 /// written now can vouch for them).
 fn old_tree(root: &Path) -> Tree {
-    let mut t: Tree = (0..12).map(|i| (format!("f{i:02}"), file(format!("file {i}\n").repeat(i + 1)))).collect();
+    let mut t: Tree = (0..12)
+        .map(|i| {
+            (
+                format!("f{i:02}"),
+                file(format!("file {i}\n").repeat(i + 1)),
+            )
+        })
+        .collect();
     t.insert("sub/g".into(), exe("#!/bin/sh\n"));
     t.insert("sub/l".into(), link("../f01"));
     write_tree(root, &t);
@@ -105,11 +129,17 @@ fn old_tree(root: &Path) -> Tree {
 }
 
 fn file_names(t: &Tree) -> BTreeSet<String> {
-    t.iter().filter(|(_, n)| matches!(n, Node::File { .. })).map(|(p, _)| p.clone()).collect()
+    t.iter()
+        .filter(|(_, n)| matches!(n, Node::File { .. }))
+        .map(|(p, _)| p.clone())
+        .collect()
 }
 
 fn cached(dir: &Path) -> CaptureOptions {
-    CaptureOptions { stat_cache_dir: Some(dir.join("cache")), ..opts() }
+    CaptureOptions {
+        stat_cache_dir: Some(dir.join("cache")),
+        ..opts()
+    }
 }
 
 #[test]
@@ -117,22 +147,38 @@ fn second_hash_reads_no_file() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
     let t = old_tree(&src);
-    let Some(w) = watch(&src, &["sub"], "stat_cache::second_hash_reads_no_file") else { return };
+    let Some(w) = watch(&src, &["sub"], "stat_cache::second_hash_reads_no_file") else {
+        return;
+    };
     let opts = cached(dir.path());
 
     let first = hash_tree(&src, &opts).unwrap();
     assert_eq!(first, oracle_hash(&t));
-    assert_eq!(w.take(), file_names(&t), "the first run reads every file (and proves the watch works)");
+    assert_eq!(
+        w.take(),
+        file_names(&t),
+        "the first run reads every file (and proves the watch works)"
+    );
     let cache_files = names(&dir.path().join("cache"));
     assert_eq!(cache_files.len(), 1);
-    let cache_stamp = fs::metadata(dir.path().join("cache").join(&cache_files[0])).unwrap().modified().unwrap();
+    let cache_stamp = fs::metadata(dir.path().join("cache").join(&cache_files[0]))
+        .unwrap()
+        .modified()
+        .unwrap();
 
     for _ in 0..3 {
         assert_eq!(hash_tree(&src, &opts).unwrap(), first);
-        assert_eq!(w.take(), BTreeSet::new(), "an unchanged tree is hashed without reading any file");
+        assert_eq!(
+            w.take(),
+            BTreeSet::new(),
+            "an unchanged tree is hashed without reading any file"
+        );
     }
     // Nothing was read, so the cache was not rewritten either.
-    let now = fs::metadata(dir.path().join("cache").join(&cache_files[0])).unwrap().modified().unwrap();
+    let now = fs::metadata(dir.path().join("cache").join(&cache_files[0]))
+        .unwrap()
+        .modified()
+        .unwrap();
     assert_eq!(now, cache_stamp);
 
     // The store's capture path: the first capture reads everything to archive it; the second
@@ -152,7 +198,13 @@ fn capture_to_file_refreshes_the_cache() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
     let t = old_tree(&src);
-    let Some(w) = watch(&src, &["sub"], "stat_cache::capture_to_file_refreshes_the_cache") else { return };
+    let Some(w) = watch(
+        &src,
+        &["sub"],
+        "stat_cache::capture_to_file_refreshes_the_cache",
+    ) else {
+        return;
+    };
     let opts = cached(dir.path());
     let c = capture_to_file(&src, &dir.path().join("a.tar.zst"), &opts).unwrap();
     assert_eq!(w.take(), file_names(&t));
@@ -169,7 +221,13 @@ fn racily_clean_files_are_read_every_time() {
     // fields changing; it must be re-read on every run.
     let future = FileTime::from_system_time(SystemTime::now() + Duration::from_secs(3600));
     filetime::set_file_times(src.join("f03"), future, future).unwrap();
-    let Some(w) = watch(&src, &["sub"], "stat_cache::racily_clean_files_are_read_every_time") else { return };
+    let Some(w) = watch(
+        &src,
+        &["sub"],
+        "stat_cache::racily_clean_files_are_read_every_time",
+    ) else {
+        return;
+    };
     let opts = cached(dir.path());
     let h = hash_tree(&src, &opts).unwrap();
     assert_eq!(w.take(), file_names(&t));
@@ -191,7 +249,11 @@ fn change_is_seen(change: impl FnOnce(&Path, &mut Tree)) {
     let after = hash_tree(&src, &with_cache).unwrap();
     assert_ne!(after, before, "the change went unseen");
     assert_eq!(after, oracle_hash(&t));
-    assert_eq!(after, hash_tree(&src, &opts()).unwrap(), "cached and uncached hashes differ");
+    assert_eq!(
+        after,
+        hash_tree(&src, &opts()).unwrap(),
+        "cached and uncached hashes differ"
+    );
     // And a store capture with the cache archives the new content.
     let store = LocalArtifactStore::new(dir.path().join("store")).unwrap();
     let c = store.capture_dir("agent", &src, &with_cache).unwrap();
@@ -200,7 +262,10 @@ fn change_is_seen(change: impl FnOnce(&Path, &mut Tree)) {
 
 fn old_times(p: &Path) -> (FileTime, FileTime) {
     let m = fs::metadata(p).unwrap();
-    (FileTime::from_last_access_time(&m), FileTime::from_last_modification_time(&m))
+    (
+        FileTime::from_last_access_time(&m),
+        FileTime::from_last_modification_time(&m),
+    )
 }
 
 #[test]
@@ -245,7 +310,9 @@ fn same_size_replacement_by_rename_is_seen() {
 fn exec_bit_change_is_seen() {
     change_is_seen(|src, t| {
         fs::set_permissions(src.join("f02"), fs::Permissions::from_mode(0o755)).unwrap();
-        let Node::File { data, .. } = t["f02"].clone() else { unreachable!() };
+        let Node::File { data, .. } = t["f02"].clone() else {
+            unreachable!()
+        };
         t.insert("f02".into(), exe(data));
     });
 }

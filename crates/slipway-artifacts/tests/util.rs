@@ -22,11 +22,17 @@ pub enum Node {
 }
 
 pub fn file(data: impl AsRef<[u8]>) -> Node {
-    Node::File { data: data.as_ref().to_vec(), exec: false }
+    Node::File {
+        data: data.as_ref().to_vec(),
+        exec: false,
+    }
 }
 
 pub fn exe(data: impl AsRef<[u8]>) -> Node {
-    Node::File { data: data.as_ref().to_vec(), exec: true }
+    Node::File {
+        data: data.as_ref().to_vec(),
+        exec: true,
+    }
 }
 
 pub fn link(target: &str) -> Node {
@@ -34,12 +40,19 @@ pub fn link(target: &str) -> Node {
 }
 
 pub fn tree<'a>(entries: impl IntoIterator<Item = (&'a str, Node)>) -> Tree {
-    entries.into_iter().map(|(p, n)| (p.to_string(), n)).collect()
+    entries
+        .into_iter()
+        .map(|(p, n)| (p.to_string(), n))
+        .collect()
 }
 
 /// The worked example of docs/snapshots.md.
 pub fn example_tree() -> Tree {
-    tree([("README.md", file("hello\n")), ("bin/run", exe("#!/bin/sh\necho hi\n")), ("docs/readme", link("README.md"))])
+    tree([
+        ("README.md", file("hello\n")),
+        ("bin/run", exe("#!/bin/sh\necho hi\n")),
+        ("docs/readme", link("README.md")),
+    ])
 }
 
 /// The value the docs state for [`example_tree`].
@@ -53,7 +66,9 @@ pub fn documented_example_hash() -> String {
 }
 
 pub fn docs(name: &str) -> String {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs").join(name);
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../docs")
+        .join(name);
     fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
 }
 
@@ -80,21 +95,42 @@ pub fn write_tree(root: &Path, tree: &Tree) {
 /// through the paths beneath them). Panics on anything else.
 pub fn read_tree(root: &Path) -> Tree {
     fn go(root: &Path, rel: &str, out: &mut Tree) {
-        let dir = if rel.is_empty() { root.to_path_buf() } else { root.join(rel) };
+        let dir = if rel.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(rel)
+        };
         for e in fs::read_dir(&dir).unwrap() {
             let e = e.unwrap();
-            let name = e.file_name().into_string().expect("test trees have UTF-8 names");
-            let path = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+            let name = e
+                .file_name()
+                .into_string()
+                .expect("test trees have UTF-8 names");
+            let path = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
             let meta = fs::symlink_metadata(e.path()).unwrap();
             let ft = meta.file_type();
             if ft.is_dir() {
                 go(root, &path, out);
             } else if ft.is_symlink() {
-                let t = fs::read_link(e.path()).unwrap().into_os_string().into_string().unwrap();
+                let t = fs::read_link(e.path())
+                    .unwrap()
+                    .into_os_string()
+                    .into_string()
+                    .unwrap();
                 out.insert(path, Node::Link(t));
             } else if ft.is_file() {
                 let data = fs::read(e.path()).unwrap();
-                out.insert(path, Node::File { data, exec: meta.permissions().mode() & 0o100 != 0 });
+                out.insert(
+                    path,
+                    Node::File {
+                        data,
+                        exec: meta.permissions().mode() & 0o100 != 0,
+                    },
+                );
             } else {
                 panic!("unexpected file type at {path}: {ft:?}");
             }
@@ -111,7 +147,10 @@ pub fn oracle_hash(tree: &Tree) -> String {
     let mut all = Vec::new();
     for (path, node) in tree {
         let (mode, digest) = match node {
-            Node::File { data, exec } => (if *exec { "100755" } else { "100644" }, Sha256::digest(data)),
+            Node::File { data, exec } => (
+                if *exec { "100755" } else { "100644" },
+                Sha256::digest(data),
+            ),
             Node::Link(t) => ("120000", Sha256::digest(t.as_bytes())),
         };
         all.extend_from_slice(mode.as_bytes());
@@ -126,13 +165,18 @@ pub fn oracle_hash(tree: &Tree) -> String {
 
 /// Capture options for tests: no stat cache, two workers.
 pub fn opts() -> CaptureOptions {
-    CaptureOptions { threads: 2, ..CaptureOptions::default() }
+    CaptureOptions {
+        threads: 2,
+        ..CaptureOptions::default()
+    }
 }
 
 /// Names in `dir` (sorted), for "nothing was left behind" checks.
 pub fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = match fs::read_dir(dir) {
-        Ok(rd) => rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
+        Ok(rd) => rd
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => panic!("listing {}: {e}", dir.display()),
     };
@@ -144,7 +188,10 @@ pub fn names(dir: &Path) -> Vec<String> {
 pub fn archive_paths(archive: &[u8]) -> Vec<String> {
     let dec = zstd::stream::read::Decoder::new(archive).unwrap();
     let mut a = tar::Archive::new(dec);
-    a.entries().unwrap().map(|e| String::from_utf8(e.unwrap().path_bytes().into_owned()).unwrap()).collect()
+    a.entries()
+        .unwrap()
+        .map(|e| String::from_utf8(e.unwrap().path_bytes().into_owned()).unwrap())
+        .collect()
 }
 
 /// Whether the test process may do what only root can (mknod, chown, bypass permissions).
@@ -180,7 +227,10 @@ pub fn run_unprivileged(name: &str) -> bool {
     // The build directory may sit under a path `nobody` cannot traverse (a 0700 home or CI
     // work dir): run a copy of the test binary from a world-readable temporary directory.
     let exe = {
-        let dir = tempfile::Builder::new().prefix("slipway-unprivileged-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("slipway-unprivileged-")
+            .tempdir()
+            .unwrap();
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
         let copy = dir.path().join("tests");
         fs::copy(std::env::current_exe().unwrap(), &copy).unwrap();
@@ -200,7 +250,10 @@ pub fn run_unprivileged(name: &str) -> bool {
         Err(e) => {
             skip(
                 name,
-                &format!("running as root, and the test binary {} could not be re-run as nobody: {e}", exe.display()),
+                &format!(
+                    "running as root, and the test binary {} could not be re-run as nobody: {e}",
+                    exe.display()
+                ),
             );
             return false;
         }
@@ -239,11 +292,26 @@ impl Scene {
     /// Nothing was written outside: the sentinel is empty, the destination does not exist, and
     /// the parent holds no staging directory (only `sentinel` and the names in `also`).
     pub fn assert_untouched(&self, also: &[&str]) {
-        assert_eq!(names(&self.sentinel()), Vec::<String>::new(), "something was written into the sentinel");
-        assert!(self.dest().symlink_metadata().is_err(), "the destination exists after a refused archive");
-        let mut expected: Vec<String> = also.iter().map(|s| s.to_string()).chain(["sentinel".to_string()]).collect();
+        assert_eq!(
+            names(&self.sentinel()),
+            Vec::<String>::new(),
+            "something was written into the sentinel"
+        );
+        assert!(
+            self.dest().symlink_metadata().is_err(),
+            "the destination exists after a refused archive"
+        );
+        let mut expected: Vec<String> = also
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["sentinel".to_string()])
+            .collect();
         expected.sort();
-        assert_eq!(names(self.path()), expected, "left-overs (a .slipway-extract-* staging dir?) in the parent");
+        assert_eq!(
+            names(self.path()),
+            expected,
+            "left-overs (a .slipway-extract-* staging dir?) in the parent"
+        );
     }
 }
 
@@ -291,7 +359,10 @@ impl RawTar {
         h.set_gid(0);
         h.set_mtime(0);
         h.set_size(size);
-        assert!(name.len() <= 100, "use a long-name entry for names over 100 bytes");
+        assert!(
+            name.len() <= 100,
+            "use a long-name entry for names over 100 bytes"
+        );
         h.as_old_mut().name[..name.len()].copy_from_slice(name);
         if let Some(l) = link {
             h.as_old_mut().linkname[..l.len()].copy_from_slice(l);
@@ -312,7 +383,13 @@ impl RawTar {
     }
 
     pub fn symlink(&mut self, name: &str, target: &str) -> &mut Self {
-        self.entry(name.as_bytes(), tar::EntryType::Symlink, 0o777, &[], Some(target.as_bytes()))
+        self.entry(
+            name.as_bytes(),
+            tar::EntryType::Symlink,
+            0o777,
+            &[],
+            Some(target.as_bytes()),
+        )
     }
 
     pub fn dir(&mut self, name: &str) -> &mut Self {
@@ -323,7 +400,13 @@ impl RawTar {
     pub fn long_name(&mut self, name: &[u8]) -> &mut Self {
         let mut data = name.to_vec();
         data.push(0);
-        self.entry(b"././@LongLink", tar::EntryType::GNULongName, 0o644, &data, None)
+        self.entry(
+            b"././@LongLink",
+            tar::EntryType::GNULongName,
+            0o644,
+            &data,
+            None,
+        )
     }
 
     /// A PAX extended header (`x`) overriding the next entry's path.
@@ -335,7 +418,13 @@ impl RawTar {
             len += 1;
         }
         let rec = format!("{len}{body}");
-        self.entry(b"PaxHeaders/x", tar::EntryType::XHeader, 0o644, rec.as_bytes(), None)
+        self.entry(
+            b"PaxHeaders/x",
+            tar::EntryType::XHeader,
+            0o644,
+            rec.as_bytes(),
+            None,
+        )
     }
 
     fn pad(&mut self) {
@@ -389,7 +478,13 @@ pub fn noise(n: usize, seed: u64) -> Vec<u8> {
 /// the crate: GNU headers in path-byte order, fixed metadata, GNU long-name/long-link entries
 /// for names over 100 bytes, two zero blocks at the end.
 pub fn documented_tar(tree: &Tree) -> Vec<u8> {
-    fn header(name: &[u8], kind: tar::EntryType, mode: u32, size: u64, link: Option<&[u8]>) -> tar::Header {
+    fn header(
+        name: &[u8],
+        kind: tar::EntryType,
+        mode: u32,
+        size: u64,
+        link: Option<&[u8]>,
+    ) -> tar::Header {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(kind);
         h.set_mode(mode);
@@ -417,12 +512,26 @@ pub fn documented_tar(tree: &Tree) -> Vec<u8> {
         if p.len() > 100 {
             let mut d = p.to_vec();
             d.push(0);
-            push(&mut out, &header(b"././@LongLink", tar::EntryType::GNULongName, 0o644, d.len() as u64, None), &d);
+            push(
+                &mut out,
+                &header(
+                    b"././@LongLink",
+                    tar::EntryType::GNULongName,
+                    0o644,
+                    d.len() as u64,
+                    None,
+                ),
+                &d,
+            );
         }
         match node {
             Node::File { data, exec } => {
                 let mode = if *exec { 0o755 } else { 0o644 };
-                push(&mut out, &header(p, tar::EntryType::Regular, mode, data.len() as u64, None), data);
+                push(
+                    &mut out,
+                    &header(p, tar::EntryType::Regular, mode, data.len() as u64, None),
+                    data,
+                );
             }
             Node::Link(t) => {
                 let t = t.as_bytes();
@@ -431,11 +540,21 @@ pub fn documented_tar(tree: &Tree) -> Vec<u8> {
                     d.push(0);
                     push(
                         &mut out,
-                        &header(b"././@LongLink", tar::EntryType::GNULongLink, 0o644, d.len() as u64, None),
+                        &header(
+                            b"././@LongLink",
+                            tar::EntryType::GNULongLink,
+                            0o644,
+                            d.len() as u64,
+                            None,
+                        ),
                         &d,
                     );
                 }
-                push(&mut out, &header(p, tar::EntryType::Symlink, 0o777, 0, Some(t)), &[]);
+                push(
+                    &mut out,
+                    &header(p, tar::EntryType::Symlink, 0o777, 0, Some(t)),
+                    &[],
+                );
             }
         }
     }

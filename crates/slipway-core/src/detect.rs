@@ -52,16 +52,22 @@ pub fn detect(tree: &TreeShape) -> Option<Detection> {
         } else {
             ("npm", "npm install")
         };
-        reasons.push(format!("package.json → node project, installed with {pm} (`{install}`)"));
+        reasons.push(format!(
+            "package.json → node project, installed with {pm} (`{install}`)"
+        ));
         let build = if tree.has_script("build") {
-            reasons.push(format!("package.json has a build script → `{pm} run build`"));
+            reasons.push(format!(
+                "package.json has a build script → `{pm} run build`"
+            ));
             format!("{pm} run build")
         } else {
             reasons.push("package.json has no build script → no build step".into());
             "true".to_string()
         };
         let start = if tree.has_script("start") {
-            reasons.push(format!("package.json has a start script → `{pm} run start`"));
+            reasons.push(format!(
+                "package.json has a start script → `{pm} run start`"
+            ));
             Some(format!("{pm} run start"))
         } else if let Some(main) = &tree.package_main {
             reasons.push(format!("package.json main is {main} → `node {main}`"));
@@ -85,13 +91,18 @@ pub fn detect(tree: &TreeShape) -> Option<Detection> {
             reasons.push("requirements.txt → pip install into a venv in the workspace".into());
             "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt"
         } else {
-            reasons.push("pyproject.toml → pip install of the project into a venv in the workspace".into());
+            reasons.push(
+                "pyproject.toml → pip install of the project into a venv in the workspace".into(),
+            );
             "python3 -m venv .venv && .venv/bin/pip install ."
         };
-        let start = ["app.py", "main.py", "server.py"].iter().find(|f| tree.has(f)).map(|f| {
-            reasons.push(format!("{f} → `.venv/bin/python {f}`"));
-            format!(".venv/bin/python {f}")
-        });
+        let start = ["app.py", "main.py", "server.py"]
+            .iter()
+            .find(|f| tree.has(f))
+            .map(|f| {
+                reasons.push(format!("{f} → `.venv/bin/python {f}`"));
+                format!(".venv/bin/python {f}")
+            });
         return Some(Detection {
             framework: "python (pip)".into(),
             install_command: install.into(),
@@ -127,7 +138,11 @@ mod tests {
 
     #[test]
     fn lockfiles_pick_the_package_manager() {
-        let d = detect(&shape(&["package.json", "package-lock.json"], &["build", "start"])).unwrap();
+        let d = detect(&shape(
+            &["package.json", "package-lock.json"],
+            &["build", "start"],
+        ))
+        .unwrap();
         assert_eq!(d.install_command, "npm ci");
         assert_eq!(d.build_command, "npm run build");
         assert_eq!(d.start_command.as_deref(), Some("npm run start"));
@@ -147,7 +162,9 @@ mod tests {
     #[test]
     fn python_and_static() {
         let d = detect(&shape(&["requirements.txt", "app.py"], &[])).unwrap();
-        assert!(d.install_command.contains("pip install -r requirements.txt"));
+        assert!(d
+            .install_command
+            .contains("pip install -r requirements.txt"));
         assert_eq!(d.start_command.as_deref(), Some(".venv/bin/python app.py"));
         let d = detect(&shape(&["index.html", "style.css"], &[])).unwrap();
         assert_eq!(d.framework, "static site");

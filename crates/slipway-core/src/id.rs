@@ -58,7 +58,10 @@ impl IdKind {
     /// True when `s` is a well-formed id of this kind. Used to answer 404 early for ids that
     /// cannot exist, and to keep arbitrary strings out of paths and host names.
     pub fn is_valid(self, s: &str) -> bool {
-        let Some(rest) = s.strip_prefix(self.prefix()).and_then(|r| r.strip_prefix('-')) else {
+        let Some(rest) = s
+            .strip_prefix(self.prefix())
+            .and_then(|r| r.strip_prefix('-'))
+        else {
             return false;
         };
         rest.len() == ID_RANDOM_LEN && rest.bytes().all(|b| ALPHABET.contains(&b))
@@ -79,7 +82,9 @@ mod tests {
         assert!(IdKind::Agent.is_valid(&id));
         let id = IdKind::Sandbox.make([1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
         assert!(IdKind::Sandbox.is_valid(&id));
-        assert!(id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
+        assert!(id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
     }
 
     #[test]

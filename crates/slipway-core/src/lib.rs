@@ -15,8 +15,8 @@ pub use id::IdKind;
 pub use path::{AgentRootTemplate, PathError, TemplateError};
 pub use run::{DeploymentStatus, DeploymentTarget, TransitionError};
 pub use spec::{
-    AgentName, DeploymentKind, DeploymentSpec, SpecDraft, SpecError, SpecPolicy, ValidSpec, DEFAULT_ALLOWED_ROOTS,
-    DEFAULT_RUNTIME_PORT,
+    AgentName, DeploymentKind, DeploymentSpec, SpecDraft, SpecError, SpecPolicy, ValidSpec,
+    DEFAULT_ALLOWED_ROOTS, DEFAULT_RUNTIME_PORT,
 };
 
 /// Milliseconds since the Unix epoch, the timestamp unit of seed 004.

@@ -123,28 +123,58 @@ mod tests {
 
     #[test]
     fn normalizes() {
-        assert_eq!(normalize_absolute("/config//miniapps/./app/").unwrap(), "/config/miniapps/app");
+        assert_eq!(
+            normalize_absolute("/config//miniapps/./app/").unwrap(),
+            "/config/miniapps/app"
+        );
         assert_eq!(normalize_absolute("/").unwrap(), "/");
     }
 
     #[test]
     fn refuses_bad_paths() {
         assert_eq!(normalize_absolute(""), Err(PathError::Empty));
-        assert!(matches!(normalize_absolute("config/app"), Err(PathError::NotAbsolute(_))));
-        assert!(matches!(normalize_absolute("/config/miniapps/../../etc"), Err(PathError::Traversal(_))));
-        assert!(matches!(normalize_absolute("/config/miniapps/a/.."), Err(PathError::Traversal(_))));
-        assert_eq!(normalize_absolute("/config/\0x"), Err(PathError::ControlChar));
-        assert_eq!(normalize_absolute("/config/\nx"), Err(PathError::ControlChar));
+        assert!(matches!(
+            normalize_absolute("config/app"),
+            Err(PathError::NotAbsolute(_))
+        ));
+        assert!(matches!(
+            normalize_absolute("/config/miniapps/../../etc"),
+            Err(PathError::Traversal(_))
+        ));
+        assert!(matches!(
+            normalize_absolute("/config/miniapps/a/.."),
+            Err(PathError::Traversal(_))
+        ));
+        assert_eq!(
+            normalize_absolute("/config/\0x"),
+            Err(PathError::ControlChar)
+        );
+        assert_eq!(
+            normalize_absolute("/config/\nx"),
+            Err(PathError::ControlChar)
+        );
         let long = format!("/{}", "a".repeat(MAX_PATH_LEN));
-        assert_eq!(normalize_absolute(&long), Err(PathError::TooLong { max: MAX_PATH_LEN }));
+        assert_eq!(
+            normalize_absolute(&long),
+            Err(PathError::TooLong { max: MAX_PATH_LEN })
+        );
     }
 
     #[test]
     fn under_compares_whole_components() {
-        assert!(is_strictly_under("/config/miniapps/app", "/config/miniapps"));
-        assert!(is_strictly_under("/config/miniapps/app", "/config/miniapps/"));
+        assert!(is_strictly_under(
+            "/config/miniapps/app",
+            "/config/miniapps"
+        ));
+        assert!(is_strictly_under(
+            "/config/miniapps/app",
+            "/config/miniapps/"
+        ));
         assert!(!is_strictly_under("/config/miniapps", "/config/miniapps"));
-        assert!(!is_strictly_under("/config/miniapps-evil/app", "/config/miniapps"));
+        assert!(!is_strictly_under(
+            "/config/miniapps-evil/app",
+            "/config/miniapps"
+        ));
         assert!(!is_strictly_under("/etc", "/config/miniapps"));
     }
 
@@ -155,8 +185,17 @@ mod tests {
             t.host_path("a1", "/config/miniapps/app"),
             PathBuf::from("/srv/agents/a1/config/miniapps/app")
         );
-        assert!(matches!(AgentRootTemplate::parse("srv/{agentId}"), Err(TemplateError::NotAbsolute(_))));
-        assert!(matches!(AgentRootTemplate::parse("/srv/agents"), Err(TemplateError::MissingPlaceholder(_))));
-        assert!(matches!(AgentRootTemplate::parse("/srv/../{agentId}"), Err(TemplateError::Traversal(_))));
+        assert!(matches!(
+            AgentRootTemplate::parse("srv/{agentId}"),
+            Err(TemplateError::NotAbsolute(_))
+        ));
+        assert!(matches!(
+            AgentRootTemplate::parse("/srv/agents"),
+            Err(TemplateError::MissingPlaceholder(_))
+        ));
+        assert!(matches!(
+            AgentRootTemplate::parse("/srv/../{agentId}"),
+            Err(TemplateError::Traversal(_))
+        ));
     }
 }

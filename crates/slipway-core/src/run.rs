@@ -17,7 +17,8 @@ pub enum DeploymentTarget {
 }
 
 impl DeploymentTarget {
-    pub const ALL: [DeploymentTarget; 2] = [DeploymentTarget::Preview, DeploymentTarget::Production];
+    pub const ALL: [DeploymentTarget; 2] =
+        [DeploymentTarget::Preview, DeploymentTarget::Production];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -137,7 +138,10 @@ impl DeploymentStatus {
     /// Between `queued` and `starting`: the run holds the agent's one pipeline slot.
     pub fn is_active_pipeline(self) -> bool {
         use DeploymentStatus::*;
-        matches!(self, Queued | Capturing | Provisioning | Building | Starting)
+        matches!(
+            self,
+            Queued | Capturing | Provisioning | Building | Starting
+        )
     }
 
     /// `stopped` is the only state nothing leaves.
@@ -147,7 +151,10 @@ impl DeploymentStatus {
 
     /// `ready`, `failed` and `stopped`: no pipeline work is pending for the run.
     pub fn is_settled(self) -> bool {
-        matches!(self, DeploymentStatus::Ready | DeploymentStatus::Failed | DeploymentStatus::Stopped)
+        matches!(
+            self,
+            DeploymentStatus::Ready | DeploymentStatus::Failed | DeploymentStatus::Stopped
+        )
     }
 }
 
@@ -193,7 +200,10 @@ mod tests {
                     }
                     Err(e) => {
                         assert!(!legal);
-                        assert_eq!(e.to_string(), format!("illegal run transition from {from} to {to}"));
+                        assert_eq!(
+                            e.to_string(),
+                            format!("illegal run transition from {from} to {to}")
+                        );
                     }
                 }
             }
@@ -209,7 +219,9 @@ mod tests {
             assert!(!s.can_transition_to(Starting));
         }
         assert!(Stopped.is_final());
-        assert!(DeploymentStatus::ALL.iter().all(|s| !Stopped.can_transition_to(*s)));
+        assert!(DeploymentStatus::ALL
+            .iter()
+            .all(|s| !Stopped.can_transition_to(*s)));
     }
 
     #[test]
@@ -220,7 +232,19 @@ mod tests {
             s = s.transition(n).unwrap();
             seen.push(s);
         }
-        assert_eq!(seen, vec![Queued, Capturing, Provisioning, Building, Starting, Ready, Stopping, Stopped]);
+        assert_eq!(
+            seen,
+            vec![
+                Queued,
+                Capturing,
+                Provisioning,
+                Building,
+                Starting,
+                Ready,
+                Stopping,
+                Stopped
+            ]
+        );
     }
 
     #[test]
@@ -237,7 +261,13 @@ mod tests {
 
     #[test]
     fn active_pipeline_is_queued_to_starting() {
-        let active: Vec<_> = DeploymentStatus::ALL.into_iter().filter(|s| s.is_active_pipeline()).collect();
-        assert_eq!(active, vec![Queued, Capturing, Provisioning, Building, Starting]);
+        let active: Vec<_> = DeploymentStatus::ALL
+            .into_iter()
+            .filter(|s| s.is_active_pipeline())
+            .collect();
+        assert_eq!(
+            active,
+            vec![Queued, Capturing, Provisioning, Building, Starting]
+        );
     }
 }

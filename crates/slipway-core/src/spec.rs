@@ -23,7 +23,11 @@ pub enum DeploymentKind {
 }
 
 impl DeploymentKind {
-    pub const ALL: [DeploymentKind; 3] = [DeploymentKind::Auto, DeploymentKind::Static, DeploymentKind::Dynamic];
+    pub const ALL: [DeploymentKind; 3] = [
+        DeploymentKind::Auto,
+        DeploymentKind::Static,
+        DeploymentKind::Dynamic,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -88,7 +92,10 @@ pub struct SpecPolicy {
 impl Default for SpecPolicy {
     fn default() -> Self {
         Self {
-            allowed_roots: DEFAULT_ALLOWED_ROOTS.iter().map(|s| s.to_string()).collect(),
+            allowed_roots: DEFAULT_ALLOWED_ROOTS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             max_name_len: 100,
             max_command_len: 8 * 1024,
             max_env_vars: 200,
@@ -157,7 +164,13 @@ pub struct ValidSpec {
 
 impl ValidSpec {
     /// Attaches identity and times.
-    pub fn into_spec(self, id: String, agent_id: String, created_at: Millis, updated_at: Millis) -> DeploymentSpec {
+    pub fn into_spec(
+        self,
+        id: String,
+        agent_id: String,
+        created_at: Millis,
+        updated_at: Millis,
+    ) -> DeploymentSpec {
         DeploymentSpec {
             id,
             agent_id,
@@ -218,19 +231,37 @@ impl SpecDraft {
         }
         let name = name.trim().to_string();
 
-        let raw_dir = self.source_dir.as_ref().ok_or(SpecError::Required("sourceDir"))?;
+        let raw_dir = self
+            .source_dir
+            .as_ref()
+            .ok_or(SpecError::Required("sourceDir"))?;
         if raw_dir.trim().is_empty() {
             return Err(SpecError::Blank { field: "sourceDir" });
         }
         let source_dir = normalize_absolute(raw_dir).map_err(SpecError::SourceDir)?;
-        if !policy.allowed_roots.iter().any(|root| is_strictly_under(&source_dir, root)) {
-            return Err(SpecError::SourceDirNotAllowed { path: source_dir, roots: policy.allowed_roots.join(", ") });
+        if !policy
+            .allowed_roots
+            .iter()
+            .any(|root| is_strictly_under(&source_dir, root))
+        {
+            return Err(SpecError::SourceDirNotAllowed {
+                path: source_dir,
+                roots: policy.allowed_roots.join(", "),
+            });
         }
 
         let install_command = self.install_command.clone().unwrap_or_default();
         check_text("installCommand", &install_command, policy.max_command_len)?;
-        let build_command = required("buildCommand", self.build_command.as_ref(), policy.max_command_len)?;
-        let start_command = required("startCommand", self.start_command.as_ref(), policy.max_command_len)?;
+        let build_command = required(
+            "buildCommand",
+            self.build_command.as_ref(),
+            policy.max_command_len,
+        )?;
+        let start_command = required(
+            "startCommand",
+            self.start_command.as_ref(),
+            policy.max_command_len,
+        )?;
 
         let runtime_port = match self.runtime_port {
             None => DEFAULT_RUNTIME_PORT,
@@ -240,12 +271,18 @@ impl SpecDraft {
 
         let env = self.env.clone().unwrap_or_default();
         if env.len() > policy.max_env_vars {
-            return Err(SpecError::TooManyEnv { count: env.len(), max: policy.max_env_vars });
+            return Err(SpecError::TooManyEnv {
+                count: env.len(),
+                max: policy.max_env_vars,
+            });
         }
         let mut total = 0usize;
         for (k, v) in &env {
             if k.len() > policy.max_env_name_len {
-                return Err(SpecError::EnvNameTooLong { name: k.chars().take(32).collect(), max: policy.max_env_name_len });
+                return Err(SpecError::EnvNameTooLong {
+                    name: k.chars().take(32).collect(),
+                    max: policy.max_env_name_len,
+                });
             }
             if !is_valid_env_name(k) {
                 return Err(SpecError::EnvName(k.clone()));
@@ -254,7 +291,10 @@ impl SpecDraft {
                 return Err(SpecError::EnvReserved(k.clone()));
             }
             if v.len() > policy.max_env_value_len {
-                return Err(SpecError::EnvValueTooLong { name: k.clone(), max: policy.max_env_value_len });
+                return Err(SpecError::EnvValueTooLong {
+                    name: k.clone(),
+                    max: policy.max_env_value_len,
+                });
             }
             if v.contains('\0') {
                 return Err(SpecError::EnvValueNul(k.clone()));
@@ -262,12 +302,17 @@ impl SpecDraft {
             total += k.len() + v.len();
         }
         if total > policy.max_env_total {
-            return Err(SpecError::EnvTooLarge { total, max: policy.max_env_total });
+            return Err(SpecError::EnvTooLarge {
+                total,
+                max: policy.max_env_total,
+            });
         }
 
         let target_default = match self.target_default.as_deref() {
             None => DeploymentTarget::Preview,
-            Some(t) => DeploymentTarget::parse(t).ok_or_else(|| SpecError::TargetDefault(t.to_string()))?,
+            Some(t) => {
+                DeploymentTarget::parse(t).ok_or_else(|| SpecError::TargetDefault(t.to_string()))?
+            }
         };
         let kind = match self.kind.as_deref() {
             None => DeploymentKind::Auto,
@@ -303,7 +348,10 @@ impl AgentName {
             return Err("agent name must not be blank".into());
         }
         if t.chars().count() > Self::MAX_LEN {
-            return Err(format!("agent name is longer than {} characters", Self::MAX_LEN));
+            return Err(format!(
+                "agent name is longer than {} characters",
+                Self::MAX_LEN
+            ));
         }
         if t.chars().any(char::is_control) {
             return Err("agent name must not contain control characters".into());
@@ -349,36 +397,124 @@ mod tests {
     #[test]
     fn each_rule_has_its_own_error() {
         assert_eq!(err(|d| d.name = None), SpecError::Required("name"));
-        assert_eq!(err(|d| d.name = Some("  ".into())), SpecError::Blank { field: "name" });
-        assert_eq!(err(|d| d.name = Some("a\u{7}b".into())), SpecError::NameControlChar);
-        assert_eq!(err(|d| d.name = Some("x".repeat(101))), SpecError::TooLong { field: "name", max: 100 });
-        assert_eq!(err(|d| d.source_dir = None), SpecError::Required("sourceDir"));
-        assert!(matches!(err(|d| d.source_dir = Some("config/miniapps/a".into())), SpecError::SourceDir(PathError::NotAbsolute(_))));
-        assert!(matches!(err(|d| d.source_dir = Some("/config/miniapps/../../etc".into())), SpecError::SourceDir(PathError::Traversal(_))));
-        assert!(matches!(err(|d| d.source_dir = Some("/etc/app".into())), SpecError::SourceDirNotAllowed { .. }));
-        assert!(matches!(err(|d| d.source_dir = Some("/config/miniapps".into())), SpecError::SourceDirNotAllowed { .. }));
-        assert!(matches!(err(|d| d.source_dir = Some("/config/miniapps-x/a".into())), SpecError::SourceDirNotAllowed { .. }));
-        assert_eq!(err(|d| d.build_command = None), SpecError::Required("buildCommand"));
-        assert_eq!(err(|d| d.start_command = None), SpecError::Required("startCommand"));
-        assert_eq!(err(|d| d.start_command = Some("".into())), SpecError::Blank { field: "startCommand" });
-        assert_eq!(err(|d| d.install_command = Some("a\0b".into())), SpecError::Nul { field: "installCommand" });
-        assert_eq!(err(|d| d.runtime_port = Some(80)), SpecError::RuntimePort(80));
-        assert_eq!(err(|d| d.runtime_port = Some(65536)), SpecError::RuntimePort(65536));
-        assert_eq!(err(|d| d.runtime_port = Some(-1)), SpecError::RuntimePort(-1));
-        assert_eq!(err(|d| d.env = Some([("1BAD".into(), "x".into())].into())), SpecError::EnvName("1BAD".into()));
-        assert_eq!(err(|d| d.env = Some([("A-B".into(), "x".into())].into())), SpecError::EnvName("A-B".into()));
-        assert_eq!(err(|d| d.env = Some([("PORT".into(), "1".into())].into())), SpecError::EnvReserved("PORT".into()));
+        assert_eq!(
+            err(|d| d.name = Some("  ".into())),
+            SpecError::Blank { field: "name" }
+        );
+        assert_eq!(
+            err(|d| d.name = Some("a\u{7}b".into())),
+            SpecError::NameControlChar
+        );
+        assert_eq!(
+            err(|d| d.name = Some("x".repeat(101))),
+            SpecError::TooLong {
+                field: "name",
+                max: 100
+            }
+        );
+        assert_eq!(
+            err(|d| d.source_dir = None),
+            SpecError::Required("sourceDir")
+        );
+        assert!(matches!(
+            err(|d| d.source_dir = Some("config/miniapps/a".into())),
+            SpecError::SourceDir(PathError::NotAbsolute(_))
+        ));
+        assert!(matches!(
+            err(|d| d.source_dir = Some("/config/miniapps/../../etc".into())),
+            SpecError::SourceDir(PathError::Traversal(_))
+        ));
+        assert!(matches!(
+            err(|d| d.source_dir = Some("/etc/app".into())),
+            SpecError::SourceDirNotAllowed { .. }
+        ));
+        assert!(matches!(
+            err(|d| d.source_dir = Some("/config/miniapps".into())),
+            SpecError::SourceDirNotAllowed { .. }
+        ));
+        assert!(matches!(
+            err(|d| d.source_dir = Some("/config/miniapps-x/a".into())),
+            SpecError::SourceDirNotAllowed { .. }
+        ));
+        assert_eq!(
+            err(|d| d.build_command = None),
+            SpecError::Required("buildCommand")
+        );
+        assert_eq!(
+            err(|d| d.start_command = None),
+            SpecError::Required("startCommand")
+        );
+        assert_eq!(
+            err(|d| d.start_command = Some("".into())),
+            SpecError::Blank {
+                field: "startCommand"
+            }
+        );
+        assert_eq!(
+            err(|d| d.install_command = Some("a\0b".into())),
+            SpecError::Nul {
+                field: "installCommand"
+            }
+        );
+        assert_eq!(
+            err(|d| d.runtime_port = Some(80)),
+            SpecError::RuntimePort(80)
+        );
+        assert_eq!(
+            err(|d| d.runtime_port = Some(65536)),
+            SpecError::RuntimePort(65536)
+        );
+        assert_eq!(
+            err(|d| d.runtime_port = Some(-1)),
+            SpecError::RuntimePort(-1)
+        );
+        assert_eq!(
+            err(|d| d.env = Some([("1BAD".into(), "x".into())].into())),
+            SpecError::EnvName("1BAD".into())
+        );
+        assert_eq!(
+            err(|d| d.env = Some([("A-B".into(), "x".into())].into())),
+            SpecError::EnvName("A-B".into())
+        );
+        assert_eq!(
+            err(|d| d.env = Some([("PORT".into(), "1".into())].into())),
+            SpecError::EnvReserved("PORT".into())
+        );
         assert_eq!(
             err(|d| d.env = Some([("A".into(), "x".repeat(40_000))].into())),
-            SpecError::EnvValueTooLong { name: "A".into(), max: 32 * 1024 }
+            SpecError::EnvValueTooLong {
+                name: "A".into(),
+                max: 32 * 1024
+            }
         );
-        assert_eq!(err(|d| d.env = Some([("A".into(), "\0".into())].into())), SpecError::EnvValueNul("A".into()));
-        let many: BTreeMap<String, String> = (0..201).map(|i| (format!("V{i}"), String::new())).collect();
-        assert_eq!(err(|d| d.env = Some(many)), SpecError::TooManyEnv { count: 201, max: 200 });
-        let big: BTreeMap<String, String> = (0..10).map(|i| (format!("V{i}"), "x".repeat(30_000))).collect();
-        assert!(matches!(err(|d| d.env = Some(big)), SpecError::EnvTooLarge { .. }));
-        assert_eq!(err(|d| d.target_default = Some("staging".into())), SpecError::TargetDefault("staging".into()));
-        assert_eq!(err(|d| d.kind = Some("vm".into())), SpecError::Kind("vm".into()));
+        assert_eq!(
+            err(|d| d.env = Some([("A".into(), "\0".into())].into())),
+            SpecError::EnvValueNul("A".into())
+        );
+        let many: BTreeMap<String, String> =
+            (0..201).map(|i| (format!("V{i}"), String::new())).collect();
+        assert_eq!(
+            err(|d| d.env = Some(many)),
+            SpecError::TooManyEnv {
+                count: 201,
+                max: 200
+            }
+        );
+        let big: BTreeMap<String, String> = (0..10)
+            .map(|i| (format!("V{i}"), "x".repeat(30_000)))
+            .collect();
+        assert!(matches!(
+            err(|d| d.env = Some(big)),
+            SpecError::EnvTooLarge { .. }
+        ));
+        assert_eq!(
+            err(|d| d.target_default = Some("staging".into())),
+            SpecError::TargetDefault("staging".into())
+        );
+        assert_eq!(
+            err(|d| d.kind = Some("vm".into())),
+            SpecError::Kind("vm".into())
+        );
     }
 
     #[test]
@@ -396,7 +532,10 @@ mod tests {
         assert_eq!(v.kind, DeploymentKind::Static);
         let mut d = ok_draft();
         d.runtime_port = Some(65535);
-        assert_eq!(d.validate(&SpecPolicy::default()).unwrap().runtime_port, 65535);
+        assert_eq!(
+            d.validate(&SpecPolicy::default()).unwrap().runtime_port,
+            65535
+        );
     }
 
     #[test]

@@ -31,7 +31,10 @@ impl AppHandle {
             let status = process.kill(grace).await;
             let _ = exit_tx.send(Some(status.map_err(|e| e.to_string())));
         });
-        Self { kill: std::sync::Mutex::new(Some(kill_tx)), exit: exit_rx }
+        Self {
+            kill: std::sync::Mutex::new(Some(kill_tx)),
+            exit: exit_rx,
+        }
     }
 
     /// Resolves when the app has exited (on its own or because it was stopped).

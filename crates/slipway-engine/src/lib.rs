@@ -160,7 +160,9 @@ pub struct StartRequest {
 pub enum EngineError {
     #[error("agent {agent_id} has no deployment spec; set one first")]
     NoSpec { agent_id: String },
-    #[error("run {run_id} is still in its start pipeline; stop it or wait until it is ready or failed")]
+    #[error(
+        "run {run_id} is still in its start pipeline; stop it or wait until it is ready or failed"
+    )]
     Busy { run_id: String },
     #[error("run {run_id} not found")]
     RunNotFound { run_id: String },
@@ -262,12 +264,19 @@ impl Engine {
         let agent = req.agent_id.clone();
         let spec = blocking(move || store.get_spec(&agent))
             .await?
-            .ok_or_else(|| EngineError::NoSpec { agent_id: req.agent_id.clone() })?;
+            .ok_or_else(|| EngineError::NoSpec {
+                agent_id: req.agent_id.clone(),
+            })?;
         if let Source::Snapshot(hash) = &req.source {
             let store = inner.store.clone();
             let (agent, h) = (req.agent_id.clone(), hash.clone());
-            if blocking(move || store.find_snapshot_by_hash(&agent, &h)).await?.is_none() {
-                return Err(EngineError::SnapshotNotFound { content_hash: hash.clone() });
+            if blocking(move || store.find_snapshot_by_hash(&agent, &h))
+                .await?
+                .is_none()
+            {
+                return Err(EngineError::SnapshotNotFound {
+                    content_hash: hash.clone(),
+                });
             }
         }
         let now = (inner.clock)();
@@ -295,13 +304,21 @@ impl Engine {
             Err(e) => return Err(e.into()),
         }
         inner.events.publish(Event::RunNew(run.clone()));
-        inner.router.set(&inner.config.preview_host(&run.id), not_ready_route()).ok();
+        inner
+            .router
+            .set(&inner.config.preview_host(&run.id), not_ready_route())
+            .ok();
 
         let cancel = CancellationToken::new();
         let (done_tx, done_rx) = tokio::sync::watch::channel(false);
         lock(&inner.active).insert(
             run.id.clone(),
-            Active { cancel: cancel.clone(), sandbox: None, app: None, pipeline_done: done_rx },
+            Active {
+                cancel: cancel.clone(),
+                sandbox: None,
+                app: None,
+                pipeline_done: done_rx,
+            },
         );
         let engine = self.clone();
         let started = run.clone();
@@ -335,18 +352,34 @@ impl Engine {
         }
         match run.status {
             DeploymentStatus::Ready | DeploymentStatus::Failed => {
-                run = self.transition(&run, DeploymentStatus::Stopping, RunPatch::default()).await?;
+                run = self
+                    .transition(&run, DeploymentStatus::Stopping, RunPatch::default())
+                    .await?;
                 self.production_run_stopping(agent_id, run_id).await;
-                inner.router.set(&inner.config.preview_host(run_id), stopped_route()).ok();
+                inner
+                    .router
+                    .set(&inner.config.preview_host(run_id), stopped_route())
+                    .ok();
                 self.teardown(run_id).await;
-                let patch = RunPatch { stopped_at: Some((inner.clock)()), ..Default::default() };
-                run = self.transition(&run, DeploymentStatus::Stopped, patch).await?;
+                let patch = RunPatch {
+                    stopped_at: Some((inner.clock)()),
+                    ..Default::default()
+                };
+                run = self
+                    .transition(&run, DeploymentStatus::Stopped, patch)
+                    .await?;
             }
             DeploymentStatus::Stopping => {
                 // Another stop is under way; finish it if it was interrupted.
                 self.teardown(run_id).await;
-                let patch = RunPatch { stopped_at: Some((inner.clock)()), ..Default::default() };
-                if let Ok(r) = self.transition(&run, DeploymentStatus::Stopped, patch).await {
+                let patch = RunPatch {
+                    stopped_at: Some((inner.clock)()),
+                    ..Default::default()
+                };
+                if let Ok(r) = self
+                    .transition(&run, DeploymentStatus::Stopped, patch)
+                    .await
+                {
                     run = r;
                 }
             }
@@ -364,7 +397,9 @@ impl Engine {
         let (a, r) = (agent_id.to_string(), run_id.to_string());
         blocking(move || store.get_run(&a, &r))
             .await?
-            .ok_or_else(|| EngineError::RunNotFound { run_id: run_id.to_string() })
+            .ok_or_else(|| EngineError::RunNotFound {
+                run_id: run_id.to_string(),
+            })
     }
 
     /// Finds what a previous process left behind: sandbox leftovers are destroyed, runs caught
@@ -398,22 +433,37 @@ impl Engine {
         for mut run in leftover {
             let host = inner.config.preview_host(&run.id);
             if run.status == DeploymentStatus::Queued {
-                run = self.transition(&run, DeploymentStatus::Capturing, RunPatch::default()).await?;
+                run = self
+                    .transition(&run, DeploymentStatus::Capturing, RunPatch::default())
+                    .await?;
             }
             if run.status.is_active_pipeline() {
-                let patch = RunPatch { error: Some(REASON.into()), ..Default::default() };
-                self.transition(&run, DeploymentStatus::Failed, patch).await?;
+                let patch = RunPatch {
+                    error: Some(REASON.into()),
+                    ..Default::default()
+                };
+                self.transition(&run, DeploymentStatus::Failed, patch)
+                    .await?;
                 inner.router.set(&host, failed_route()).ok();
                 report.runs_failed += 1;
                 continue;
             }
             if run.status == DeploymentStatus::Ready {
-                let patch = RunPatch { error: Some(REASON.into()), ..Default::default() };
-                run = self.transition(&run, DeploymentStatus::Stopping, patch).await?;
+                let patch = RunPatch {
+                    error: Some(REASON.into()),
+                    ..Default::default()
+                };
+                run = self
+                    .transition(&run, DeploymentStatus::Stopping, patch)
+                    .await?;
             }
             if run.status == DeploymentStatus::Stopping {
-                let patch = RunPatch { stopped_at: Some((inner.clock)()), ..Default::default() };
-                self.transition(&run, DeploymentStatus::Stopped, patch).await?;
+                let patch = RunPatch {
+                    stopped_at: Some((inner.clock)()),
+                    ..Default::default()
+                };
+                self.transition(&run, DeploymentStatus::Stopped, patch)
+                    .await?;
                 inner.router.set(&host, stopped_route()).ok();
                 report.runs_stopped += 1;
             }
@@ -451,7 +501,12 @@ impl Engine {
     }
 
     /// Applies one state-machine edge and publishes the updated run.
-    async fn transition(&self, run: &RunRecord, to: DeploymentStatus, patch: RunPatch) -> Result<RunRecord, EngineError> {
+    async fn transition(
+        &self,
+        run: &RunRecord,
+        to: DeploymentStatus,
+        patch: RunPatch,
+    ) -> Result<RunRecord, EngineError> {
         let store = self.inner.store.clone();
         let (id, from, now) = (run.id.clone(), run.status, (self.inner.clock)());
         let updated = blocking(move || store.transition_run(&id, from, to, patch, now)).await?;
@@ -470,17 +525,21 @@ pub struct ReconcileReport {
 
 fn not_ready_route() -> Route {
     Route::Unavailable(
-        Unavailable::new(UnavailableKind::NotReady).with_detail("This deployment is still being built or started."),
+        Unavailable::new(UnavailableKind::NotReady)
+            .with_detail("This deployment is still being built or started."),
     )
 }
 
 fn stopped_route() -> Route {
-    Route::Unavailable(Unavailable::new(UnavailableKind::Stopped).with_detail("This deployment run was stopped."))
+    Route::Unavailable(
+        Unavailable::new(UnavailableKind::Stopped).with_detail("This deployment run was stopped."),
+    )
 }
 
 fn failed_route() -> Route {
     Route::Unavailable(
-        Unavailable::new(UnavailableKind::Failed).with_detail("This deployment run failed; its log says why."),
+        Unavailable::new(UnavailableKind::Failed)
+            .with_detail("This deployment run failed; its log says why."),
     )
 }
 

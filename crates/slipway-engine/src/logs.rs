@@ -28,12 +28,19 @@ pub struct LogLimits {
 
 impl Default for LogLimits {
     fn default() -> Self {
-        Self { max_lines: 100_000, tail_lines: 2_000 }
+        Self {
+            max_lines: 100_000,
+            tail_lines: 2_000,
+        }
     }
 }
 
 enum Msg {
-    Line { ts: i64, stream: String, text: String },
+    Line {
+        ts: i64,
+        stream: String,
+        text: String,
+    },
     Flush(tokio::sync::oneshot::Sender<()>),
 }
 
@@ -75,7 +82,14 @@ impl RunLog {
 
     /// Writes a platform line such as `> capturing source...`.
     pub async fn system(&self, text: impl Into<String>) {
-        let _ = self.tx.send(Msg::Line { ts: 0, stream: STREAM_SYSTEM.into(), text: text.into() }).await;
+        let _ = self
+            .tx
+            .send(Msg::Line {
+                ts: 0,
+                stream: STREAM_SYSTEM.into(),
+                text: text.into(),
+            })
+            .await;
     }
 
     /// Waits until every line sent so far is persisted and published — including, when the
@@ -96,7 +110,11 @@ impl RunLog {
         let tx = self.tx.clone();
         let task = tokio::spawn(async move {
             while let Some(line) = orx.recv().await {
-                let msg = Msg::Line { ts: line.ts_ms as i64, stream: line.stream.as_str().into(), text: line.text };
+                let msg = Msg::Line {
+                    ts: line.ts_ms as i64,
+                    stream: line.stream.as_str().into(),
+                    text: line.text,
+                };
                 if tx.send(msg).await.is_err() {
                     break;
                 }
@@ -122,28 +140,34 @@ struct Writer {
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
         const BATCH: usize = 512;
-        let head_cap = self.limits.max_lines.saturating_sub(self.limits.tail_lines + 1);
+        let head_cap = self
+            .limits
+            .max_lines
+            .saturating_sub(self.limits.tail_lines + 1);
         loop {
             // Gather a batch: wait for one message, then take whatever else is already queued
             // (up to BATCH) or arrives within a few milliseconds.
             let first = rx.recv().await;
             let Some(first) = first else { break };
             let mut flushes = Vec::new();
-            let handle = |m: Msg, w: &mut Writer, flushes: &mut Vec<tokio::sync::oneshot::Sender<()>>| match m {
-                Msg::Line { ts, stream, text } => {
-                    let ts = if ts == 0 { (w.clock)() } else { ts };
-                    if w.written + (w.pending.len() as u64) < head_cap {
-                        w.pending.push((ts, stream, text));
-                    } else {
-                        w.dropped += 1;
-                        w.tail.push_back((ts, stream, text));
-                        if w.tail.len() as u64 > w.limits.tail_lines {
-                            w.tail.pop_front();
+            let handle =
+                |m: Msg, w: &mut Writer, flushes: &mut Vec<tokio::sync::oneshot::Sender<()>>| {
+                    match m {
+                        Msg::Line { ts, stream, text } => {
+                            let ts = if ts == 0 { (w.clock)() } else { ts };
+                            if w.written + (w.pending.len() as u64) < head_cap {
+                                w.pending.push((ts, stream, text));
+                            } else {
+                                w.dropped += 1;
+                                w.tail.push_back((ts, stream, text));
+                                if w.tail.len() as u64 > w.limits.tail_lines {
+                                    w.tail.pop_front();
+                                }
+                            }
                         }
+                        Msg::Flush(done) => flushes.push(done),
                     }
-                }
-                Msg::Flush(done) => flushes.push(done),
-            };
+                };
             handle(first, &mut self, &mut flushes);
             let deadline = tokio::time::Instant::now() + Duration::from_millis(20);
             while self.pending.len() < BATCH && flushes.is_empty() {
@@ -198,7 +222,10 @@ impl Writer {
         let store = self.store.clone();
         let run_id = self.run_id.clone();
         let count = batch.len() as u64;
-        let result = tokio::task::spawn_blocking(move || store.append_logs(&run_id, &batch).map(|n| (n, batch))).await;
+        let result = tokio::task::spawn_blocking(move || {
+            store.append_logs(&run_id, &batch).map(|n| (n, batch))
+        })
+        .await;
         match result {
             Ok(Ok((first_line, batch))) => {
                 self.written += count;
@@ -209,7 +236,9 @@ impl Writer {
                     lines: batch,
                 });
             }
-            Ok(Err(e)) => tracing::error!(run = %self.run_id, error = %e, "could not persist log lines"),
+            Ok(Err(e)) => {
+                tracing::error!(run = %self.run_id, error = %e, "could not persist log lines")
+            }
             Err(e) => tracing::error!(run = %self.run_id, error = %e, "log writer task failed"),
         }
     }

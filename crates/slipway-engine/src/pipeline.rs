@@ -23,7 +23,10 @@ impl<E: std::fmt::Display> From<E> for Failure {
 }
 
 /// Runs `fut` unless the run is cancelled first.
-async fn or_cancel<T>(cancel: &CancellationToken, fut: impl std::future::Future<Output = T>) -> Result<T, Failure> {
+async fn or_cancel<T>(
+    cancel: &CancellationToken,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, Failure> {
     tokio::select! {
         biased;
         _ = cancel.cancelled() => Err(Failure("cancelled".into())),
@@ -42,7 +45,13 @@ fn describe_exit(what: &str, status: &ExitStatus) -> String {
     }
 }
 
-pub(crate) async fn run(engine: Engine, run: RunRecord, source: Source, operator: Option<String>, cancel: CancellationToken) {
+pub(crate) async fn run(
+    engine: Engine,
+    run: RunRecord,
+    source: Source,
+    operator: Option<String>,
+    cancel: CancellationToken,
+) {
     let inner = engine.inner.clone();
     let (log, writer) = RunLog::start(
         inner.store.clone(),
@@ -56,22 +65,40 @@ pub(crate) async fn run(engine: Engine, run: RunRecord, source: Source, operator
     let outcome = drive(&engine, &mut current, source, operator, &cancel, &log).await;
     if let Err(Failure(reason)) = outcome {
         let phase = current.status;
-        let error = if reason == "cancelled" { reason } else { format!("{phase}: {reason}") };
+        let error = if reason == "cancelled" {
+            reason
+        } else {
+            format!("{phase}: {reason}")
+        };
         log.system(format!("> failed: {error}")).await;
         log.flush().await;
         // The run failed: nothing else changes. Free its sandbox; keep the error and the log.
         engine.teardown(&current.id).await;
         if current.status == DeploymentStatus::Queued {
-            if let Ok(r) = engine.transition(&current, DeploymentStatus::Capturing, RunPatch::default()).await {
+            if let Ok(r) = engine
+                .transition(&current, DeploymentStatus::Capturing, RunPatch::default())
+                .await
+            {
                 current = r;
             }
         }
-        let patch = RunPatch { error: Some(error.clone()), ..Default::default() };
-        match engine.transition(&current, DeploymentStatus::Failed, patch).await {
+        let patch = RunPatch {
+            error: Some(error.clone()),
+            ..Default::default()
+        };
+        match engine
+            .transition(&current, DeploymentStatus::Failed, patch)
+            .await
+        {
             Ok(_) => {}
-            Err(e) => tracing::error!(run = %current.id, error = %e, "could not record run failure"),
+            Err(e) => {
+                tracing::error!(run = %current.id, error = %e, "could not record run failure")
+            }
         }
-        inner.router.set(&inner.config.preview_host(&current.id), failed_route()).ok();
+        inner
+            .router
+            .set(&inner.config.preview_host(&current.id), failed_route())
+            .ok();
     }
     drop(log);
     let _ = writer.await;
@@ -90,7 +117,9 @@ async fn drive(
     let spec = current.spec_snapshot.clone();
 
     // capturing
-    *current = engine.transition(current, DeploymentStatus::Capturing, RunPatch::default()).await?;
+    *current = engine
+        .transition(current, DeploymentStatus::Capturing, RunPatch::default())
+        .await?;
     log.system("> capturing source...").await;
     let snapshot = or_cancel(cancel, crate::snapshots::resolve(engine, current, &source)).await??;
     log.system(format!(
@@ -102,17 +131,36 @@ async fn drive(
     .await;
 
     // Nothing runs from an artifact whose hash or signature does not verify (issue 7).
-    crate::trust::verify(engine, crate::trust::ArtifactKind::Snapshot, &current.agent_id, &snapshot.content_hash, Some(&current.id))
-        .await
-        .map_err(Failure)?;
+    crate::trust::verify(
+        engine,
+        crate::trust::ArtifactKind::Snapshot,
+        &current.agent_id,
+        &snapshot.content_hash,
+        Some(&current.id),
+    )
+    .await
+    .map_err(Failure)?;
 
     // provisioning
-    let patch = RunPatch { snapshot_id: Some(snapshot.id.clone()), ..Default::default() };
-    *current = engine.transition(current, DeploymentStatus::Provisioning, patch).await?;
-    log.system(format!("> provisioning sandbox {}...", current.sandbox_id)).await;
-    let driver = inner.driver.as_ref().map_err(|reason| Failure(format!("sandboxes are unavailable: {reason}")))?;
+    let patch = RunPatch {
+        snapshot_id: Some(snapshot.id.clone()),
+        ..Default::default()
+    };
+    *current = engine
+        .transition(current, DeploymentStatus::Provisioning, patch)
+        .await?;
+    log.system(format!("> provisioning sandbox {}...", current.sandbox_id))
+        .await;
+    let driver = inner
+        .driver
+        .as_ref()
+        .map_err(|reason| Failure(format!("sandboxes are unavailable: {reason}")))?;
     let workload_uid = SandboxSpec::new("probe", "/").uid;
-    let lower = or_cancel(cancel, crate::snapshots::extracted(engine, &snapshot, workload_uid)).await??;
+    let lower = or_cancel(
+        cancel,
+        crate::snapshots::extracted(engine, &snapshot, workload_uid),
+    )
+    .await??;
     let mut sspec = SandboxSpec::new(current.sandbox_id.clone(), lower);
     sspec.limits = cfg.limits.clone();
     sspec.toolchain_paths = cfg.toolchain_paths.clone();
@@ -137,9 +185,18 @@ async fn drive(
     }
 
     // building
-    *current = engine.transition(current, DeploymentStatus::Building, RunPatch::default()).await?;
-    let env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    for (what, command) in [("install command", &spec.install_command), ("build command", &spec.build_command)] {
+    *current = engine
+        .transition(current, DeploymentStatus::Building, RunPatch::default())
+        .await?;
+    let env: Vec<(String, String)> = spec
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (what, command) in [
+        ("install command", &spec.install_command),
+        ("build command", &spec.build_command),
+    ] {
         if command.trim().is_empty() {
             continue;
         }
@@ -156,8 +213,19 @@ async fn drive(
 
     // The build's output becomes the release (before the app can change the workspace).
     log.system("> storing the release...").await;
-    let release = or_cancel(cancel, crate::release::make_release(engine, current, &sandbox)).await??;
-    crate::trust::sign(engine, crate::trust::ArtifactKind::Release, &release.agent_id, &release.content_hash).await.map_err(Failure)?;
+    let release = or_cancel(
+        cancel,
+        crate::release::make_release(engine, current, &sandbox),
+    )
+    .await??;
+    crate::trust::sign(
+        engine,
+        crate::trust::ArtifactKind::Release,
+        &release.agent_id,
+        &release.content_hash,
+    )
+    .await
+    .map_err(Failure)?;
     log.system(format!(
         "> release {} ({}, {} files, {} bytes)",
         &release.content_hash[..12],
@@ -169,12 +237,15 @@ async fn drive(
 
     // starting: the build is over, so is its way out. The app runs with no outbound network.
     sandbox.close_egress();
-    *current = engine.transition(current, DeploymentStatus::Starting, RunPatch::default()).await?;
+    *current = engine
+        .transition(current, DeploymentStatus::Starting, RunPatch::default())
+        .await?;
     if release.kind == slipway_store::ReleaseKind::Static {
         return finish_static(engine, current, &release, operator, log).await;
     }
     log.system(format!("> {}", spec.start_command)).await;
-    let mut req = ExecRequest::new(spec.start_command.clone()).env("PORT", spec.runtime_port.to_string());
+    let mut req =
+        ExecRequest::new(spec.start_command.clone()).env("PORT", spec.runtime_port.to_string());
     for (k, v) in &env {
         req = req.env(k.clone(), v.clone());
     }
@@ -191,7 +262,11 @@ async fn drive(
     let ready = crate::readiness::wait_ready(
         move || {
             let s = probe_sandbox.clone();
-            async move { s.connect(port).await.map_err(|e| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string())) }
+            async move {
+                s.connect(port).await.map_err(|e| {
+                    std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string())
+                })
+            }
         },
         &host,
         &cfg.readiness_path,
@@ -220,21 +295,48 @@ async fn drive(
 
     // ready: route first, then record, so the URL works the moment the run says ready.
     let url = cfg.preview_url(&current.id);
-    let upstream = SandboxUpstream { sandbox: sandbox.clone(), port, name: current.id.clone() };
-    inner.router.set(&host, Route::Upstream(Arc::new(upstream))).ok();
+    let upstream = SandboxUpstream {
+        sandbox: sandbox.clone(),
+        port,
+        name: current.id.clone(),
+    };
+    inner
+        .router
+        .set(&host, Route::Upstream(Arc::new(upstream)))
+        .ok();
     if current.target == DeploymentTarget::Production {
         // The production route switches only now that the instance is ready; a failure here
         // fails the run and leaves production as it was.
-        let upstream = SandboxUpstream { sandbox: sandbox.clone(), port, name: format!("{}-production", current.id) };
-        let version = engine.deploy_ready(current, &release, Route::Upstream(Arc::new(upstream)), operator).await?;
-        log.system(format!("> production version {} is live", version.version_number)).await;
+        let upstream = SandboxUpstream {
+            sandbox: sandbox.clone(),
+            port,
+            name: format!("{}-production", current.id),
+        };
+        let version = engine
+            .deploy_ready(
+                current,
+                &release,
+                Route::Upstream(Arc::new(upstream)),
+                operator,
+            )
+            .await?;
+        log.system(format!(
+            "> production version {} is live",
+            version.version_number
+        ))
+        .await;
     }
     // The log first (flushed, with any held-back tail): a reader that sees `ready` finds the
     // whole pipeline log stored (the SSE log stream ends there).
     log.system(format!("> ready at {url}")).await;
     log.flush().await;
-    let patch = RunPatch { url: Some(url.clone()), ..Default::default() };
-    *current = engine.transition(current, DeploymentStatus::Ready, patch).await?;
+    let patch = RunPatch {
+        url: Some(url.clone()),
+        ..Default::default()
+    };
+    *current = engine
+        .transition(current, DeploymentStatus::Ready, patch)
+        .await?;
     Ok(())
 }
 
@@ -250,23 +352,43 @@ async fn finish_static(
     let inner = engine.inner.clone();
     let cfg = &inner.config;
     let route = engine.static_route(release).await.map_err(Failure)?;
-    let sandbox = lock(&inner.active).get_mut(&current.id).and_then(|a| a.sandbox.take());
+    let sandbox = lock(&inner.active)
+        .get_mut(&current.id)
+        .and_then(|a| a.sandbox.take());
     if let Some(sandbox) = sandbox {
         if let Err(e) = sandbox.destroy().await {
             tracing::warn!(run = %current.id, error = %e, "sandbox destroy failed; start-up cleanup will retry");
         }
     }
-    log.system(format!("> static site: serving {}/ without a process", release.static_dir.as_deref().unwrap_or("."))).await;
+    log.system(format!(
+        "> static site: serving {}/ without a process",
+        release.static_dir.as_deref().unwrap_or(".")
+    ))
+    .await;
     let url = cfg.preview_url(&current.id);
-    inner.router.set(&cfg.preview_host(&current.id), route.clone()).ok();
+    inner
+        .router
+        .set(&cfg.preview_host(&current.id), route.clone())
+        .ok();
     if current.target == DeploymentTarget::Production {
-        let version = engine.deploy_ready(current, release, route, operator).await?;
-        log.system(format!("> production version {} is live", version.version_number)).await;
+        let version = engine
+            .deploy_ready(current, release, route, operator)
+            .await?;
+        log.system(format!(
+            "> production version {} is live",
+            version.version_number
+        ))
+        .await;
     }
     log.system(format!("> ready at {url}")).await;
     log.flush().await;
-    let patch = RunPatch { url: Some(url), ..Default::default() };
-    *current = engine.transition(current, DeploymentStatus::Ready, patch).await?;
+    let patch = RunPatch {
+        url: Some(url),
+        ..Default::default()
+    };
+    *current = engine
+        .transition(current, DeploymentStatus::Ready, patch)
+        .await?;
     Ok(())
 }
 

@@ -29,8 +29,8 @@ use slipway_core::{DeploymentStatus, IdKind};
 use slipway_router::{Drain, Route, StaticSite, Unavailable, UnavailableKind};
 use slipway_sandbox::{ExecRequest, Sandbox, SandboxSpec};
 use slipway_store::{
-    DeploymentRecord, NewVersion, ReleaseKind, ReleaseRecord, RouteChange, RouteSwitch, RunRecord, StoreError,
-    VersionRecord,
+    DeploymentRecord, NewVersion, ReleaseKind, ReleaseRecord, RouteChange, RouteSwitch, RunRecord,
+    StoreError, VersionRecord,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -49,7 +49,10 @@ pub enum ProductionError {
     #[error("there is no version before {active} to roll back to")]
     NoPrevious { active: i64 },
     #[error("run {run_id} is {status}; only a ready run can be promoted")]
-    NotReady { run_id: String, status: DeploymentStatus },
+    NotReady {
+        run_id: String,
+        status: DeploymentStatus,
+    },
     #[error("run {run_id} has no release (its build did not finish)")]
     NoRelease { run_id: String },
     #[error("run {run_id} is no longer running; deploy it again")]
@@ -81,7 +84,10 @@ enum Owner {
     /// The sandbox of a ready run (the run's own app); stopping the instance stops the run.
     Run { run_id: String },
     /// A sandbox booted from the release for this instance.
-    Booted { sandbox: Arc<Sandbox>, app: Arc<AppHandle> },
+    Booted {
+        sandbox: Arc<Sandbox>,
+        app: Arc<AppHandle>,
+    },
     /// Files served by the router; nothing to stop.
     Files,
 }
@@ -108,7 +114,10 @@ pub(crate) struct ProductionState {
 
 impl ProductionState {
     fn agent(&self, agent_id: &str) -> Arc<tokio::sync::Mutex<Live>> {
-        lock(&self.agents).entry(agent_id.to_string()).or_default().clone()
+        lock(&self.agents)
+            .entry(agent_id.to_string())
+            .or_default()
+            .clone()
     }
 }
 
@@ -137,7 +146,8 @@ pub fn slugify(name: &str) -> String {
 
 fn stopped_prod_route() -> Route {
     Route::Unavailable(
-        Unavailable::new(UnavailableKind::Stopped).with_detail("The production instance of this app was stopped."),
+        Unavailable::new(UnavailableKind::Stopped)
+            .with_detail("The production instance of this app was stopped."),
     )
 }
 
@@ -161,7 +171,10 @@ impl Engine {
     ///
     /// # Errors
     /// A store failure.
-    pub async fn deployment(&self, agent_id: &str) -> Result<Option<DeploymentRecord>, EngineError> {
+    pub async fn deployment(
+        &self,
+        agent_id: &str,
+    ) -> Result<Option<DeploymentRecord>, EngineError> {
         let store = self.inner.store.clone();
         let a = agent_id.to_string();
         Ok(blocking(move || store.get_deployment(&a)).await?)
@@ -176,10 +189,18 @@ impl Engine {
         v
     }
 
-    async fn ensure_deployment(&self, agent_id: &str, name: &str) -> Result<DeploymentRecord, EngineError> {
+    async fn ensure_deployment(
+        &self,
+        agent_id: &str,
+        name: &str,
+    ) -> Result<DeploymentRecord, EngineError> {
         let store = self.inner.store.clone();
-        let (a, n, id, now) =
-            (agent_id.to_string(), name.to_string(), random_id(IdKind::Deployment), (self.inner.clock)());
+        let (a, n, id, now) = (
+            agent_id.to_string(),
+            name.to_string(),
+            random_id(IdKind::Deployment),
+            (self.inner.clock)(),
+        );
         let slug = slugify(name);
         Ok(blocking(move || store.ensure_deployment(&a, &id, &n, &slug, now)).await?)
     }
@@ -197,10 +218,12 @@ impl Engine {
         operator: Option<String>,
         note: Option<String>,
     ) -> Result<RollbackOutcome, ProductionError> {
-        let dep = self
-            .deployment(agent_id)
-            .await?
-            .ok_or_else(|| ProductionError::NoDeployment { agent_id: agent_id.to_string() })?;
+        let dep =
+            self.deployment(agent_id)
+                .await?
+                .ok_or_else(|| ProductionError::NoDeployment {
+                    agent_id: agent_id.to_string(),
+                })?;
         let live_arc = self.inner.production.agent(agent_id);
         let mut live = live_arc.lock().await;
         // Re-read under the lock: another switch may have happened meanwhile.
@@ -208,7 +231,9 @@ impl Engine {
         let target = match to {
             Some(n) => n,
             None => {
-                let active = dep.active_version.ok_or(ProductionError::VersionNotFound { version: 0 })?;
+                let active = dep
+                    .active_version
+                    .ok_or(ProductionError::VersionNotFound { version: 0 })?;
                 let store = self.inner.store.clone();
                 let a = agent_id.to_string();
                 let all = blocking(move || store.list_versions(&a, u64::MAX)).await?;
@@ -224,21 +249,34 @@ impl Engine {
             .await?
             .ok_or(ProductionError::VersionNotFound { version: target })?;
         if dep.active_version == Some(target) && live.instances.contains_key(&target) {
-            return Ok(RollbackOutcome { version, warm: true, change: None });
+            return Ok(RollbackOutcome {
+                version,
+                warm: true,
+                change: None,
+            });
         }
         // Warm or cold, the release must still verify (issue 7); production is untouched if not.
         crate::trust::verify_version(self, &version)
             .await
-            .map_err(|reason| ProductionError::BootFailed { version: target, reason })?;
+            .map_err(|reason| ProductionError::BootFailed {
+                version: target,
+                reason,
+            })?;
         let host = self.production_host(&dep.slug);
         let (instance, warm) = match live.instances.remove(&target) {
             Some(i) => (i, true),
             None => (self.boot(&version, &host).await?, false),
         };
-        let switch = RouteSwitch { host: host.clone(), reason: "rollback".into(), operator, note };
+        let switch = RouteSwitch {
+            host: host.clone(),
+            reason: "rollback".into(),
+            operator,
+            note,
+        };
         let store = self.inner.store.clone();
         let (dep_id, now) = (dep.id.clone(), (self.inner.clock)());
-        let recorded = blocking(move || store.switch_route(&dep_id, Some(target), &switch, now)).await;
+        let recorded =
+            blocking(move || store.switch_route(&dep_id, Some(target), &switch, now)).await;
         let change = match recorded {
             Ok(c) => c,
             Err(e) => {
@@ -254,7 +292,11 @@ impl Engine {
         self.activate(agent_id, &mut live, &host, target, instance);
         drop(live);
         self.publish_route_change(&change);
-        Ok(RollbackOutcome { version, warm, change: Some(change) })
+        Ok(RollbackOutcome {
+            version,
+            warm,
+            change: Some(change),
+        })
     }
 
     /// Makes a ready run a new production version without rebuilding (same release, same
@@ -272,16 +314,27 @@ impl Engine {
     ) -> Result<VersionRecord, ProductionError> {
         let run = self.get_run(agent_id, run_id).await?;
         if run.status != DeploymentStatus::Ready {
-            return Err(ProductionError::NotReady { run_id: run.id, status: run.status });
+            return Err(ProductionError::NotReady {
+                run_id: run.id,
+                status: run.status,
+            });
         }
         let store = self.inner.store.clone();
         let (a, r) = (agent_id.to_string(), run_id.to_string());
         let release = blocking(move || store.release_for_run(&a, &r))
             .await?
-            .ok_or_else(|| ProductionError::NoRelease { run_id: run_id.to_string() })?;
-        crate::trust::verify(self, crate::trust::ArtifactKind::Release, agent_id, &release.content_hash, Some(run_id))
-            .await
-            .map_err(|reason| ProductionError::BootFailed { version: 0, reason })?;
+            .ok_or_else(|| ProductionError::NoRelease {
+                run_id: run_id.to_string(),
+            })?;
+        crate::trust::verify(
+            self,
+            crate::trust::ArtifactKind::Release,
+            agent_id,
+            &release.content_hash,
+            Some(run_id),
+        )
+        .await
+        .map_err(|reason| ProductionError::BootFailed { version: 0, reason })?;
         let route = match release.kind {
             ReleaseKind::Static => self
                 .static_route(&release)
@@ -291,19 +344,37 @@ impl Engine {
                 let sandbox = lock(&self.inner.active)
                     .get(run_id)
                     .and_then(|a| a.sandbox.clone())
-                    .ok_or_else(|| ProductionError::InstanceGone { run_id: run_id.to_string() })?;
-                let upstream =
-                    SandboxUpstream { sandbox, port: release.runtime_port, name: format!("{run_id}-production") };
+                    .ok_or_else(|| ProductionError::InstanceGone {
+                        run_id: run_id.to_string(),
+                    })?;
+                let upstream = SandboxUpstream {
+                    sandbox,
+                    port: release.runtime_port,
+                    name: format!("{run_id}-production"),
+                };
                 Route::Upstream(Arc::new(upstream))
             }
         };
         let owner = match release.kind {
             ReleaseKind::Static => Owner::Files,
-            ReleaseKind::Dynamic => Owner::Run { run_id: run_id.to_string() },
+            ReleaseKind::Dynamic => Owner::Run {
+                run_id: run_id.to_string(),
+            },
         };
         let note = note.or_else(|| run.note.clone());
         Ok(self
-            .create_version(&run, &release, Instance { owner, route, retiring: None }, "promote", operator, note)
+            .create_version(
+                &run,
+                &release,
+                Instance {
+                    owner,
+                    route,
+                    retiring: None,
+                },
+                "promote",
+                operator,
+                note,
+            )
             .await?)
     }
 
@@ -318,12 +389,18 @@ impl Engine {
     ) -> Result<VersionRecord, EngineError> {
         let owner = match release.kind {
             ReleaseKind::Static => Owner::Files,
-            ReleaseKind::Dynamic => Owner::Run { run_id: run.id.clone() },
+            ReleaseKind::Dynamic => Owner::Run {
+                run_id: run.id.clone(),
+            },
         };
         self.create_version(
             run,
             release,
-            Instance { owner, route, retiring: None },
+            Instance {
+                owner,
+                route,
+                retiring: None,
+            },
             "deploy",
             operator,
             run.note.clone(),
@@ -340,14 +417,18 @@ impl Engine {
         operator: Option<String>,
         note: Option<String>,
     ) -> Result<VersionRecord, EngineError> {
-        let dep = self.ensure_deployment(&run.agent_id, &run.spec_snapshot.name).await?;
+        let dep = self
+            .ensure_deployment(&run.agent_id, &run.spec_snapshot.name)
+            .await?;
         let live_arc = self.inner.production.agent(&run.agent_id);
         let mut live = live_arc.lock().await;
         let snapshot_hash = match &run.snapshot_id {
             Some(id) => {
                 let store = self.inner.store.clone();
                 let (a, s) = (run.agent_id.clone(), id.clone());
-                blocking(move || store.get_snapshot(&a, &s)).await?.map(|s| s.content_hash)
+                blocking(move || store.get_snapshot(&a, &s))
+                    .await?
+                    .map(|s| s.content_hash)
             }
             None => None,
         };
@@ -362,11 +443,22 @@ impl Engine {
             note: note.clone(),
             origin: origin.to_string(),
         };
-        let switch = RouteSwitch { host: host.clone(), reason: origin.to_string(), operator, note };
+        let switch = RouteSwitch {
+            host: host.clone(),
+            reason: origin.to_string(),
+            operator,
+            note,
+        };
         let store = self.inner.store.clone();
         let (dep_id, now) = (dep.id.clone(), (self.inner.clock)());
         let version = blocking(move || store.create_version(&dep_id, &new, &switch, now)).await?;
-        self.activate(&run.agent_id, &mut live, &host, version.version_number, instance);
+        self.activate(
+            &run.agent_id,
+            &mut live,
+            &host,
+            version.version_number,
+            instance,
+        );
         drop(live);
         let change = RouteChange {
             id: 0,
@@ -380,22 +472,38 @@ impl Engine {
             note: version.note.clone(),
             created_at: now,
         };
-        self.inner.events.publish(Event::VersionCreated(version.clone()));
+        self.inner
+            .events
+            .publish(Event::VersionCreated(version.clone()));
         self.publish_route_change(&change);
         Ok(version)
     }
 
     fn publish_route_change(&self, change: &RouteChange) {
-        self.inner.events.publish(Event::RouteChanged(change.clone()));
+        self.inner
+            .events
+            .publish(Event::RouteChanged(change.clone()));
     }
 
     /// Points the production host at `instance` (the switch: one table swap) and retires the
     /// previously active instance. Runs under the agent's lock.
-    fn activate(&self, agent_id: &str, live: &mut Live, host: &str, version: i64, mut instance: Instance) {
+    fn activate(
+        &self,
+        agent_id: &str,
+        live: &mut Live,
+        host: &str,
+        version: i64,
+        mut instance: Instance,
+    ) {
         if let Some((_, token)) = instance.retiring.take() {
             token.cancel();
         }
-        let drain = self.inner.router.set(host, instance.route.clone()).ok().flatten();
+        let drain = self
+            .inner
+            .router
+            .set(host, instance.route.clone())
+            .ok()
+            .flatten();
         let previous = live.active.replace(version);
         if let Some(old) = live.instances.insert(version, instance) {
             // The same version re-deployed over itself: nothing to keep warm.
@@ -405,7 +513,11 @@ impl Engine {
         }
         if let Some(prev) = previous.filter(|p| *p != version) {
             if let Some(inst) = live.instances.get_mut(&prev) {
-                let seq = self.inner.production.retire_seq.fetch_add(1, Ordering::Relaxed);
+                let seq = self
+                    .inner
+                    .production
+                    .retire_seq
+                    .fetch_add(1, Ordering::Relaxed);
                 let token = CancellationToken::new();
                 inst.retiring = Some((seq, token.clone()));
                 let engine = self.clone();
@@ -416,7 +528,14 @@ impl Engine {
     }
 
     /// Drain (bounded), stay warm, then stop — unless re-activated meanwhile.
-    async fn retire(self, agent_id: String, version: i64, seq: u64, token: CancellationToken, drain: Option<Drain>) {
+    async fn retire(
+        self,
+        agent_id: String,
+        version: i64,
+        seq: u64,
+        token: CancellationToken,
+        drain: Option<Drain>,
+    ) {
         let cfg = &self.inner.config;
         let wait = async {
             if let Some(d) = drain {
@@ -430,12 +549,16 @@ impl Engine {
         }
         let live_arc = self.inner.production.agent(&agent_id);
         let mut live = live_arc.lock().await;
-        let still_ours =
-            live.instances.get(&version).is_some_and(|i| i.retiring.as_ref().is_some_and(|(s, _)| *s == seq));
+        let still_ours = live
+            .instances
+            .get(&version)
+            .is_some_and(|i| i.retiring.as_ref().is_some_and(|(s, _)| *s == seq));
         if !still_ours || live.active == Some(version) {
             return;
         }
-        let Some(instance) = live.instances.remove(&version) else { return };
+        let Some(instance) = live.instances.remove(&version) else {
+            return;
+        };
         drop(live);
         self.stop_instance(&agent_id, instance).await;
     }
@@ -455,7 +578,9 @@ impl Engine {
                 let shared = {
                     let live_arc = self.inner.production.agent(agent_id);
                     let live = live_arc.lock().await;
-                    live.instances.values().any(|i| matches!(&i.owner, Owner::Run { run_id: r } if *r == run_id))
+                    live.instances
+                        .values()
+                        .any(|i| matches!(&i.owner, Owner::Run { run_id: r } if *r == run_id))
                 };
                 if !shared {
                     if let Err(e) = self.stop(agent_id, &run_id).await {
@@ -484,9 +609,13 @@ impl Engine {
                 }
             }
         }
-        let Some(active) = live.active.filter(|a| gone.contains(a)) else { return };
+        let Some(active) = live.active.filter(|a| gone.contains(a)) else {
+            return;
+        };
         live.active = None;
-        let Ok(Some(dep)) = self.deployment(agent_id).await else { return };
+        let Ok(Some(dep)) = self.deployment(agent_id).await else {
+            return;
+        };
         let host = self.production_host(&dep.slug);
         self.inner.router.set(&host, stopped_prod_route()).ok();
         let switch = RouteSwitch {
@@ -497,7 +626,8 @@ impl Engine {
         };
         let store = self.inner.store.clone();
         let now = (self.inner.clock)();
-        if let Ok(change) = blocking(move || store.switch_route(&dep.id, None, &switch, now)).await {
+        if let Ok(change) = blocking(move || store.switch_route(&dep.id, None, &switch, now)).await
+        {
             self.publish_route_change(&change);
         }
     }
@@ -506,16 +636,23 @@ impl Engine {
     /// extraction.
     pub(crate) async fn static_route(&self, release: &ReleaseRecord) -> Result<Route, String> {
         let uid = SandboxSpec::new("probe", "/").uid;
-        let root = crate::release::extracted(self, release, uid).await.map_err(|e| e.to_string())?;
+        let root = crate::release::extracted(self, release, uid)
+            .await
+            .map_err(|e| e.to_string())?;
         let dir = release.static_dir.as_deref().unwrap_or(".");
-        let site = StaticSite::new(root.join(dir)).map_err(|e| e.to_string())?.with_spa_fallback(release.spa_fallback);
+        let site = StaticSite::new(root.join(dir))
+            .map_err(|e| e.to_string())?
+            .with_spa_fallback(release.spa_fallback);
         Ok(Route::Static(site))
     }
 
     /// A fresh instance of `version` from its release: extract, new sandbox (no egress), start
     /// command only, readiness. Install and build never run here.
     async fn boot(&self, version: &VersionRecord, host: &str) -> Result<Instance, ProductionError> {
-        let failed = |reason: String| ProductionError::BootFailed { version: version.version_number, reason };
+        let failed = |reason: String| ProductionError::BootFailed {
+            version: version.version_number,
+            reason,
+        };
         let store = self.inner.store.clone();
         let (a, r) = (version.agent_id.clone(), version.release_id.clone());
         let release = blocking(move || store.get_release(&a, &r))
@@ -523,17 +660,33 @@ impl Engine {
             .ok_or_else(|| failed(format!("release {} is missing", version.release_id)))?;
         if release.kind == ReleaseKind::Static {
             let route = self.static_route(&release).await.map_err(failed)?;
-            return Ok(Instance { owner: Owner::Files, route, retiring: None });
+            return Ok(Instance {
+                owner: Owner::Files,
+                route,
+                retiring: None,
+            });
         }
         let cfg = &self.inner.config;
-        let driver = self.inner.driver.as_ref().map_err(|e| failed(format!("sandboxes are unavailable: {e}")))?;
+        let driver = self
+            .inner
+            .driver
+            .as_ref()
+            .map_err(|e| failed(format!("sandboxes are unavailable: {e}")))?;
         let uid = SandboxSpec::new("probe", "/").uid;
-        let lower = crate::release::extracted(self, &release, uid).await.map_err(|e| failed(e.to_string()))?;
+        let lower = crate::release::extracted(self, &release, uid)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
         let mut sspec = SandboxSpec::new(random_id(IdKind::Sandbox), lower);
         sspec.limits = cfg.limits.clone();
         sspec.toolchain_paths = cfg.toolchain_paths.clone();
-        let sandbox = Arc::new(driver.create(sspec).await.map_err(|e| failed(e.to_string()))?);
-        let mut req = ExecRequest::new(release.start_command.clone()).env("PORT", release.runtime_port.to_string());
+        let sandbox = Arc::new(
+            driver
+                .create(sspec)
+                .await
+                .map_err(|e| failed(e.to_string()))?,
+        );
+        let mut req = ExecRequest::new(release.start_command.clone())
+            .env("PORT", release.runtime_port.to_string());
         for (k, v) in &version.spec.env {
             req = req.env(k.clone(), v.clone());
         }
@@ -551,9 +704,9 @@ impl Engine {
             move || {
                 let s = probe.clone();
                 async move {
-                    s.connect(port)
-                        .await
-                        .map_err(|e| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string()))
+                    s.connect(port).await.map_err(|e| {
+                        std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string())
+                    })
                 }
             },
             host,
@@ -590,21 +743,28 @@ impl Engine {
         let store = self.inner.store.clone();
         let deps = blocking(move || store.list_deployments()).await?;
         for dep in deps {
-            let Some(active) = dep.active_version else { continue };
+            let Some(active) = dep.active_version else {
+                continue;
+            };
             let host = self.production_host(&dep.slug);
             self.inner.router.set(&host, crate::not_ready_route()).ok();
             let engine = self.clone();
             tokio::spawn(async move {
                 let store = engine.inner.store.clone();
                 let a = dep.agent_id.clone();
-                let Ok(Some(version)) = blocking(move || store.get_version(&a, active)).await else { return };
+                let Ok(Some(version)) = blocking(move || store.get_version(&a, active)).await
+                else {
+                    return;
+                };
                 let live_arc = engine.inner.production.agent(&dep.agent_id);
                 let mut live = live_arc.lock().await;
                 if live.active.is_some() {
                     return;
                 }
                 match engine.boot(&version, &host).await {
-                    Ok(instance) => engine.activate(&dep.agent_id, &mut live, &host, active, instance),
+                    Ok(instance) => {
+                        engine.activate(&dep.agent_id, &mut live, &host, active, instance)
+                    }
                     Err(e) => {
                         tracing::error!(agent = %dep.agent_id, version = active, error = %e, "production could not be restored");
                         engine.inner.router.set(&host, crate::failed_route()).ok();
@@ -618,7 +778,10 @@ impl Engine {
     /// Stops every production instance this engine booted (graceful shutdown). Run-owned ones
     /// go with their runs.
     pub(crate) async fn production_shutdown(&self) {
-        let agents: Vec<_> = lock(&self.inner.production.agents).values().cloned().collect();
+        let agents: Vec<_> = lock(&self.inner.production.agents)
+            .values()
+            .cloned()
+            .collect();
         for live_arc in agents {
             let mut live = live_arc.lock().await;
             let taken: Vec<Instance> = live.instances.drain().map(|(_, i)| i).collect();
@@ -648,6 +811,8 @@ mod tests {
         assert_eq!(slugify("日本"), "app");
         assert_eq!(slugify("preview"), "preview-app");
         assert_eq!(slugify(&"a".repeat(100)).len(), 40);
-        assert!(slugify("x y z 1 2 3").bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
+        assert!(slugify("x y z 1 2 3")
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
     }
 }

@@ -27,7 +27,12 @@ pub enum ProbeError {
 ///
 /// # Errors
 /// [`ProbeError`] when the app does not speak HTTP, answers 5xx, or takes longer than `timeout`.
-pub async fn http_probe(stream: TcpStream, host: &str, path: &str, timeout: Duration) -> Result<u16, ProbeError> {
+pub async fn http_probe(
+    stream: TcpStream,
+    host: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<u16, ProbeError> {
     let attempt = async {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
@@ -42,7 +47,10 @@ pub async fn http_probe(stream: TcpStream, host: &str, path: &str, timeout: Dura
             .header(hyper::header::CONNECTION, "close")
             .body(Empty::<Bytes>::new())
             .map_err(|e| ProbeError::Http(e.to_string()))?;
-        let res = sender.send_request(req).await.map_err(|e| ProbeError::Http(e.to_string()));
+        let res = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ProbeError::Http(e.to_string()));
         driver.abort();
         let status = res?.status().as_u16();
         if status >= 500 {
@@ -90,7 +98,10 @@ where
             Ok(Err(e)) => last = ProbeError::Connect(e),
             Err(_) => last = ProbeError::Timeout(per_try),
         }
-        tokio::time::sleep(delay.min(deadline.saturating_duration_since(tokio::time::Instant::now()))).await;
+        tokio::time::sleep(
+            delay.min(deadline.saturating_duration_since(tokio::time::Instant::now())),
+        )
+        .await;
         delay = (delay * 3 / 2).min(Duration::from_millis(50));
     }
 }

@@ -63,7 +63,10 @@ pub enum ReleaseError {
     #[error("writing the release archive failed: {0}")]
     Write(String),
     #[error("extracting release {content_hash} failed: {message}")]
-    Extract { content_hash: String, message: String },
+    Extract {
+        content_hash: String,
+        message: String,
+    },
     #[error("store: {0}")]
     Store(#[from] slipway_store::StoreError),
 }
@@ -106,11 +109,16 @@ pub fn decide_kind(
         candidates.push(e.trim_matches('/').to_string());
     }
     candidates.extend(OUTPUT_DIRS.iter().map(|s| s.to_string()));
-    let found = candidates.iter().find(|c| shape.dirs_with_index.contains(c)).cloned();
+    let found = candidates
+        .iter()
+        .find(|c| shape.dirs_with_index.contains(c))
+        .cloned();
     match kind {
-        DeploymentKind::Dynamic => {
-            Ok(KindDecision { kind: ReleaseKind::Dynamic, static_dir: None, reason: "kind: dynamic".into() })
-        }
+        DeploymentKind::Dynamic => Ok(KindDecision {
+            kind: ReleaseKind::Dynamic,
+            static_dir: None,
+            reason: "kind: dynamic".into(),
+        }),
         DeploymentKind::Static => {
             let dir = found.or_else(|| shape.dirs_with_index.iter().find(|d| *d == ".").cloned());
             match dir {
@@ -119,15 +127,22 @@ pub fn decide_kind(
                     reason: format!("kind: static, serving {d}/"),
                     static_dir: Some(d),
                 }),
-                None => Err(ReleaseError::NoStaticOutput { looked: format!("{}, .", candidates.join(", ")) }),
+                None => Err(ReleaseError::NoStaticOutput {
+                    looked: format!("{}, .", candidates.join(", ")),
+                }),
             }
         }
         DeploymentKind::Auto => {
-            let entry = shape.root_files.iter().find(|f| SERVER_ENTRY_POINTS.contains(&f.as_str()));
+            let entry = shape
+                .root_files
+                .iter()
+                .find(|f| SERVER_ENTRY_POINTS.contains(&f.as_str()));
             match (found, entry) {
                 (Some(d), None) if !shape.package_has_server => Ok(KindDecision {
                     kind: ReleaseKind::Static,
-                    reason: format!("kind: auto → static ({d}/index.html and no server entry point)"),
+                    reason: format!(
+                        "kind: auto → static ({d}/index.html and no server entry point)"
+                    ),
                     static_dir: Some(d),
                 }),
                 (Some(_), Some(e)) => Ok(KindDecision {
@@ -138,7 +153,8 @@ pub fn decide_kind(
                 (Some(_), None) => Ok(KindDecision {
                     kind: ReleaseKind::Dynamic,
                     static_dir: None,
-                    reason: "kind: auto → dynamic (package.json names a start script or main)".into(),
+                    reason: "kind: auto → dynamic (package.json names a start script or main)"
+                        .into(),
                 }),
                 (None, _) => Ok(KindDecision {
                     kind: ReleaseKind::Dynamic,
@@ -168,11 +184,15 @@ fn shape_of(dir: &Path, explicit: Option<&str>) -> BuiltShape {
         }
     }
     if let Ok(rd) = fs::read_dir(dir) {
-        shape.root_files = rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        shape.root_files = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
     }
     if let Ok(text) = fs::read_to_string(dir.join("package.json")) {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-            shape.package_has_server = v.pointer("/scripts/start").is_some() || v.get("main").is_some();
+            shape.package_has_server =
+                v.pointer("/scripts/start").is_some() || v.get("main").is_some();
         }
     }
     shape
@@ -192,7 +212,12 @@ fn is_symlink_path(root: &Path, rel: &str) -> bool {
 }
 
 fn spa_on(spec: &DeploymentSpec) -> bool {
-    spec.env.get(SPA_ENV).is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+    spec.env.get(SPA_ENV).is_some_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        )
+    })
 }
 
 /// Exports the run's built workspace and stores it as a release. Called once the build
@@ -208,7 +233,10 @@ pub(crate) async fn make_release(
     fs::create_dir_all(&exports).map_err(|e| ReleaseError::Export(e.to_string()))?;
     let dest = exports.join(&run.id);
     let _ = fs::remove_dir_all(&dest);
-    sandbox.export_workspace(&dest).await.map_err(|e| ReleaseError::Export(e.to_string()))?;
+    sandbox
+        .export_workspace(&dest)
+        .await
+        .map_err(|e| ReleaseError::Export(e.to_string()))?;
     let guard = RemoveOnDrop(dest.clone());
 
     let explicit = spec.env.get(OUTPUT_DIR_ENV).cloned();
@@ -226,7 +254,9 @@ pub(crate) async fn make_release(
         id: random_id(IdKind::Release),
         agent_id: run.agent_id.clone(),
         run_id: Some(run.id.clone()),
-        artifact_path: inner.artifacts.release_location(&run.agent_id, &archived.content_hash),
+        artifact_path: inner
+            .artifacts
+            .release_location(&run.agent_id, &archived.content_hash),
         content_hash: archived.content_hash,
         artifact_sha256: archived.artifact_sha256,
         kind: decision.kind,
@@ -276,20 +306,30 @@ fn walk(root: &Path) -> Result<Vec<(String, Item)>, ReleaseError> {
         for entry in fs::read_dir(root.join(&rel)).map_err(io)? {
             let entry = entry.map_err(io)?;
             let child = rel.join(entry.file_name());
-            let name =
-                child.to_str().ok_or_else(|| ReleaseError::NonUtf8(child.to_string_lossy().into_owned()))?.to_string();
+            let name = child
+                .to_str()
+                .ok_or_else(|| ReleaseError::NonUtf8(child.to_string_lossy().into_owned()))?
+                .to_string();
             let meta = fs::symlink_metadata(root.join(&child)).map_err(io)?;
             let ft = meta.file_type();
             if ft.is_dir() {
                 out.push((name, Item::Dir));
                 pending.push(child);
             } else if ft.is_file() {
-                out.push((name, Item::File { executable: meta.permissions().mode() & 0o100 != 0, size: meta.len() }));
+                out.push((
+                    name,
+                    Item::File {
+                        executable: meta.permissions().mode() & 0o100 != 0,
+                        size: meta.len(),
+                    },
+                ));
             } else if ft.is_symlink() {
                 let target = fs::read_link(root.join(&child)).map_err(io)?;
                 let target = target
                     .to_str()
-                    .ok_or_else(|| ReleaseError::NonUtf8(format!("{name} -> {}", target.display())))?
+                    .ok_or_else(|| {
+                        ReleaseError::NonUtf8(format!("{name} -> {}", target.display()))
+                    })?
                     .to_string();
                 out.push((name, Item::Symlink { target }));
             }
@@ -348,9 +388,17 @@ pub fn archive_tree(
     let serr = |e: slipway_artifacts::StoreError| ReleaseError::Write(e.to_string());
     let entries = walk(dir)?;
     let stage_dir = artifacts.release_dir(agent).map_err(serr)?;
-    let tmp = tempfile::Builder::new().prefix(".release-").suffix(".partial").tempfile_in(&stage_dir).map_err(werr)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".release-")
+        .suffix(".partial")
+        .tempfile_in(&stage_dir)
+        .map_err(werr)?;
     let file = tmp.as_file().try_clone().map_err(werr)?;
-    let counting = HashingWriter { inner: io::BufWriter::new(file), hasher: Sha256::new(), written: 0 };
+    let counting = HashingWriter {
+        inner: io::BufWriter::new(file),
+        hasher: Sha256::new(),
+        written: 0,
+    };
     let encoder = zstd::Encoder::new(counting, 3).map_err(werr)?;
     let mut tar = tar::Builder::new(encoder);
     tar.mode(tar::HeaderMode::Deterministic);
@@ -366,7 +414,8 @@ pub fn archive_tree(
                 h.set_entry_type(tar::EntryType::Directory);
                 h.set_mode(0o755);
                 h.set_size(0);
-                tar.append_data(&mut h, format!("{path}/"), io::empty()).map_err(werr)?;
+                tar.append_data(&mut h, format!("{path}/"), io::empty())
+                    .map_err(werr)?;
             }
             Item::File { executable, size } => {
                 h.set_entry_type(tar::EntryType::Regular);
@@ -374,11 +423,20 @@ pub fn archive_tree(
                 h.set_size(*size);
                 let f = fs::File::open(dir.join(path)).map_err(werr)?;
                 // The export is ours and no longer changing; `take` keeps the header honest anyway.
-                let mut reader = HashingReader { inner: f.take(*size), hasher: Sha256::new() };
+                let mut reader = HashingReader {
+                    inner: f.take(*size),
+                    hasher: Sha256::new(),
+                };
                 tar.append_data(&mut h, path, &mut reader).map_err(werr)?;
                 let digest: [u8; 32] = reader.hasher.finalize().into();
-                tree.push(path, EntryKind::File { executable: *executable }, &digest)
-                    .map_err(|e| ReleaseError::Write(format!("entries out of order at {}", e.path)))?;
+                tree.push(
+                    path,
+                    EntryKind::File {
+                        executable: *executable,
+                    },
+                    &digest,
+                )
+                .map_err(|e| ReleaseError::Write(format!("entries out of order at {}", e.path)))?;
                 files += 1;
             }
             Item::Symlink { target } => {
@@ -387,8 +445,9 @@ pub fn archive_tree(
                 h.set_size(0);
                 tar.append_link(&mut h, path, target).map_err(werr)?;
                 let digest: [u8; 32] = Sha256::digest(target.as_bytes()).into();
-                tree.push(path, EntryKind::Symlink, &digest)
-                    .map_err(|e| ReleaseError::Write(format!("entries out of order at {}", e.path)))?;
+                tree.push(path, EntryKind::Symlink, &digest).map_err(|e| {
+                    ReleaseError::Write(format!("entries out of order at {}", e.path))
+                })?;
                 files += 1;
             }
         }
@@ -401,13 +460,24 @@ pub fn archive_tree(
     drop(counting.inner);
     tmp.as_file().sync_all().map_err(werr)?;
     let content_hash = tree.finish();
-    artifacts.publish_release(agent, &content_hash, tmp.into_temp_path()).map_err(serr)?;
-    Ok(Archived { content_hash, artifact_sha256, file_count: files, size_bytes })
+    artifacts
+        .publish_release(agent, &content_hash, tmp.into_temp_path())
+        .map_err(serr)?;
+    Ok(Archived {
+        content_hash,
+        artifact_sha256,
+        file_count: files,
+        size_bytes,
+    })
 }
 
 /// The cached, read-only extraction of a release, owned by the workload uid; extracted once
 /// per hash, concurrent callers wait for the one extraction.
-pub(crate) async fn extracted(engine: &Engine, release: &ReleaseRecord, uid: u32) -> Result<PathBuf, ReleaseError> {
+pub(crate) async fn extracted(
+    engine: &Engine,
+    release: &ReleaseRecord,
+    uid: u32,
+) -> Result<PathBuf, ReleaseError> {
     // Every instance boots through here: verify the release's hash and signature first (issue 7).
     crate::trust::verify(
         engine,
@@ -417,9 +487,16 @@ pub(crate) async fn extracted(engine: &Engine, release: &ReleaseRecord, uid: u32
         release.run_id.as_deref(),
     )
     .await
-    .map_err(|message| ReleaseError::Extract { content_hash: release.content_hash.clone(), message })?;
+    .map_err(|message| ReleaseError::Extract {
+        content_hash: release.content_hash.clone(),
+        message,
+    })?;
     let inner = engine.inner.clone();
-    let dir = inner.config.cache_dir.join("releases").join(&release.content_hash);
+    let dir = inner
+        .config
+        .cache_dir
+        .join("releases")
+        .join(&release.content_hash);
     let gate = {
         let mut map = inner.extracting.lock().await;
         map.entry(format!("release:{}", release.content_hash))
@@ -439,7 +516,9 @@ pub(crate) async fn extracted(engine: &Engine, release: &ReleaseRecord, uid: u32
         if let Some(parent) = dest.parent() {
             fs::create_dir_all(parent).map_err(|e| e.to_string())?;
         }
-        let reader = artifacts.open_release(&agent, &hash).map_err(|e| e.to_string())?;
+        let reader = artifacts
+            .open_release(&agent, &hash)
+            .map_err(|e| e.to_string())?;
         let mut options = slipway_artifacts::ExtractOptions::default();
         options.owner = Some((uid, uid));
         options.max_bytes = max_bytes;
@@ -449,7 +528,10 @@ pub(crate) async fn extracted(engine: &Engine, release: &ReleaseRecord, uid: u32
     })
     .await
     .expect("extract task panicked")
-    .map_err(|message| ReleaseError::Extract { content_hash: release.content_hash.clone(), message })?;
+    .map_err(|message| ReleaseError::Extract {
+        content_hash: release.content_hash.clone(),
+        message,
+    })?;
     Ok(dir)
 }
 
@@ -467,23 +549,49 @@ mod tests {
 
     #[test]
     fn auto_is_static_only_with_output_and_no_server() {
-        let d = decide_kind(DeploymentKind::Auto, None, &shape(&["dist"], &["package.json"], false)).unwrap();
-        assert_eq!((d.kind, d.static_dir.as_deref()), (ReleaseKind::Static, Some("dist")));
-        let d = decide_kind(DeploymentKind::Auto, None, &shape(&["dist"], &["server.js"], false)).unwrap();
+        let d = decide_kind(
+            DeploymentKind::Auto,
+            None,
+            &shape(&["dist"], &["package.json"], false),
+        )
+        .unwrap();
+        assert_eq!(
+            (d.kind, d.static_dir.as_deref()),
+            (ReleaseKind::Static, Some("dist"))
+        );
+        let d = decide_kind(
+            DeploymentKind::Auto,
+            None,
+            &shape(&["dist"], &["server.js"], false),
+        )
+        .unwrap();
         assert_eq!(d.kind, ReleaseKind::Dynamic);
         let d = decide_kind(DeploymentKind::Auto, None, &shape(&["build"], &[], true)).unwrap();
         assert_eq!(d.kind, ReleaseKind::Dynamic);
         // A root index.html alone is not an output directory for auto.
-        let d = decide_kind(DeploymentKind::Auto, None, &shape(&["."], &["index.html"], false)).unwrap();
+        let d = decide_kind(
+            DeploymentKind::Auto,
+            None,
+            &shape(&["."], &["index.html"], false),
+        )
+        .unwrap();
         assert_eq!(d.kind, ReleaseKind::Dynamic);
-        let d = decide_kind(DeploymentKind::Auto, Some("site/"), &shape(&["site", "dist"], &[], false)).unwrap();
+        let d = decide_kind(
+            DeploymentKind::Auto,
+            Some("site/"),
+            &shape(&["site", "dist"], &[], false),
+        )
+        .unwrap();
         assert_eq!(d.static_dir.as_deref(), Some("site"));
     }
 
     #[test]
     fn static_needs_an_index_and_may_use_the_root() {
         let d = decide_kind(DeploymentKind::Static, None, &shape(&["."], &[], true)).unwrap();
-        assert_eq!((d.kind, d.static_dir.as_deref()), (ReleaseKind::Static, Some(".")));
+        assert_eq!(
+            (d.kind, d.static_dir.as_deref()),
+            (ReleaseKind::Static, Some("."))
+        );
         assert!(matches!(
             decide_kind(DeploymentKind::Static, None, &shape(&[], &[], false)),
             Err(ReleaseError::NoStaticOutput { .. })
@@ -508,17 +616,30 @@ mod tests {
         assert_eq!(a, b, "same tree, same archive");
         assert!(store.contains_release("agt-x", &a.content_hash));
         let mut bytes = Vec::new();
-        store.open_release("agt-x", &a.content_hash).unwrap().read_to_end(&mut bytes).unwrap();
+        store
+            .open_release("agt-x", &a.content_hash)
+            .unwrap()
+            .read_to_end(&mut bytes)
+            .unwrap();
         assert_eq!(hex::encode(Sha256::digest(&bytes)), a.artifact_sha256);
         assert_eq!(bytes.len() as u64, a.size_bytes);
         // Extracts back to the same tree.
         let out = root.path().join("out");
         slipway_artifacts::extract(&bytes[..], &out, &Default::default()).unwrap();
-        assert_eq!(fs::read_to_string(out.join("dist/index.html")).unwrap(), "<h1>v1</h1>");
+        assert_eq!(
+            fs::read_to_string(out.join("dist/index.html")).unwrap(),
+            "<h1>v1</h1>"
+        );
         assert!(out.join("dist/empty").is_dir());
-        assert_eq!(fs::read_link(out.join("link")).unwrap(), Path::new("dist/index.html"));
+        assert_eq!(
+            fs::read_link(out.join("link")).unwrap(),
+            Path::new("dist/index.html")
+        );
         fs::write(src.join("dist/index.html"), "<h1>v2</h1>").unwrap();
-        assert_ne!(archive_tree(&store, "agt-x", &src).unwrap().content_hash, a.content_hash);
+        assert_ne!(
+            archive_tree(&store, "agt-x", &src).unwrap().content_hash,
+            a.content_hash
+        );
     }
 }
 
@@ -539,7 +660,10 @@ impl Engine {
     ///
     /// # Errors
     /// A store failure. File system errors skip the file (it is tried again next time).
-    pub async fn collect_garbage(&self, min_age: std::time::Duration) -> Result<GcReport, crate::EngineError> {
+    pub async fn collect_garbage(
+        &self,
+        min_age: std::time::Duration,
+    ) -> Result<GcReport, crate::EngineError> {
         let store = self.inner.store.clone();
         let refs = crate::blocking(move || store.referenced_artifacts()).await?;
         let root = self.inner.artifacts.root().to_path_buf();
@@ -551,17 +675,23 @@ impl Engine {
                     .and_then(|m| m.modified())
                     .is_ok_and(|t| now.duration_since(t).unwrap_or_default() >= min_age)
             };
-            let Ok(agents) = fs::read_dir(&root) else { return report };
+            let Ok(agents) = fs::read_dir(&root) else {
+                return report;
+            };
             for agent in agents.flatten() {
                 let agent_id = agent.file_name().to_string_lossy().into_owned();
                 let empty = Default::default();
                 let snaps = refs.snapshots.get(&agent_id).unwrap_or(&empty);
                 let rels = refs.releases.get(&agent_id).unwrap_or(&empty);
                 for (dir, keep) in [(agent.path(), snaps), (agent.path().join("releases"), rels)] {
-                    let Ok(files) = fs::read_dir(&dir) else { continue };
+                    let Ok(files) = fs::read_dir(&dir) else {
+                        continue;
+                    };
                     for f in files.flatten() {
                         let name = f.file_name().to_string_lossy().into_owned();
-                        let Some(hash) = name.strip_suffix(".tar.zst") else { continue };
+                        let Some(hash) = name.strip_suffix(".tar.zst") else {
+                            continue;
+                        };
                         if !slipway_artifacts::is_content_hash(hash) {
                             continue;
                         }

@@ -25,7 +25,10 @@ pub enum SnapshotError {
     #[error("capture failed: {0}")]
     Capture(String),
     #[error("extracting snapshot {content_hash} failed: {message}")]
-    Extract { content_hash: String, message: String },
+    Extract {
+        content_hash: String,
+        message: String,
+    },
     #[error("store: {0}")]
     Store(#[from] slipway_store::StoreError),
 }
@@ -35,38 +38,57 @@ pub enum SnapshotError {
 ///
 /// # Errors
 /// [`SnapshotError::Missing`], [`SnapshotError::Escapes`] or [`SnapshotError::AgentRoot`].
-pub fn host_source_dir(engine: &Engine, agent_id: &str, source_dir: &str) -> Result<PathBuf, SnapshotError> {
+pub fn host_source_dir(
+    engine: &Engine,
+    agent_id: &str,
+    source_dir: &str,
+) -> Result<PathBuf, SnapshotError> {
     let template = &engine.inner.config.agent_root;
     let root = template.agent_root(agent_id);
     let root = match root.canonicalize() {
         Ok(r) => r,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(SnapshotError::Missing { source_dir: source_dir.to_string() })
+            return Err(SnapshotError::Missing {
+                source_dir: source_dir.to_string(),
+            })
         }
         Err(e) => return Err(SnapshotError::AgentRoot(e)),
     };
     let lexical = template.host_path(agent_id, source_dir);
     let resolved = match lexical.canonicalize() {
         Ok(p) => p,
-        Err(_) => return Err(SnapshotError::Missing { source_dir: source_dir.to_string() }),
+        Err(_) => {
+            return Err(SnapshotError::Missing {
+                source_dir: source_dir.to_string(),
+            })
+        }
     };
     if !resolved.starts_with(&root) || resolved == root {
-        return Err(SnapshotError::Escapes { source_dir: source_dir.to_string() });
+        return Err(SnapshotError::Escapes {
+            source_dir: source_dir.to_string(),
+        });
     }
     Ok(resolved)
 }
 
 /// The snapshot a run deploys: captured now from the spec's `sourceDir`, or an uploaded one.
-pub(crate) async fn resolve(engine: &Engine, run: &RunRecord, source: &Source) -> Result<SnapshotRecord, SnapshotError> {
+pub(crate) async fn resolve(
+    engine: &Engine,
+    run: &RunRecord,
+    source: &Source,
+) -> Result<SnapshotRecord, SnapshotError> {
     let inner = engine.inner.clone();
     match source {
         Source::Snapshot(hash) => {
             let store = inner.store.clone();
             let (agent, h) = (run.agent_id.clone(), hash.clone());
-            let found = tokio::task::spawn_blocking(move || store.find_snapshot_by_hash(&agent, &h))
-                .await
-                .expect("store task panicked")?;
-            found.ok_or_else(|| SnapshotError::NotFound { content_hash: hash.clone() })
+            let found =
+                tokio::task::spawn_blocking(move || store.find_snapshot_by_hash(&agent, &h))
+                    .await
+                    .expect("store task panicked")?;
+            found.ok_or_else(|| SnapshotError::NotFound {
+                content_hash: hash.clone(),
+            })
         }
         Source::SpecSourceDir => {
             let spec = &run.spec_snapshot;
@@ -75,19 +97,29 @@ pub(crate) async fn resolve(engine: &Engine, run: &RunRecord, source: &Source) -
             let artifacts_loc = inner.artifacts.clone();
             let agent = run.agent_id.clone();
             let options = capture_options(engine);
-            let captured = tokio::task::spawn_blocking(move || artifacts.capture_dir(&agent, &dir, &options))
-                .await
-                .expect("capture task panicked")
-                .map_err(|e| SnapshotError::Capture(e.to_string()))?;
-            crate::trust::sign(engine, crate::trust::ArtifactKind::Snapshot, &run.agent_id, &captured.content_hash)
-                .await
-                .map_err(SnapshotError::Capture)?;
+            let captured =
+                tokio::task::spawn_blocking(move || artifacts.capture_dir(&agent, &dir, &options))
+                    .await
+                    .expect("capture task panicked")
+                    .map_err(|e| SnapshotError::Capture(e.to_string()))?;
+            crate::trust::sign(
+                engine,
+                crate::trust::ArtifactKind::Snapshot,
+                &run.agent_id,
+                &captured.content_hash,
+            )
+            .await
+            .map_err(SnapshotError::Capture)?;
             let record = SnapshotRecord {
                 id: random_id(IdKind::Snapshot),
                 agent_id: run.agent_id.clone(),
                 spec_id: Some(run.spec_id.clone()),
                 source_dir: spec.source_dir.clone(),
-                artifact_path: slipway_artifacts::ArtifactStore::location(&*artifacts_loc, &run.agent_id, &captured.content_hash),
+                artifact_path: slipway_artifacts::ArtifactStore::location(
+                    &*artifacts_loc,
+                    &run.agent_id,
+                    &captured.content_hash,
+                ),
                 content_hash: captured.content_hash.clone(),
                 file_count: captured.file_count,
                 size_bytes: captured.size_bytes,
@@ -95,7 +127,9 @@ pub(crate) async fn resolve(engine: &Engine, run: &RunRecord, source: &Source) -
             };
             let store = inner.store.clone();
             let rec = record.clone();
-            tokio::task::spawn_blocking(move || store.insert_snapshot(&rec)).await.expect("store task panicked")?;
+            tokio::task::spawn_blocking(move || store.insert_snapshot(&rec))
+                .await
+                .expect("store task panicked")?;
             inner.events.publish(Event::SnapshotCreated(record.clone()));
             Ok(record)
         }
@@ -114,12 +148,22 @@ fn capture_options(engine: &Engine) -> slipway_artifacts::CaptureOptions {
 /// The cached, read-only extraction of a snapshot, owned by the workload uid. Extracted once
 /// per content hash and shared by every sandbox of that hash; concurrent callers wait for the
 /// one extraction.
-pub(crate) async fn extracted(engine: &Engine, snapshot: &SnapshotRecord, uid: u32) -> Result<PathBuf, SnapshotError> {
+pub(crate) async fn extracted(
+    engine: &Engine,
+    snapshot: &SnapshotRecord,
+    uid: u32,
+) -> Result<PathBuf, SnapshotError> {
     let inner = engine.inner.clone();
-    let dir = inner.config.cache_dir.join("snapshots").join(&snapshot.content_hash);
+    let dir = inner
+        .config
+        .cache_dir
+        .join("snapshots")
+        .join(&snapshot.content_hash);
     let gate = {
         let mut map = inner.extracting.lock().await;
-        map.entry(snapshot.content_hash.clone()).or_insert_with(|| Arc::new(tokio::sync::Mutex::new(()))).clone()
+        map.entry(snapshot.content_hash.clone())
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+            .clone()
     };
     let _held = gate.lock().await;
     if dir.is_dir() {
@@ -130,10 +174,23 @@ pub(crate) async fn extracted(engine: &Engine, snapshot: &SnapshotRecord, uid: u
     let dest = dir.clone();
     let max_bytes = inner.config.max_snapshot_bytes.saturating_mul(8);
     let max_entries = inner.config.max_snapshot_files + 1000;
-    tokio::task::spawn_blocking(move || extract_into(&artifacts, &agent, &hash, &dest, uid, max_bytes, max_entries))
-        .await
-        .expect("extract task panicked")
-        .map_err(|message| SnapshotError::Extract { content_hash: snapshot.content_hash.clone(), message })?;
+    tokio::task::spawn_blocking(move || {
+        extract_into(
+            &artifacts,
+            &agent,
+            &hash,
+            &dest,
+            uid,
+            max_bytes,
+            max_entries,
+        )
+    })
+    .await
+    .expect("extract task panicked")
+    .map_err(|message| SnapshotError::Extract {
+        content_hash: snapshot.content_hash.clone(),
+        message,
+    })?;
     Ok(dir)
 }
 

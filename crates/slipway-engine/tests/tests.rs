@@ -1,7 +1,7 @@
 //! Engine integration tests (real sandboxes; they need root).
 
-mod runs;
 mod events;
+mod runs;
 mod traffic;
 mod util;
 mod versions;

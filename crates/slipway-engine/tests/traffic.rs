@@ -12,8 +12,15 @@ use crate::util::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn npm_dependency_is_installed_through_the_build_proxy() {
     let Some(h) = harness().await else { return };
-    if slipway_sandbox::RegistryConfig::derive().egress_config(&[]).allow_hosts.is_empty() {
-        assert!(std::env::var_os("CI").is_none(), "CI must be able to reach the npm registry through the build proxy");
+    if slipway_sandbox::RegistryConfig::derive()
+        .egress_config(&[])
+        .allow_hosts
+        .is_empty()
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must be able to reach the npm registry through the build proxy"
+        );
         eprintln!("SKIPPED (no package registry configured on this host)");
         return;
     }
@@ -26,9 +33,16 @@ require('http').createServer((req, res) => res.end('is 42 a number? ' + isNumber
   .listen(Number(process.env.PORT), '127.0.0.1');"#,
         ),
     ]);
-    h.set_spec("npm install --no-audit --no-fund --loglevel=error", "node -e \"require('is-number')\"", "node server.js", 3000);
+    h.set_spec(
+        "npm install --no-audit --no-fund --loglevel=error",
+        "node -e \"require('is-number')\"",
+        "node server.js",
+        3000,
+    );
     let run = h.start().await;
-    let ready = h.wait_for(&run.id, DeploymentStatus::Ready, Duration::from_secs(240)).await;
+    let ready = h
+        .wait_for(&run.id, DeploymentStatus::Ready, Duration::from_secs(240))
+        .await;
     let (status, body) = h.get(&h.preview_host(&ready.id), "/").await;
     assert_eq!(status, 200);
     assert_eq!(body, "is 42 a number? true");
@@ -93,15 +107,26 @@ async fn websocket_echo_through_the_router_into_a_sandbox() {
     h.write(&[("ws.py", WS_ECHO)]);
     h.set_spec("", "true", "python3 ws.py", 3000);
     let run = h.start().await;
-    h.wait_for(&run.id, DeploymentStatus::Ready, Duration::from_secs(60)).await;
-    let url = format!("ws://{}:{}/socket", h.preview_host(&run.id), h.app_addr.port());
+    h.wait_for(&run.id, DeploymentStatus::Ready, Duration::from_secs(60))
+        .await;
+    let url = format!(
+        "ws://{}:{}/socket",
+        h.preview_host(&run.id),
+        h.app_addr.port()
+    );
     let request = url.into_client_request().unwrap();
     let tcp = tokio::net::TcpStream::connect(h.app_addr).await.unwrap();
-    let (mut ws, response) = tokio_tungstenite::client_async(request, tcp).await.expect("upgrade through the router");
+    let (mut ws, response) = tokio_tungstenite::client_async(request, tcp)
+        .await
+        .expect("upgrade through the router");
     assert_eq!(response.status(), 101);
     for text in ["hello", "second message", &"x".repeat(2000)] {
         ws.send(Message::text(text)).await.unwrap();
-        let reply = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("echo in time").unwrap().unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("echo in time")
+            .unwrap()
+            .unwrap();
         assert_eq!(reply.into_text().unwrap().as_str(), format!("echo: {text}"));
     }
     ws.close(None).await.unwrap();
@@ -163,18 +188,26 @@ async fn hundred_mib_streams_each_way_through_the_router_without_buffering() {
     h.write(&[("stream.py", STREAMER)]);
     h.set_spec("", "true", "python3 stream.py", 3000);
     let run = h.start().await;
-    h.wait_for(&run.id, DeploymentStatus::Ready, Duration::from_secs(60)).await;
+    h.wait_for(&run.id, DeploymentStatus::Ready, Duration::from_secs(60))
+        .await;
     let host = h.preview_host(&run.id);
     let before = vm_hwm_kib();
 
     // Download: count the body as it arrives.
     let mut s = tokio::net::TcpStream::connect(h.app_addr).await.unwrap();
-    s.write_all(format!("GET /big HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(
+        format!("GET /big HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut buf = vec![0u8; 64 * 1024];
     let mut head = Vec::new();
     let mut body = 0u64;
     loop {
-        let n = tokio::time::timeout(Duration::from_secs(60), s.read(&mut buf)).await.expect("download stalled").unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(60), s.read(&mut buf))
+            .await
+            .expect("download stalled")
+            .unwrap();
         if n == 0 {
             break;
         }
@@ -187,7 +220,11 @@ async fn hundred_mib_streams_each_way_through_the_router_without_buffering() {
             body += n as u64;
         }
     }
-    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head[..head.len().min(200)]));
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head[..head.len().min(200)])
+    );
     assert_eq!(body, HUNDRED_MIB);
 
     // Upload: the app reports how much it received.
@@ -196,16 +233,28 @@ async fn hundred_mib_streams_each_way_through_the_router_without_buffering() {
     s.write_all(req.as_bytes()).await.unwrap();
     let chunk = vec![b'y'; 64 * 1024];
     for _ in 0..(HUNDRED_MIB / chunk.len() as u64) {
-        tokio::time::timeout(Duration::from_secs(60), s.write_all(&chunk)).await.expect("upload stalled").unwrap();
+        tokio::time::timeout(Duration::from_secs(60), s.write_all(&chunk))
+            .await
+            .expect("upload stalled")
+            .unwrap();
     }
     let mut reply = Vec::new();
-    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut reply)).await.expect("reply in time").unwrap();
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut reply))
+        .await
+        .expect("reply in time")
+        .unwrap();
     let reply = String::from_utf8_lossy(&reply);
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
-    assert!(reply.ends_with(&format!("\r\n\r\n{HUNDRED_MIB}")), "{reply}");
+    assert!(
+        reply.ends_with(&format!("\r\n\r\n{HUNDRED_MIB}")),
+        "{reply}"
+    );
 
     // 200 MiB went through; the process grew by far less than one body.
     let grown_mib = vm_hwm_kib().saturating_sub(before) / 1024;
-    assert!(grown_mib < 48, "peak memory grew by {grown_mib} MiB while streaming");
+    assert!(
+        grown_mib < 48,
+        "peak memory grew by {grown_mib} MiB while streaming"
+    );
     h.engine.stop(&h.agent, &run.id).await.unwrap();
 }

@@ -41,7 +41,11 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { readiness_timeout: Duration::from_secs(30), max_log_lines: 100_000, tail_lines: 2_000 }
+        Self {
+            readiness_timeout: Duration::from_secs(30),
+            max_log_lines: 100_000,
+            tail_lines: 2_000,
+        }
     }
 }
 
@@ -55,24 +59,40 @@ pub async fn harness_with(opts: Options) -> Option<Harness> {
     }
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open(&dir.path().join("slipway.db")).unwrap());
-    let artifacts = Arc::new(slipway_artifacts::LocalArtifactStore::new(dir.path().join("artifacts")).unwrap());
+    let artifacts =
+        Arc::new(slipway_artifacts::LocalArtifactStore::new(dir.path().join("artifacts")).unwrap());
     let helper = PathBuf::from(env!("CARGO_BIN_EXE_slipway-engine-helper"));
     let mut driver_cfg = slipway_sandbox::DriverConfig::new(helper, dir.path().join("sandboxes"));
     // Tests run side by side and reconcile kills everything under the cgroup parent.
-    driver_cfg.cgroup_parent = format!("slipway-test-{}", slipway_core::IdKind::Sandbox.make(rand::random::<[u8; 10]>()));
+    driver_cfg.cgroup_parent = format!(
+        "slipway-test-{}",
+        slipway_core::IdKind::Sandbox.make(rand::random::<[u8; 10]>())
+    );
     let driver = slipway_sandbox::LinuxDriver::new(driver_cfg).map_err(|e| e.to_string());
-    let router = Arc::new(slipway_router::Router::new(slipway_router::RouterConfig::default()));
+    let router = Arc::new(slipway_router::Router::new(
+        slipway_router::RouterConfig::default(),
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app_addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(slipway_router::serve(listener, router.clone(), async move {
-        let _ = rx.await;
-    }));
+    tokio::spawn(slipway_router::serve(
+        listener,
+        router.clone(),
+        async move {
+            let _ = rx.await;
+        },
+    ));
     let template = format!("{}/agents/{{agentId}}", dir.path().display());
-    let mut config = EngineConfig::new(dir.path().join("cache"), AgentRootTemplate::parse(&template).unwrap());
+    let mut config = EngineConfig::new(
+        dir.path().join("cache"),
+        AgentRootTemplate::parse(&template).unwrap(),
+    );
     config.app_port = app_addr.port();
     config.readiness_timeout = opts.readiness_timeout;
-    config.log_limits = slipway_engine::LogLimits { max_lines: opts.max_log_lines, tail_lines: opts.tail_lines };
+    config.log_limits = slipway_engine::LogLimits {
+        max_lines: opts.max_log_lines,
+        tail_lines: opts.tail_lines,
+    };
     config.stop_grace = Duration::from_secs(2);
     let registry = slipway_sandbox::RegistryConfig::derive();
     config.egress_allow = registry.egress_config(&[]).allow_hosts;
@@ -87,12 +107,28 @@ pub async fn harness_with(opts: Options) -> Option<Harness> {
         slipway_engine::system_clock(),
     );
     let agent = slipway_core::IdKind::Agent.make(rand_bytes());
-    store.insert_agent(&Agent { id: agent.clone(), name: "test".into(), created_at: 1 }).unwrap();
-    Some(Harness { dir, engine, store, app_addr, agent, _shutdown: tx })
+    store
+        .insert_agent(&Agent {
+            id: agent.clone(),
+            name: "test".into(),
+            created_at: 1,
+        })
+        .unwrap();
+    Some(Harness {
+        dir,
+        engine,
+        store,
+        app_addr,
+        agent,
+        _shutdown: tx,
+    })
 }
 
 fn rand_bytes() -> [u8; 10] {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     let mut b = [0u8; 10];
     b.copy_from_slice(&nanos.to_le_bytes()[..10]);
     b
@@ -101,7 +137,11 @@ fn rand_bytes() -> [u8; 10] {
 impl Harness {
     /// Host directory of the agent's `/config/miniapps/app`.
     pub fn app_dir(&self) -> PathBuf {
-        self.dir.path().join("agents").join(&self.agent).join("config/miniapps/app")
+        self.dir
+            .path()
+            .join("agents")
+            .join(&self.agent)
+            .join("config/miniapps/app")
     }
 
     pub fn write(&self, files: &[(&str, &str)]) {
@@ -123,13 +163,24 @@ impl Harness {
             ..Default::default()
         };
         let valid = draft.validate(&SpecPolicy::default()).unwrap();
-        let spec = valid.into_spec(format!("spc-{}", &self.agent[4..]), self.agent.clone(), 1, 1);
+        let spec = valid.into_spec(
+            format!("spc-{}", &self.agent[4..]),
+            self.agent.clone(),
+            1,
+            1,
+        );
         self.store.upsert_spec(&spec).unwrap();
     }
 
     pub async fn start(&self) -> RunRecord {
         self.engine
-            .start(StartRequest { agent_id: self.agent.clone(), target: None, note: None, source: Source::SpecSourceDir, operator: None })
+            .start(StartRequest {
+                agent_id: self.agent.clone(),
+                target: None,
+                note: None,
+                source: Source::SpecSourceDir,
+                operator: None,
+            })
             .await
             .unwrap()
     }
@@ -146,7 +197,8 @@ impl Harness {
             if r.status == want {
                 return r;
             }
-            if tokio::time::Instant::now() > deadline || (r.status.is_settled() && r.status != want) {
+            if tokio::time::Instant::now() > deadline || (r.status.is_settled() && r.status != want)
+            {
                 panic!(
                     "run {id} is {} (error: {:?}), wanted {want}\n--- log ---\n{}",
                     r.status,
@@ -177,7 +229,10 @@ impl Harness {
             if text.contains(needle) {
                 return text;
             }
-            assert!(tokio::time::Instant::now() < deadline, "log of {id} never contained {needle:?}:\n{text}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "log of {id} never contained {needle:?}:\n{text}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -198,9 +253,19 @@ pub async fn http_get(addr: SocketAddr, host: &str, path: &str) -> (u16, String)
     let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf)).await.expect("response in time").unwrap();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut buf))
+        .await
+        .expect("response in time")
+        .unwrap();
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }

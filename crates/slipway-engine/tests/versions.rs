@@ -30,20 +30,33 @@ async fn harness(warm: Duration, readiness: Duration) -> Option<H> {
     }
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open(&dir.path().join("slipway.db")).unwrap());
-    let artifacts = Arc::new(slipway_artifacts::LocalArtifactStore::new(dir.path().join("artifacts")).unwrap());
+    let artifacts =
+        Arc::new(slipway_artifacts::LocalArtifactStore::new(dir.path().join("artifacts")).unwrap());
     let helper = PathBuf::from(env!("CARGO_BIN_EXE_slipway-engine-helper"));
     let mut driver_cfg = slipway_sandbox::DriverConfig::new(helper, dir.path().join("sandboxes"));
-    driver_cfg.cgroup_parent = format!("slipway-test-{}", slipway_core::IdKind::Sandbox.make(rand::random()));
+    driver_cfg.cgroup_parent = format!(
+        "slipway-test-{}",
+        slipway_core::IdKind::Sandbox.make(rand::random())
+    );
     let driver = slipway_sandbox::LinuxDriver::new(driver_cfg).map_err(|e| e.to_string());
-    let router = Arc::new(slipway_router::Router::new(slipway_router::RouterConfig::default()));
+    let router = Arc::new(slipway_router::Router::new(
+        slipway_router::RouterConfig::default(),
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(slipway_router::serve(listener, router.clone(), async move {
-        let _ = rx.await;
-    }));
+    tokio::spawn(slipway_router::serve(
+        listener,
+        router.clone(),
+        async move {
+            let _ = rx.await;
+        },
+    ));
     let template = format!("{}/agents/{{agentId}}", dir.path().display());
-    let mut config = EngineConfig::new(dir.path().join("cache"), AgentRootTemplate::parse(&template).unwrap());
+    let mut config = EngineConfig::new(
+        dir.path().join("cache"),
+        AgentRootTemplate::parse(&template).unwrap(),
+    );
     config.app_port = addr.port();
     config.readiness_timeout = readiness;
     config.stop_grace = Duration::from_secs(2);
@@ -59,8 +72,21 @@ async fn harness(warm: Duration, readiness: Duration) -> Option<H> {
         slipway_engine::system_clock(),
     );
     let agent = slipway_core::IdKind::Agent.make(rand::random());
-    store.insert_agent(&Agent { id: agent.clone(), name: "test".into(), created_at: 1 }).unwrap();
-    Some(H { dir, engine, store, addr, agent, _shutdown: tx })
+    store
+        .insert_agent(&Agent {
+            id: agent.clone(),
+            name: "test".into(),
+            created_at: 1,
+        })
+        .unwrap();
+    Some(H {
+        dir,
+        engine,
+        store,
+        addr,
+        agent,
+        _shutdown: tx,
+    })
 }
 
 /// A python app serving its workspace; install and build append to files, so any re-run shows.
@@ -70,7 +96,11 @@ const START: &str = "exec python3 -m http.server $PORT --bind 127.0.0.1";
 
 impl H {
     fn app_dir(&self) -> PathBuf {
-        self.dir.path().join("agents").join(&self.agent).join("config/miniapps/shop")
+        self.dir
+            .path()
+            .join("agents")
+            .join(&self.agent)
+            .join("config/miniapps/shop")
     }
 
     fn write(&self, files: &[(&str, &str)]) {
@@ -81,7 +111,14 @@ impl H {
         }
     }
 
-    fn spec(&self, install: &str, build: &str, start: &str, kind: Option<&str>, env: &[(&str, &str)]) {
+    fn spec(
+        &self,
+        install: &str,
+        build: &str,
+        start: &str,
+        kind: Option<&str>,
+        env: &[(&str, &str)],
+    ) {
         let draft = SpecDraft {
             name: Some("My Shop".into()),
             source_dir: Some("/config/miniapps/shop".into()),
@@ -90,11 +127,20 @@ impl H {
             start_command: Some(start.into()),
             runtime_port: Some(8000),
             kind: kind.map(str::to_string),
-            env: Some(env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            env: Some(
+                env.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
             ..Default::default()
         };
         let valid = draft.validate(&SpecPolicy::default()).unwrap();
-        let spec = valid.into_spec(format!("spc-{}", &self.agent[4..]), self.agent.clone(), 1, 1);
+        let spec = valid.into_spec(
+            format!("spc-{}", &self.agent[4..]),
+            self.agent.clone(),
+            1,
+            1,
+        );
         self.store.upsert_spec(&spec).unwrap();
     }
 
@@ -118,7 +164,11 @@ impl H {
             if r.status.is_settled() || r.status == DeploymentStatus::Ready {
                 return r;
             }
-            assert!(tokio::time::Instant::now() < deadline, "run {id} never settled:\n{}", self.log(id));
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "run {id} never settled:\n{}",
+                self.log(id)
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -128,7 +178,13 @@ impl H {
         self.write(&[("version.txt", content)]);
         let run = self.start(target).await;
         let r = self.settle(&run.id).await;
-        assert_eq!(r.status, DeploymentStatus::Ready, "error {:?}\n{}", r.error, self.log(&run.id));
+        assert_eq!(
+            r.status,
+            DeploymentStatus::Ready,
+            "error {:?}\n{}",
+            r.error,
+            self.log(&run.id)
+        );
         r
     }
 
@@ -143,7 +199,12 @@ impl H {
     }
 
     async fn prod_host(&self) -> String {
-        let dep = self.engine.deployment(&self.agent).await.unwrap().expect("a deployment");
+        let dep = self
+            .engine
+            .deployment(&self.agent)
+            .await
+            .unwrap()
+            .expect("a deployment");
         self.engine.production_host(&dep.slug)
     }
 
@@ -153,16 +214,29 @@ impl H {
     }
 
     fn active(&self) -> Option<i64> {
-        self.store.get_deployment(&self.agent).unwrap().and_then(|d| d.active_version)
+        self.store
+            .get_deployment(&self.agent)
+            .unwrap()
+            .and_then(|d| d.active_version)
     }
 
     fn versions(&self) -> Vec<i64> {
-        self.store.list_versions(&self.agent, 100).unwrap().into_iter().map(|v| v.version_number).collect()
+        self.store
+            .list_versions(&self.agent, 100)
+            .unwrap()
+            .into_iter()
+            .map(|v| v.version_number)
+            .collect()
     }
 }
 
 /// One HTTP/1.1 request with `Connection: close`; the whole response as (status, raw text).
-async fn raw(addr: SocketAddr, host: &str, path: &str, headers: &[(&str, &str)]) -> std::io::Result<(u16, String)> {
+async fn raw(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
     for (k, v) in headers {
@@ -175,13 +249,27 @@ async fn raw(addr: SocketAddr, host: &str, path: &str, headers: &[(&str, &str)])
         .await
         .map_err(|_| std::io::Error::other("response timeout"))??;
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     Ok((status, text))
 }
 
-async fn request(addr: SocketAddr, host: &str, path: &str, headers: &[(&str, &str)]) -> std::io::Result<(u16, String)> {
+async fn request(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<(u16, String)> {
     let (status, text) = raw(addr, host, path, headers).await?;
-    Ok((status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+    Ok((
+        status,
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    ))
 }
 
 fn header<'a>(raw: &'a str, name: &str) -> Option<&'a str> {
@@ -194,24 +282,37 @@ fn header<'a>(raw: &'a str, name: &str) -> Option<&'a str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn production_versions_rollback_warm_and_cold_from_the_release() {
-    let Some(h) = harness(Duration::from_secs(600), Duration::from_secs(30)).await else { return };
+    let Some(h) = harness(Duration::from_secs(600), Duration::from_secs(30)).await else {
+        return;
+    };
     h.spec(INSTALL, BUILD, START, None, &[]);
     let mut runs = Vec::new();
     for (n, content) in [(1, "v1"), (2, "v2"), (3, "v3")] {
         let run = h.deploy(content, DeploymentTarget::Production).await;
         assert_eq!(h.active(), Some(n));
-        assert_eq!(h.prod_get("/version.txt").await, (200, content.to_string()), "after deploying {content}");
+        assert_eq!(
+            h.prod_get("/version.txt").await,
+            (200, content.to_string()),
+            "after deploying {content}"
+        );
         runs.push(run);
     }
     let dep = h.engine.deployment(&h.agent).await.unwrap().unwrap();
     assert_eq!(dep.slug, "my-shop");
-    assert_eq!(h.engine.production_url(&dep.slug), format!("http://my-shop.localhost:{}/", h.addr.port()));
+    assert_eq!(
+        h.engine.production_url(&dep.slug),
+        format!("http://my-shop.localhost:{}/", h.addr.port())
+    );
     let v1 = h.store.get_version(&h.agent, 1).unwrap().unwrap();
     assert_eq!(v1.run_id.as_deref(), Some(runs[0].id.as_str()));
     assert_eq!(v1.operator.as_deref(), Some("tok-test"));
     assert!(v1.snapshot_hash.is_some());
     assert_eq!(v1.release_hash.len(), 64);
-    let release = h.store.get_release(&h.agent, &v1.release_id).unwrap().unwrap();
+    let release = h
+        .store
+        .get_release(&h.agent, &v1.release_id)
+        .unwrap()
+        .unwrap();
     assert!(release.file_count >= 3 && release.size_bytes > 0);
     assert!(h
         .dir
@@ -226,17 +327,33 @@ async fn production_versions_rollback_warm_and_cold_from_the_release() {
     h.engine.stop(&h.agent, &runs[1].id).await.unwrap();
     assert_eq!(h.engine.live_versions(&h.agent).await, vec![1, 3]);
 
-    let out = h.engine.rollback(&h.agent, Some(1), Some("tok-op".into()), Some("bad v3".into())).await.unwrap();
+    let out = h
+        .engine
+        .rollback(
+            &h.agent,
+            Some(1),
+            Some("tok-op".into()),
+            Some("bad v3".into()),
+        )
+        .await
+        .unwrap();
     assert!(out.warm, "v1 was warm");
     assert_eq!(h.active(), Some(1));
     assert_eq!(h.prod_get("/version.txt").await, (200, "v1".to_string()));
 
-    let out = h.engine.rollback(&h.agent, Some(2), None, None).await.unwrap();
+    let out = h
+        .engine
+        .rollback(&h.agent, Some(2), None, None)
+        .await
+        .unwrap();
     assert!(!out.warm, "v2 had been stopped");
     assert_eq!(h.active(), Some(2));
     assert_eq!(h.prod_get("/version.txt").await, (200, "v2".to_string()));
     // Booted from the release: install and build ran exactly once, at build time.
-    assert_eq!(h.prod_get("/installed.txt").await, (200, "installed\n".to_string()));
+    assert_eq!(
+        h.prod_get("/installed.txt").await,
+        (200, "installed\n".to_string())
+    );
     assert_eq!(h.prod_get("/built.txt").await, (200, "built\n".to_string()));
 
     // Default rollback target: the newest version older than the active one.
@@ -245,7 +362,11 @@ async fn production_versions_rollback_warm_and_cold_from_the_release() {
     assert_eq!(h.prod_get("/version.txt").await, (200, "v1".to_string()));
 
     let history = h.store.route_history(&h.agent, 100).unwrap();
-    let moves: Vec<_> = history.iter().rev().map(|c| (c.from_version, c.to_version, c.reason.as_str())).collect();
+    let moves: Vec<_> = history
+        .iter()
+        .rev()
+        .map(|c| (c.from_version, c.to_version, c.reason.as_str()))
+        .collect();
     assert_eq!(
         moves,
         vec![
@@ -268,7 +389,9 @@ async fn production_versions_rollback_warm_and_cold_from_the_release() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_production_deploys_leave_the_previous_version_serving() {
-    let Some(h) = harness(Duration::from_secs(600), Duration::from_secs(4)).await else { return };
+    let Some(h) = harness(Duration::from_secs(600), Duration::from_secs(4)).await else {
+        return;
+    };
     h.spec(INSTALL, BUILD, START, None, &[]);
     h.deploy("v1", DeploymentTarget::Production).await;
     assert_eq!(h.prod_get("/version.txt").await, (200, "v1".to_string()));
@@ -287,8 +410,21 @@ async fn failed_production_deploys_leave_the_previous_version_serving() {
     h.write(&[("version.txt", "never ready")]);
     let run = h.start(DeploymentTarget::Production).await;
     let failed = h.settle(&run.id).await;
-    assert_eq!(failed.status, DeploymentStatus::Failed, "{:?}", failed.error);
-    assert!(failed.error.as_deref().unwrap_or_default().contains("ready"), "{:?}", failed.error);
+    assert_eq!(
+        failed.status,
+        DeploymentStatus::Failed,
+        "{:?}",
+        failed.error
+    );
+    assert!(
+        failed
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("ready"),
+        "{:?}",
+        failed.error
+    );
     assert_eq!(h.prod_get("/version.txt").await, (200, "v1".to_string()));
     assert_eq!(h.active(), Some(1));
     assert_eq!(h.versions(), vec![1]);
@@ -302,21 +438,46 @@ async fn failed_production_deploys_leave_the_previous_version_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promote_a_preview_run_without_rebuilding() {
-    let Some(h) = harness(Duration::from_secs(600), Duration::from_secs(30)).await else { return };
+    let Some(h) = harness(Duration::from_secs(600), Duration::from_secs(30)).await else {
+        return;
+    };
     h.spec(INSTALL, BUILD, START, None, &[]);
     h.deploy("v1", DeploymentTarget::Production).await;
     let preview = h.deploy("preview one", DeploymentTarget::Preview).await;
-    assert_eq!(h.prod_get("/version.txt").await, (200, "v1".to_string()), "a preview run leaves production alone");
+    assert_eq!(
+        h.prod_get("/version.txt").await,
+        (200, "v1".to_string()),
+        "a preview run leaves production alone"
+    );
     let log_before = h.log(&preview.id);
 
-    let v = h.engine.promote(&h.agent, &preview.id, Some("tok-op".into()), None).await.unwrap();
+    let v = h
+        .engine
+        .promote(&h.agent, &preview.id, Some("tok-op".into()), None)
+        .await
+        .unwrap();
     assert_eq!(v.version_number, 2);
     assert_eq!(v.origin, "promote");
     assert_eq!(v.run_id.as_deref(), Some(preview.id.as_str()));
-    assert_eq!(h.prod_get("/version.txt").await, (200, "preview one".to_string()));
-    assert_eq!(h.prod_get("/built.txt").await, (200, "built\n".to_string()), "no rebuild");
-    assert_eq!(h.log(&preview.id), log_before, "promote runs nothing in the run");
-    let release = h.store.release_for_run(&h.agent, &preview.id).unwrap().unwrap();
+    assert_eq!(
+        h.prod_get("/version.txt").await,
+        (200, "preview one".to_string())
+    );
+    assert_eq!(
+        h.prod_get("/built.txt").await,
+        (200, "built\n".to_string()),
+        "no rebuild"
+    );
+    assert_eq!(
+        h.log(&preview.id),
+        log_before,
+        "promote runs nothing in the run"
+    );
+    let release = h
+        .store
+        .release_for_run(&h.agent, &preview.id)
+        .unwrap()
+        .unwrap();
     assert_eq!(v.release_id, release.id, "same release");
 
     // A failed run cannot be promoted.
@@ -335,7 +496,9 @@ async fn promote_a_preview_run_without_rebuilding() {
 async fn gapless_swaps_under_load() {
     // Short warm time: some rollback targets have been stopped and boot cold, so swaps happen
     // both between warm instances and onto fresh ones, while old ones drain and stop.
-    let Some(h) = harness(Duration::from_secs(3), Duration::from_secs(30)).await else { return };
+    let Some(h) = harness(Duration::from_secs(3), Duration::from_secs(30)).await else {
+        return;
+    };
     h.spec(INSTALL, BUILD, START, None, &[]);
     let first = h.deploy("v1", DeploymentTarget::Production).await;
     let host = h.prod_host().await;
@@ -352,7 +515,9 @@ async fn gapless_swaps_under_load() {
                     Ok((200, body)) if body.starts_with('v') => {
                         ok.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok((status, body)) => failures.push(format!("{status}: {}", &body[..body.len().min(200)])),
+                    Ok((status, body)) => {
+                        failures.push(format!("{status}: {}", &body[..body.len().min(200)]))
+                    }
                     Err(e) => failures.push(format!("connection: {e}")),
                 }
             }
@@ -369,7 +534,11 @@ async fn gapless_swaps_under_load() {
     let mut cold = 0;
     let targets = [2, 3, 2, 1, 3, 2, 3, 2, 3, 1, 2, 3, 2, 3, 1, 3, 2];
     for to in targets {
-        let out = h.engine.rollback(&h.agent, Some(to), None, None).await.unwrap();
+        let out = h
+            .engine
+            .rollback(&h.agent, Some(to), None, None)
+            .await
+            .unwrap();
         cold += usize::from(!out.warm);
         assert_eq!(h.active(), Some(to));
         cycles += 1;
@@ -406,39 +575,85 @@ fn sandbox_dirs(h: &H) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn static_release_is_served_without_a_process() {
-    let Some(h) = harness(Duration::from_secs(600), Duration::from_secs(30)).await else { return };
+    let Some(h) = harness(Duration::from_secs(600), Duration::from_secs(30)).await else {
+        return;
+    };
     let build = "mkdir -p dist/assets && cp version.txt dist/index.html && printf 0123456789 > dist/assets/digits.txt";
     // `start` must never run for a static release.
-    h.spec("", build, "echo started > started.txt; exec sleep 600", Some("static"), &[]);
-    h.deploy("<h1>static v1</h1>", DeploymentTarget::Production).await;
-    assert!(sandbox_dirs(&h).is_empty(), "no sandbox may remain: {:?}", sandbox_dirs(&h));
+    h.spec(
+        "",
+        build,
+        "echo started > started.txt; exec sleep 600",
+        Some("static"),
+        &[],
+    );
+    h.deploy("<h1>static v1</h1>", DeploymentTarget::Production)
+        .await;
+    assert!(
+        sandbox_dirs(&h).is_empty(),
+        "no sandbox may remain: {:?}",
+        sandbox_dirs(&h)
+    );
     let host = h.prod_host().await;
     let (status, raw1) = raw(h.addr, &host, "/", &[]).await.unwrap();
     assert_eq!(status, 200, "{raw1}");
     assert!(raw1.ends_with("<h1>static v1</h1>"), "{raw1}");
-    assert!(header(&raw1, "content-type").unwrap().starts_with("text/html"));
+    assert!(header(&raw1, "content-type")
+        .unwrap()
+        .starts_with("text/html"));
     let etag = header(&raw1, "etag").expect("an ETag").to_string();
     assert!(header(&raw1, "last-modified").is_some());
-    let (status, _) = raw(h.addr, &host, "/", &[("If-None-Match", &etag)]).await.unwrap();
+    let (status, _) = raw(h.addr, &host, "/", &[("If-None-Match", &etag)])
+        .await
+        .unwrap();
     assert_eq!(status, 304);
-    let (status, ranged) = raw(h.addr, &host, "/assets/digits.txt", &[("Range", "bytes=2-5")]).await.unwrap();
+    let (status, ranged) = raw(
+        h.addr,
+        &host,
+        "/assets/digits.txt",
+        &[("Range", "bytes=2-5")],
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 206, "{ranged}");
     assert!(ranged.ends_with("\r\n\r\n2345"), "{ranged}");
     assert_eq!(header(&ranged, "content-range"), Some("bytes 2-5/10"));
     // SPA fallback is off by default.
-    let (status, _) = raw(h.addr, &host, "/some/route", &[("Accept", "text/html")]).await.unwrap();
+    let (status, _) = raw(h.addr, &host, "/some/route", &[("Accept", "text/html")])
+        .await
+        .unwrap();
     assert_eq!(status, 404);
 
     // v2 with SPA fallback on.
-    h.spec("", build, "exec sleep 600", Some("static"), &[("SLIPWAY_SPA_FALLBACK", "1")]);
-    h.deploy("<h1>static v2</h1>", DeploymentTarget::Production).await;
-    assert!(sandbox_dirs(&h).is_empty(), "no sandbox may remain: {:?}", sandbox_dirs(&h));
-    let (status, body) = request(h.addr, &host, "/some/route", &[("Accept", "text/html")]).await.unwrap();
+    h.spec(
+        "",
+        build,
+        "exec sleep 600",
+        Some("static"),
+        &[("SLIPWAY_SPA_FALLBACK", "1")],
+    );
+    h.deploy("<h1>static v2</h1>", DeploymentTarget::Production)
+        .await;
+    assert!(
+        sandbox_dirs(&h).is_empty(),
+        "no sandbox may remain: {:?}",
+        sandbox_dirs(&h)
+    );
+    let (status, body) = request(h.addr, &host, "/some/route", &[("Accept", "text/html")])
+        .await
+        .unwrap();
     assert_eq!((status, body.as_str()), (200, "<h1>static v2</h1>"));
     // Rolling back to a static version needs no boot either.
-    let out = h.engine.rollback(&h.agent, Some(1), None, None).await.unwrap();
+    let out = h
+        .engine
+        .rollback(&h.agent, Some(1), None, None)
+        .await
+        .unwrap();
     assert_eq!(out.version.version_number, 1);
-    assert_eq!(request(h.addr, &host, "/", &[]).await.unwrap(), (200, "<h1>static v1</h1>".to_string()));
+    assert_eq!(
+        request(h.addr, &host, "/", &[]).await.unwrap(),
+        (200, "<h1>static v1</h1>".to_string())
+    );
     assert!(sandbox_dirs(&h).is_empty());
     h.engine.shutdown().await;
 }
@@ -448,10 +663,16 @@ async fn garbage_collection_only_takes_unreferenced_artifacts() {
     use slipway_store::{ReleaseKind, ReleaseRecord, SnapshotRecord};
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open(&dir.path().join("db")).unwrap());
-    let artifacts = Arc::new(slipway_artifacts::LocalArtifactStore::new(dir.path().join("artifacts")).unwrap());
-    let router = Arc::new(slipway_router::Router::new(slipway_router::RouterConfig::default()));
+    let artifacts =
+        Arc::new(slipway_artifacts::LocalArtifactStore::new(dir.path().join("artifacts")).unwrap());
+    let router = Arc::new(slipway_router::Router::new(
+        slipway_router::RouterConfig::default(),
+    ));
     let template = format!("{}/agents/{{agentId}}", dir.path().display());
-    let config = EngineConfig::new(dir.path().join("cache"), AgentRootTemplate::parse(&template).unwrap());
+    let config = EngineConfig::new(
+        dir.path().join("cache"),
+        AgentRootTemplate::parse(&template).unwrap(),
+    );
     let engine = Engine::new(
         store.clone(),
         artifacts.clone(),
@@ -462,7 +683,13 @@ async fn garbage_collection_only_takes_unreferenced_artifacts() {
         slipway_engine::system_clock(),
     );
     let agent = "agt-aaaaaaaaaaaaaaaa";
-    store.insert_agent(&Agent { id: agent.into(), name: "gc".into(), created_at: 1 }).unwrap();
+    store
+        .insert_agent(&Agent {
+            id: agent.into(),
+            name: "gc".into(),
+            created_at: 1,
+        })
+        .unwrap();
     let h = |c: char| c.to_string().repeat(64);
     let touch = |p: PathBuf| {
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -505,7 +732,10 @@ async fn garbage_collection_only_takes_unreferenced_artifacts() {
         })
         .unwrap();
     // Young files are never taken, referenced or not.
-    let report = engine.collect_garbage(Duration::from_secs(3600)).await.unwrap();
+    let report = engine
+        .collect_garbage(Duration::from_secs(3600))
+        .await
+        .unwrap();
     assert!(report.removed.is_empty());
     assert_eq!(report.kept, 4);
     let report = engine.collect_garbage(Duration::ZERO).await.unwrap();

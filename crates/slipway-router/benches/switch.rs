@@ -25,13 +25,22 @@ impl Upstream for Fake {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let _guard = rt.enter();
     println!("| hosts in table | switches | median | p99 | max |\n|---:|---:|---:|---:|---:|");
     for hosts in [10usize, 1_000, 10_000] {
         let router = Router::new(RouterConfig::default());
         for i in 0..hosts {
-            router.set(&format!("app-{i}.localhost"), Route::Upstream(Arc::new(Fake(1)))).unwrap();
+            router
+                .set(
+                    &format!("app-{i}.localhost"),
+                    Route::Upstream(Arc::new(Fake(1))),
+                )
+                .unwrap();
         }
         let a: Arc<dyn Upstream> = Arc::new(Fake(2));
         let b: Arc<dyn Upstream> = Arc::new(Fake(3));
@@ -40,13 +49,20 @@ fn main() {
         for i in 0..n {
             let up = if i % 2 == 0 { a.clone() } else { b.clone() };
             let t0 = Instant::now();
-            let drain = router.set("my-shop.localhost", Route::Upstream(up)).unwrap();
+            let drain = router
+                .set("my-shop.localhost", Route::Upstream(up))
+                .unwrap();
             times.push(t0.elapsed());
             drop(drain);
         }
         times.sort();
         let us = |d: std::time::Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
-        println!("| {hosts} | {n} | {} | {} | {} |", us(times[n / 2]), us(times[n * 99 / 100]), us(times[n - 1]));
+        println!(
+            "| {hosts} | {n} | {} | {} | {} |",
+            us(times[n / 2]),
+            us(times[n * 99 / 100]),
+            us(times[n - 1])
+        );
     }
     println!("\ntarget: switch <= 1 ms");
 }

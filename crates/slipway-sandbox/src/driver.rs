@@ -613,7 +613,9 @@ impl Sandbox {
             ("LOGNAME".into(), "app".into()),
             ("HOSTNAME".into(), spec.hostname.clone()),
         ];
-        let egress_open = lock(&self.inner.egress_policy).as_ref().is_some_and(|p| !p.is_closed());
+        let egress_open = lock(&self.inner.egress_policy)
+            .as_ref()
+            .is_some_and(|p| !p.is_closed());
         if let Some(egress) = spec.egress.as_ref().filter(|_| egress_open) {
             let proxy = format!("http://127.0.0.1:{}", egress.proxy_port);
             for key in [

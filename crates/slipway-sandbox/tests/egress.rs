@@ -186,23 +186,41 @@ async fn closing_egress_cuts_open_connections_and_removes_the_proxy() {
     spec.egress = Some(EgressConfig::new(vec!["localhost".to_string()]));
     let sb = fx.driver.create(spec).await.unwrap();
     let before = run(&sb, "echo \"proxy=[$HTTP_PROXY]\"").await.ok();
-    assert!(before.stdout.contains("proxy=[http://127.0.0.1:3128]"), "{before:#?}");
+    assert!(
+        before.stdout.contains("proxy=[http://127.0.0.1:3128]"),
+        "{before:#?}"
+    );
     // A connection held open across the close: it must be cut, not left as a way out.
     let holder = "python3 -c \"import socket,sys\ns=socket.create_connection(('127.0.0.1',3128),timeout=60)\n\
                   print('connected',flush=True)\nprint('cut' if s.recv(1)==b'' else 'data',flush=True)\"";
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    let mut holder = sb.spawn(ExecRequest::new(holder).timeout(Duration::from_secs(60)), Some(tx)).await.unwrap();
-    let first = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.unwrap().unwrap();
+    let mut holder = sb
+        .spawn(
+            ExecRequest::new(holder).timeout(Duration::from_secs(60)),
+            Some(tx),
+        )
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(first.text, "connected");
     sb.close_egress();
-    let next = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("cut within seconds").unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("cut within seconds")
+        .unwrap();
     assert_eq!(next.text, "cut");
     assert!(holder.wait().await.unwrap().success());
     let after = run(&sb, "echo \"proxy=[$HTTP_PROXY]\"; curl -sS -m 5 -x http://127.0.0.1:3128 http://localhost/ 2>&1; echo rc=$?")
         .await
         .ok();
     assert!(after.stdout.contains("proxy=[]"), "{after:#?}");
-    assert!(after.stdout.contains("rc=7"), "the proxy port refuses connections: {after:#?}");
+    assert!(
+        after.stdout.contains("rc=7"),
+        "the proxy port refuses connections: {after:#?}"
+    );
     sb.close_egress();
     sb.destroy().await.unwrap();
 }

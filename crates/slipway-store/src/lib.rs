@@ -27,8 +27,8 @@ pub fn latest_schema_version() -> i64 {
 }
 pub use trust::{AuditChain, AuditQuery, AuditStore, GateStore};
 pub use versions::{
-    DeploymentRecord, NewVersion, ReferencedArtifacts, ReleaseKind, ReleaseRecord, RouteChange, RouteSwitch, VersionRecord,
-    VersionStore,
+    DeploymentRecord, NewVersion, ReferencedArtifacts, ReleaseKind, ReleaseRecord, RouteChange,
+    RouteSwitch, VersionRecord, VersionStore,
 };
 
 /// Why a store call failed.
@@ -42,7 +42,11 @@ pub enum StoreError {
     #[error(transparent)]
     Transition(#[from] TransitionError),
     #[error("run {id} is {actual}, not {expected}")]
-    StaleStatus { id: String, expected: DeploymentStatus, actual: DeploymentStatus },
+    StaleStatus {
+        id: String,
+        expected: DeploymentStatus,
+        actual: DeploymentStatus,
+    },
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("database error: {0}")]
@@ -150,7 +154,12 @@ pub struct LogLine {
 impl LogLine {
     /// A line to append (its number is assigned on write).
     pub fn new(ts: Millis, stream: impl Into<String>, text: impl Into<String>) -> Self {
-        Self { line_no: 0, ts, stream: stream.into(), text: text.into() }
+        Self {
+            line_no: 0,
+            ts,
+            stream: stream.into(),
+            text: text.into(),
+        }
     }
 }
 
@@ -189,7 +198,11 @@ pub trait Store: Send + Sync + VersionStore + GateStore + AuditStore {
     fn insert_snapshot(&self, snapshot: &SnapshotRecord) -> Result<()>;
     fn get_snapshot(&self, agent_id: &str, id: &str) -> Result<Option<SnapshotRecord>>;
     /// The newest snapshot record of the agent with that content hash.
-    fn find_snapshot_by_hash(&self, agent_id: &str, content_hash: &str) -> Result<Option<SnapshotRecord>>;
+    fn find_snapshot_by_hash(
+        &self,
+        agent_id: &str,
+        content_hash: &str,
+    ) -> Result<Option<SnapshotRecord>>;
     /// Newest first.
     fn list_snapshots(&self, agent_id: &str, limit: u64) -> Result<Vec<SnapshotRecord>>;
 

@@ -2,9 +2,10 @@
 //!
 //! A migration is never edited once released; changes go in a new one.
 
-pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"
+pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE agents (
     id          TEXT PRIMARY KEY,
     name        TEXT NOT NULL,
@@ -79,7 +80,7 @@ CREATE TABLE run_logs (
     PRIMARY KEY (run_id, line_no)
 ) WITHOUT ROWID;
 "#,
-),
+    ),
     (2, crate::versions::MIGRATION),
     (3, crate::trust::MIGRATION),
 ];

@@ -12,8 +12,8 @@ use slipway_core::{DeploymentKind, DeploymentSpec, DeploymentStatus, DeploymentT
 
 use crate::migrations::MIGRATIONS;
 use crate::{
-    env_to_json, Agent, LogLine, LogQuery, Result, RunPatch, RunRecord, SnapshotRecord, Store, StoreError,
-    TokenKind, TokenRecord,
+    env_to_json, Agent, LogLine, LogQuery, Result, RunPatch, RunRecord, SnapshotRecord, Store,
+    StoreError, TokenKind, TokenRecord,
 };
 
 /// SQLite-backed store.
@@ -51,7 +51,9 @@ impl SqliteStore {
         let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL;")?;
         migrate(&mut conn)?;
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
     }
 
     /// The schema version after migrations.
@@ -59,7 +61,11 @@ impl SqliteStore {
     /// # Errors
     /// A database error.
     pub fn schema_version(&self) -> Result<i64> {
-        Ok(self.conn().query_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", [], |r| r.get(0))?)
+        Ok(self.conn().query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            [],
+            |r| r.get(0),
+        )?)
     }
 
     pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -75,15 +81,21 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     )?;
     for (version, sql) in MIGRATIONS {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let done: bool =
-            tx.query_row("SELECT EXISTS(SELECT 1 FROM schema_migrations WHERE version = ?1)", [version], |r| r.get(0))?;
+        let done: bool = tx.query_row(
+            "SELECT EXISTS(SELECT 1 FROM schema_migrations WHERE version = ?1)",
+            [version],
+            |r| r.get(0),
+        )?;
         if !done {
             tx.execute_batch(sql)?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or(0);
-            tx.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)", params![version, now])?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
+                params![version, now],
+            )?;
             tracing::info!(version, "applied database migration");
         }
         tx.commit()?;
@@ -107,7 +119,8 @@ fn parse_kind(s: &str) -> Result<DeploymentKind> {
     DeploymentKind::parse(s).ok_or_else(|| corrupt("kind", s))
 }
 
-const SPEC_COLS: &str = "id, agent_id, name, source_dir, install_command, build_command, start_command, \
+const SPEC_COLS: &str =
+    "id, agent_id, name, source_dir, install_command, build_command, start_command, \
     runtime_port, env_json, target_default, kind, created_at, updated_at";
 
 fn spec_from_row(r: &Row<'_>) -> rusqlite::Result<(DeploymentSpec, String, String, String)> {
@@ -129,8 +142,11 @@ fn spec_from_row(r: &Row<'_>) -> rusqlite::Result<(DeploymentSpec, String, Strin
     Ok((spec, r.get(8)?, r.get(9)?, r.get(10)?))
 }
 
-fn finish_spec((mut spec, env, target, kind): (DeploymentSpec, String, String, String)) -> Result<DeploymentSpec> {
-    spec.env = serde_json::from_str(&env).map_err(|e| StoreError::Corrupt(format!("spec env: {e}")))?;
+fn finish_spec(
+    (mut spec, env, target, kind): (DeploymentSpec, String, String, String),
+) -> Result<DeploymentSpec> {
+    spec.env =
+        serde_json::from_str(&env).map_err(|e| StoreError::Corrupt(format!("spec env: {e}")))?;
     spec.target_default = parse_target(&target)?;
     spec.kind = parse_kind(&kind)?;
     Ok(spec)
@@ -151,7 +167,12 @@ pub(crate) fn spec_to_json(s: &DeploymentSpec) -> String {
 pub(crate) fn spec_from_json(text: &str) -> Result<DeploymentSpec> {
     let bad = |what: &str| StoreError::Corrupt(format!("run spec snapshot: {what}"));
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(&e.to_string()))?;
-    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string).ok_or_else(|| bad(k));
+    let s = |k: &str| {
+        v.get(k)
+            .and_then(|x| x.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| bad(k))
+    };
     let i = |k: &str| v.get(k).and_then(|x| x.as_i64()).ok_or_else(|| bad(k));
     Ok(DeploymentSpec {
         id: s("id")?,
@@ -162,7 +183,8 @@ pub(crate) fn spec_from_json(text: &str) -> Result<DeploymentSpec> {
         build_command: s("buildCommand")?,
         start_command: s("startCommand")?,
         runtime_port: u16::try_from(i("runtimePort")?).map_err(|_| bad("runtimePort"))?,
-        env: serde_json::from_value(v.get("env").cloned().unwrap_or_default()).map_err(|_| bad("env"))?,
+        env: serde_json::from_value(v.get("env").cloned().unwrap_or_default())
+            .map_err(|_| bad("env"))?,
         target_default: parse_target(&s("targetDefault")?)?,
         kind: parse_kind(&s("kind")?)?,
         created_at: i("createdAt")?,
@@ -187,7 +209,8 @@ fn snapshot_from_row(r: &Row<'_>) -> rusqlite::Result<SnapshotRecord> {
     })
 }
 
-const RUN_COLS: &str = "id, agent_id, spec_id, spec_json, snapshot_id, sandbox_id, status, target, url, note, \
+const RUN_COLS: &str =
+    "id, agent_id, spec_id, spec_json, snapshot_id, sandbox_id, status, target, url, note, \
     error, created_at, updated_at, stopped_at";
 
 struct RawRun {
@@ -257,7 +280,11 @@ fn active_statuses() -> [&'static str; 5] {
 
 fn get_run_by_id(conn: &Connection, run_id: &str) -> Result<Option<RunRecord>> {
     let raw = conn
-        .query_row(&format!("SELECT {RUN_COLS} FROM runs WHERE id = ?1"), [run_id], raw_run)
+        .query_row(
+            &format!("SELECT {RUN_COLS} FROM runs WHERE id = ?1"),
+            [run_id],
+            raw_run,
+        )
         .optional()?;
     raw.map(finish_run).transpose()
 }
@@ -274,16 +301,31 @@ impl Store for SqliteStore {
     fn get_agent(&self, id: &str) -> Result<Option<Agent>> {
         Ok(self
             .conn()
-            .query_row("SELECT id, name, created_at FROM agents WHERE id = ?1", [id], |r| {
-                Ok(Agent { id: r.get(0)?, name: r.get(1)?, created_at: r.get(2)? })
-            })
+            .query_row(
+                "SELECT id, name, created_at FROM agents WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(Agent {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        created_at: r.get(2)?,
+                    })
+                },
+            )
             .optional()?)
     }
 
     fn list_agents(&self) -> Result<Vec<Agent>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT id, name, created_at FROM agents ORDER BY created_at, rowid")?;
-        let rows = stmt.query_map([], |r| Ok(Agent { id: r.get(0)?, name: r.get(1)?, created_at: r.get(2)? }))?;
+        let mut stmt =
+            conn.prepare("SELECT id, name, created_at FROM agents ORDER BY created_at, rowid")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Agent {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                created_at: r.get(2)?,
+            })
+        })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
@@ -319,7 +361,14 @@ impl Store for SqliteStore {
                 "agent" => TokenKind::Agent,
                 other => return Err(corrupt("token kind", other)),
             };
-            Ok(TokenRecord { id, kind, agent_id, token_hash, created_at, revoked_at })
+            Ok(TokenRecord {
+                id,
+                kind,
+                agent_id,
+                token_hash,
+                created_at,
+                revoked_at,
+            })
         })
         .transpose()
     }
@@ -342,7 +391,11 @@ impl Store for SqliteStore {
     fn get_spec(&self, agent_id: &str) -> Result<Option<DeploymentSpec>> {
         let raw = self
             .conn()
-            .query_row(&format!("SELECT {SPEC_COLS} FROM specs WHERE agent_id = ?1"), [agent_id], spec_from_row)
+            .query_row(
+                &format!("SELECT {SPEC_COLS} FROM specs WHERE agent_id = ?1"),
+                [agent_id],
+                spec_from_row,
+            )
             .optional()?;
         raw.map(finish_spec).transpose()
     }
@@ -375,7 +428,11 @@ impl Store for SqliteStore {
                 s.updated_at
             ],
         )?;
-        let raw = tx.query_row(&format!("SELECT {SPEC_COLS} FROM specs WHERE agent_id = ?1"), [&s.agent_id], spec_from_row)?;
+        let raw = tx.query_row(
+            &format!("SELECT {SPEC_COLS} FROM specs WHERE agent_id = ?1"),
+            [&s.agent_id],
+            spec_from_row,
+        )?;
         tx.commit()?;
         finish_spec(raw)
     }
@@ -409,7 +466,11 @@ impl Store for SqliteStore {
             .optional()?)
     }
 
-    fn find_snapshot_by_hash(&self, agent_id: &str, content_hash: &str) -> Result<Option<SnapshotRecord>> {
+    fn find_snapshot_by_hash(
+        &self,
+        agent_id: &str,
+        content_hash: &str,
+    ) -> Result<Option<SnapshotRecord>> {
         Ok(self
             .conn()
             .query_row(
@@ -478,7 +539,11 @@ impl Store for SqliteStore {
     fn get_run(&self, agent_id: &str, run_id: &str) -> Result<Option<RunRecord>> {
         let raw = self
             .conn()
-            .query_row(&format!("SELECT {RUN_COLS} FROM runs WHERE agent_id = ?1 AND id = ?2"), [agent_id, run_id], raw_run)
+            .query_row(
+                &format!("SELECT {RUN_COLS} FROM runs WHERE agent_id = ?1 AND id = ?2"),
+                [agent_id, run_id],
+                raw_run,
+            )
             .optional()?;
         raw.map(finish_run).transpose()
     }
@@ -509,11 +574,27 @@ impl Store for SqliteStore {
                  snapshot_id = COALESCE(?3, snapshot_id), url = COALESCE(?4, url), \
                  error = COALESCE(?5, error), stopped_at = COALESCE(?6, stopped_at) \
              WHERE id = ?7 AND status = ?8",
-            params![to.as_str(), now, patch.snapshot_id, patch.url, patch.error, patch.stopped_at, run_id, from.as_str()],
+            params![
+                to.as_str(),
+                now,
+                patch.snapshot_id,
+                patch.url,
+                patch.error,
+                patch.stopped_at,
+                run_id,
+                from.as_str()
+            ],
         )?;
-        let run = get_run_by_id(&tx, run_id)?.ok_or_else(|| StoreError::NotFound { what: "run", id: run_id.into() })?;
+        let run = get_run_by_id(&tx, run_id)?.ok_or_else(|| StoreError::NotFound {
+            what: "run",
+            id: run_id.into(),
+        })?;
         if changed == 0 {
-            return Err(StoreError::StaleStatus { id: run_id.into(), expected: from, actual: run.status });
+            return Err(StoreError::StaleStatus {
+                id: run_id.into(),
+                expected: from,
+                actual: run.status,
+            });
         }
         tx.commit()?;
         Ok(run)
@@ -521,21 +602,29 @@ impl Store for SqliteStore {
 
     fn runs_in_status(&self, statuses: &[DeploymentStatus]) -> Result<Vec<RunRecord>> {
         let conn = self.conn();
-        let list: Vec<String> = statuses.iter().map(|s| format!("'{}'", s.as_str())).collect();
+        let list: Vec<String> = statuses
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect();
         // The statuses are a closed enum's fixed names, so splicing them is not an injection.
         let mut stmt = conn.prepare(&format!(
             "SELECT {RUN_COLS} FROM runs WHERE status IN ({}) ORDER BY created_at, rowid",
             list.join(", ")
         ))?;
-        let raws: Vec<RawRun> = stmt.query_map([], raw_run)?.collect::<rusqlite::Result<_>>()?;
+        let raws: Vec<RawRun> = stmt
+            .query_map([], raw_run)?
+            .collect::<rusqlite::Result<_>>()?;
         raws.into_iter().map(finish_run).collect()
     }
 
     fn append_logs(&self, run_id: &str, lines: &[LogLine]) -> Result<u64> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let last: i64 =
-            tx.query_row("SELECT COALESCE(MAX(line_no), 0) FROM run_logs WHERE run_id = ?1", [run_id], |r| r.get(0))?;
+        let last: i64 = tx.query_row(
+            "SELECT COALESCE(MAX(line_no), 0) FROM run_logs WHERE run_id = ?1",
+            [run_id],
+            |r| r.get(0),
+        )?;
         {
             let mut stmt =
                 tx.prepare_cached("INSERT INTO run_logs (run_id, line_no, ts, stream, text) VALUES (?1, ?2, ?3, ?4, ?5)")?;
@@ -552,7 +641,12 @@ impl Store for SqliteStore {
         let since = q.since.unwrap_or(0) as i64;
         let limit = q.limit.map(|l| l as i64).unwrap_or(-1);
         let map = |r: &Row<'_>| {
-            Ok(LogLine { line_no: r.get::<_, i64>(0)? as u64, ts: r.get(1)?, stream: r.get(2)?, text: r.get(3)? })
+            Ok(LogLine {
+                line_no: r.get::<_, i64>(0)? as u64,
+                ts: r.get(1)?,
+                stream: r.get(2)?,
+                text: r.get(3)?,
+            })
         };
         // `instr` rather than LIKE: the search text is taken literally (no `%`/`_` wildcards).
         // An empty or absent search matches every line.
@@ -572,7 +666,9 @@ impl Store for SqliteStore {
                 "SELECT line_no, ts, stream, text FROM run_logs WHERE run_id = ?1 AND line_no > ?2 \
                  AND (?4 = '' OR instr(text, ?4) > 0) ORDER BY line_no LIMIT ?3",
             )?;
-            let v = stmt.query_map(params![run_id, since, limit, needle], map)?.collect::<rusqlite::Result<_>>()?;
+            let v = stmt
+                .query_map(params![run_id, since, limit, needle], map)?
+                .collect::<rusqlite::Result<_>>()?;
             v
         };
         if let (Some(_), Some(limit)) = (q.tail, q.limit) {
@@ -582,9 +678,10 @@ impl Store for SqliteStore {
     }
 
     fn log_count(&self, run_id: &str) -> Result<u64> {
-        Ok(self
-            .conn()
-            .query_row("SELECT COALESCE(MAX(line_no), 0) FROM run_logs WHERE run_id = ?1", [run_id], |r| r.get::<_, i64>(0))?
-            as u64)
+        Ok(self.conn().query_row(
+            "SELECT COALESCE(MAX(line_no), 0) FROM run_logs WHERE run_id = ?1",
+            [run_id],
+            |r| r.get::<_, i64>(0),
+        )? as u64)
     }
 }

@@ -215,7 +215,8 @@ fn deployment_from_row(r: &Row<'_>) -> rusqlite::Result<DeploymentRecord> {
     })
 }
 
-const RELEASE_COLS: &str = "id, agent_id, run_id, content_hash, artifact_sha256, artifact_path, kind, static_dir, \
+const RELEASE_COLS: &str =
+    "id, agent_id, run_id, content_hash, artifact_sha256, artifact_path, kind, static_dir, \
     spa_fallback, start_command, runtime_port, file_count, size_bytes, created_at";
 
 fn release_from_row(r: &Row<'_>) -> rusqlite::Result<(ReleaseRecord, String)> {
@@ -241,12 +242,13 @@ fn release_from_row(r: &Row<'_>) -> rusqlite::Result<(ReleaseRecord, String)> {
 }
 
 fn finish_release((mut rel, kind): (ReleaseRecord, String)) -> Result<ReleaseRecord> {
-    rel.kind =
-        ReleaseKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("unknown release kind {kind:?}")))?;
+    rel.kind = ReleaseKind::parse(&kind)
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown release kind {kind:?}")))?;
     Ok(rel)
 }
 
-const VERSION_COLS: &str = "deployment_id, agent_id, version_number, release_id, run_id, snapshot_hash, release_hash, \
+const VERSION_COLS: &str =
+    "deployment_id, agent_id, version_number, release_id, run_id, snapshot_hash, release_hash, \
     spec_json, operator, note, origin, created_at";
 
 fn version_from_row(r: &Row<'_>) -> rusqlite::Result<(VersionRecord, String)> {
@@ -312,7 +314,10 @@ fn route_from_row(r: &Row<'_>) -> rusqlite::Result<RouteChange> {
 }
 
 fn not_found(what: &'static str, id: &str) -> StoreError {
-    StoreError::NotFound { what, id: id.to_string() }
+    StoreError::NotFound {
+        what,
+        id: id.to_string(),
+    }
 }
 
 fn insert_route_change(
@@ -322,7 +327,10 @@ fn insert_route_change(
     switch: &RouteSwitch,
     now: Millis,
 ) -> Result<RouteChange> {
-    tx.execute("UPDATE deployments SET active_version = ?2, updated_at = ?3 WHERE id = ?1", params![dep.id, to, now])?;
+    tx.execute(
+        "UPDATE deployments SET active_version = ?2, updated_at = ?3 WHERE id = ?1",
+        params![dep.id, to, now],
+    )?;
     tx.execute(
         "INSERT INTO route_changes (deployment_id, agent_id, host, from_version, to_version, reason, operator, note, \
          created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -377,8 +385,11 @@ impl VersionStore for SqliteStore {
         let mut slug = base_slug.to_string();
         let mut n = 1;
         loop {
-            let taken: bool =
-                tx.query_row("SELECT EXISTS(SELECT 1 FROM deployments WHERE slug = ?1)", [&slug], |r| r.get(0))?;
+            let taken: bool = tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM deployments WHERE slug = ?1)",
+                [&slug],
+                |r| r.get(0),
+            )?;
             if !taken {
                 break;
             }
@@ -415,8 +426,12 @@ impl VersionStore for SqliteStore {
 
     fn list_deployments(&self) -> Result<Vec<DeploymentRecord>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("SELECT {DEPLOYMENT_COLS} FROM deployments ORDER BY created_at, id"))?;
-        let rows = stmt.query_map([], deployment_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {DEPLOYMENT_COLS} FROM deployments ORDER BY created_at, id"
+        ))?;
+        let rows = stmt
+            .query_map([], deployment_from_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }
 
@@ -488,7 +503,10 @@ impl VersionStore for SqliteStore {
             .ok_or_else(|| not_found("deployment", deployment_id))?;
         // The counter moves first and never back: a number is never handed out twice, even if
         // this version were later lost.
-        tx.execute("UPDATE deployments SET next_version = ?2 WHERE id = ?1", params![deployment_id, next + 1])?;
+        tx.execute(
+            "UPDATE deployments SET next_version = ?2 WHERE id = ?1",
+            params![deployment_id, next + 1],
+        )?;
         tx.execute(
             &format!(
                 "INSERT INTO versions ({VERSION_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
@@ -564,7 +582,10 @@ impl VersionStore for SqliteStore {
             "SELECT {VERSION_COLS} FROM versions WHERE agent_id = ?1 ORDER BY version_number DESC LIMIT ?2"
         ))?;
         let raw = stmt
-            .query_map(params![agent_id, limit.min(i64::MAX as u64) as i64], version_from_row)?
+            .query_map(
+                params![agent_id, limit.min(i64::MAX as u64) as i64],
+                version_from_row,
+            )?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         raw.into_iter().map(finish_version).collect()
     }
@@ -587,7 +608,9 @@ impl VersionStore for SqliteStore {
             "SELECT run_id, version_number FROM versions WHERE agent_id = ?1 AND run_id IS NOT NULL ORDER BY version_number",
         )?;
         let rows = stmt
-            .query_map([agent_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+            .query_map([agent_id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         // A run promoted twice keeps its first number.
         let mut map = BTreeMap::new();
@@ -603,7 +626,10 @@ impl VersionStore for SqliteStore {
             "SELECT {ROUTE_COLS} FROM route_changes WHERE agent_id = ?1 ORDER BY id DESC LIMIT ?2"
         ))?;
         let rows = stmt
-            .query_map(params![agent_id, limit.min(i64::MAX as u64) as i64], route_from_row)?
+            .query_map(
+                params![agent_id, limit.min(i64::MAX as u64) as i64],
+                route_from_row,
+            )?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         Ok(rows)
     }
@@ -701,7 +727,11 @@ mod tests {
     use crate::{Agent, Store};
 
     fn spec(agent: &str) -> DeploymentSpec {
-        DeploymentSpec { agent_id: agent.into(), name: "shop".into(), ..placeholder_spec() }
+        DeploymentSpec {
+            agent_id: agent.into(),
+            name: "shop".into(),
+            ..placeholder_spec()
+        }
     }
 
     fn release(agent: &str, id: &str) -> ReleaseRecord {
@@ -727,16 +757,32 @@ mod tests {
     fn slugs_are_unique_numbers_monotonic_and_history_kept() {
         let s = SqliteStore::open_in_memory().unwrap();
         for a in ["agt-a", "agt-b"] {
-            s.insert_agent(&Agent { id: a.into(), name: a.into(), created_at: 1 }).unwrap();
+            s.insert_agent(&Agent {
+                id: a.into(),
+                name: a.into(),
+                created_at: 1,
+            })
+            .unwrap();
         }
-        let a = s.ensure_deployment("agt-a", "dep-a", "Shop", "shop", 1).unwrap();
-        let b = s.ensure_deployment("agt-b", "dep-b", "Shop", "shop", 1).unwrap();
+        let a = s
+            .ensure_deployment("agt-a", "dep-a", "Shop", "shop", 1)
+            .unwrap();
+        let b = s
+            .ensure_deployment("agt-b", "dep-b", "Shop", "shop", 1)
+            .unwrap();
         assert_eq!((a.slug.as_str(), b.slug.as_str()), ("shop", "shop-2"));
         // Fixed once created.
-        assert_eq!(s.ensure_deployment("agt-a", "dep-x", "Other", "other", 2).unwrap(), a);
+        assert_eq!(
+            s.ensure_deployment("agt-a", "dep-x", "Other", "other", 2)
+                .unwrap(),
+            a
+        );
 
         s.insert_release(&release("agt-a", "rel-1")).unwrap();
-        assert_eq!(s.get_release("agt-a", "rel-1").unwrap().unwrap(), release("agt-a", "rel-1"));
+        assert_eq!(
+            s.get_release("agt-a", "rel-1").unwrap().unwrap(),
+            release("agt-a", "rel-1")
+        );
         let new = NewVersion {
             release_id: "rel-1".into(),
             run_id: None,
@@ -756,14 +802,32 @@ mod tests {
         let v1 = s.create_version("dep-a", &new, &sw("deploy"), 10).unwrap();
         let v2 = s.create_version("dep-a", &new, &sw("deploy"), 11).unwrap();
         assert_eq!((v1.version_number, v2.version_number), (1, 2));
-        assert_eq!(s.get_version("agt-a", 1).unwrap().unwrap().spec.name, "shop");
-        assert!(s.get_version("agt-b", 1).unwrap().is_none(), "another agent's versions are not visible");
-        s.switch_route("dep-a", Some(1), &sw("rollback"), 12).unwrap();
-        assert!(matches!(s.switch_route("dep-a", Some(9), &sw("rollback"), 13), Err(StoreError::NotFound { .. })));
-        assert_eq!(s.get_deployment("agt-a").unwrap().unwrap().active_version, Some(1));
+        assert_eq!(
+            s.get_version("agt-a", 1).unwrap().unwrap().spec.name,
+            "shop"
+        );
+        assert!(
+            s.get_version("agt-b", 1).unwrap().is_none(),
+            "another agent's versions are not visible"
+        );
+        s.switch_route("dep-a", Some(1), &sw("rollback"), 12)
+            .unwrap();
+        assert!(matches!(
+            s.switch_route("dep-a", Some(9), &sw("rollback"), 13),
+            Err(StoreError::NotFound { .. })
+        ));
+        assert_eq!(
+            s.get_deployment("agt-a").unwrap().unwrap().active_version,
+            Some(1)
+        );
         let v3 = s.create_version("dep-a", &new, &sw("promote"), 14).unwrap();
         assert_eq!(v3.version_number, 3);
-        let listed: Vec<i64> = s.list_versions("agt-a", 10).unwrap().iter().map(|v| v.version_number).collect();
+        let listed: Vec<i64> = s
+            .list_versions("agt-a", 10)
+            .unwrap()
+            .iter()
+            .map(|v| v.version_number)
+            .collect();
         assert_eq!(listed, [3, 2, 1]);
         let moves: Vec<_> = s
             .route_history("agt-a", 10)

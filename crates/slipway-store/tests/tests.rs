@@ -12,7 +12,13 @@ fn fresh() -> (tempfile::TempDir, SqliteStore) {
 }
 
 fn agent(store: &SqliteStore, id: &str) {
-    store.insert_agent(&Agent { id: id.into(), name: format!("name of {id}"), created_at: 1 }).unwrap();
+    store
+        .insert_agent(&Agent {
+            id: id.into(),
+            name: format!("name of {id}"),
+            created_at: 1,
+        })
+        .unwrap();
 }
 
 fn spec(agent_id: &str, now: i64) -> DeploymentSpec {
@@ -60,17 +66,31 @@ fn reopen_keeps_data_and_migrations_are_idempotent() {
         let s = SqliteStore::open(&path).unwrap();
         agent(&s, "agt-a");
         s.upsert_spec(&spec("agt-a", 10)).unwrap();
-        s.insert_run_if_idle(&run("agt-a", "run-1", DeploymentStatus::Queued, 20)).unwrap();
-        s.append_logs("run-1", &[LogLine::new(21, "system", "> capturing source...")]).unwrap();
-        assert_eq!(s.schema_version().unwrap(), slipway_store::latest_schema_version());
+        s.insert_run_if_idle(&run("agt-a", "run-1", DeploymentStatus::Queued, 20))
+            .unwrap();
+        s.append_logs(
+            "run-1",
+            &[LogLine::new(21, "system", "> capturing source...")],
+        )
+        .unwrap();
+        assert_eq!(
+            s.schema_version().unwrap(),
+            slipway_store::latest_schema_version()
+        );
     }
     let s = SqliteStore::open(&path).unwrap();
-    assert_eq!(s.schema_version().unwrap(), slipway_store::latest_schema_version());
+    assert_eq!(
+        s.schema_version().unwrap(),
+        slipway_store::latest_schema_version()
+    );
     assert_eq!(s.get_agent("agt-a").unwrap().unwrap().name, "name of agt-a");
     assert_eq!(s.get_spec("agt-a").unwrap().unwrap(), spec("agt-a", 10));
     let r = s.get_run("agt-a", "run-1").unwrap().unwrap();
     assert_eq!(r, run("agt-a", "run-1", DeploymentStatus::Queued, 20));
-    assert_eq!(s.read_logs("run-1", LogQuery::default()).unwrap()[0].text, "> capturing source...");
+    assert_eq!(
+        s.read_logs("run-1", LogQuery::default()).unwrap()[0].text,
+        "> capturing source..."
+    );
 }
 
 #[test]
@@ -94,18 +114,40 @@ fn one_active_pipeline_per_agent() {
     let (_d, s) = fresh();
     agent(&s, "agt-a");
     agent(&s, "agt-b");
-    s.insert_run_if_idle(&run("agt-a", "run-1", DeploymentStatus::Queued, 1)).unwrap();
+    s.insert_run_if_idle(&run("agt-a", "run-1", DeploymentStatus::Queued, 1))
+        .unwrap();
     match s.insert_run_if_idle(&run("agt-a", "run-2", DeploymentStatus::Queued, 2)) {
         Err(StoreError::Conflict { id, .. }) => assert_eq!(id, "run-1"),
         other => panic!("expected a conflict, got {other:?}"),
     }
     // Another agent is not affected.
-    s.insert_run_if_idle(&run("agt-b", "run-3", DeploymentStatus::Queued, 3)).unwrap();
+    s.insert_run_if_idle(&run("agt-b", "run-3", DeploymentStatus::Queued, 3))
+        .unwrap();
     // Once the first run fails, a new one may start.
-    s.transition_run("run-1", DeploymentStatus::Queued, DeploymentStatus::Capturing, RunPatch::default(), 4).unwrap();
-    s.transition_run("run-1", DeploymentStatus::Capturing, DeploymentStatus::Failed, RunPatch::default(), 5).unwrap();
-    s.insert_run_if_idle(&run("agt-a", "run-2", DeploymentStatus::Queued, 6)).unwrap();
-    let ids: Vec<_> = s.list_runs("agt-a", 10).unwrap().into_iter().map(|r| r.id).collect();
+    s.transition_run(
+        "run-1",
+        DeploymentStatus::Queued,
+        DeploymentStatus::Capturing,
+        RunPatch::default(),
+        4,
+    )
+    .unwrap();
+    s.transition_run(
+        "run-1",
+        DeploymentStatus::Capturing,
+        DeploymentStatus::Failed,
+        RunPatch::default(),
+        5,
+    )
+    .unwrap();
+    s.insert_run_if_idle(&run("agt-a", "run-2", DeploymentStatus::Queued, 6))
+        .unwrap();
+    let ids: Vec<_> = s
+        .list_runs("agt-a", 10)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
     assert_eq!(ids, vec!["run-2", "run-1"]);
 }
 
@@ -113,30 +155,91 @@ fn one_active_pipeline_per_agent() {
 fn transitions_are_checked_and_compare_and_set() {
     let (_d, s) = fresh();
     agent(&s, "agt-a");
-    s.insert_run_if_idle(&run("agt-a", "run-1", DeploymentStatus::Queued, 1)).unwrap();
+    s.insert_run_if_idle(&run("agt-a", "run-1", DeploymentStatus::Queued, 1))
+        .unwrap();
     // Illegal edge: refused by the state machine, nothing written.
-    let e = s.transition_run("run-1", DeploymentStatus::Queued, DeploymentStatus::Ready, RunPatch::default(), 2);
+    let e = s.transition_run(
+        "run-1",
+        DeploymentStatus::Queued,
+        DeploymentStatus::Ready,
+        RunPatch::default(),
+        2,
+    );
     assert!(matches!(e, Err(StoreError::Transition(_))), "{e:?}");
     // Legal edge but stale `from`: refused by the compare-and-set.
-    let e = s.transition_run("run-1", DeploymentStatus::Capturing, DeploymentStatus::Provisioning, RunPatch::default(), 2);
+    let e = s.transition_run(
+        "run-1",
+        DeploymentStatus::Capturing,
+        DeploymentStatus::Provisioning,
+        RunPatch::default(),
+        2,
+    );
     assert!(
-        matches!(e, Err(StoreError::StaleStatus { actual: DeploymentStatus::Queued, .. })),
+        matches!(
+            e,
+            Err(StoreError::StaleStatus {
+                actual: DeploymentStatus::Queued,
+                ..
+            })
+        ),
         "{e:?}"
     );
     let r = s
-        .transition_run("run-1", DeploymentStatus::Queued, DeploymentStatus::Capturing, RunPatch::default(), 3)
+        .transition_run(
+            "run-1",
+            DeploymentStatus::Queued,
+            DeploymentStatus::Capturing,
+            RunPatch::default(),
+            3,
+        )
         .unwrap();
     assert_eq!((r.status, r.updated_at), (DeploymentStatus::Capturing, 3));
-    let patch = RunPatch { error: Some("capturing: boom".into()), ..Default::default() };
-    let r = s.transition_run("run-1", DeploymentStatus::Capturing, DeploymentStatus::Failed, patch, 4).unwrap();
+    let patch = RunPatch {
+        error: Some("capturing: boom".into()),
+        ..Default::default()
+    };
+    let r = s
+        .transition_run(
+            "run-1",
+            DeploymentStatus::Capturing,
+            DeploymentStatus::Failed,
+            patch,
+            4,
+        )
+        .unwrap();
     assert_eq!(r.error.as_deref(), Some("capturing: boom"));
     // A patch without an error keeps the stored one.
-    let r = s.transition_run("run-1", DeploymentStatus::Failed, DeploymentStatus::Stopping, RunPatch::default(), 5).unwrap();
+    let r = s
+        .transition_run(
+            "run-1",
+            DeploymentStatus::Failed,
+            DeploymentStatus::Stopping,
+            RunPatch::default(),
+            5,
+        )
+        .unwrap();
     assert_eq!(r.error.as_deref(), Some("capturing: boom"));
-    let patch = RunPatch { stopped_at: Some(6), ..Default::default() };
-    let r = s.transition_run("run-1", DeploymentStatus::Stopping, DeploymentStatus::Stopped, patch, 6).unwrap();
+    let patch = RunPatch {
+        stopped_at: Some(6),
+        ..Default::default()
+    };
+    let r = s
+        .transition_run(
+            "run-1",
+            DeploymentStatus::Stopping,
+            DeploymentStatus::Stopped,
+            patch,
+            6,
+        )
+        .unwrap();
     assert_eq!(r.stopped_at, Some(6));
-    let e = s.transition_run("nope", DeploymentStatus::Queued, DeploymentStatus::Capturing, RunPatch::default(), 7);
+    let e = s.transition_run(
+        "nope",
+        DeploymentStatus::Queued,
+        DeploymentStatus::Capturing,
+        RunPatch::default(),
+        7,
+    );
     assert!(matches!(e, Err(StoreError::NotFound { .. })), "{e:?}");
 }
 
@@ -144,14 +247,21 @@ fn transitions_are_checked_and_compare_and_set() {
 fn concurrent_transitions_have_one_winner() {
     let (_d, s) = fresh();
     agent(&s, "agt-a");
-    s.insert_run_if_idle(&run("agt-a", "run-1", DeploymentStatus::Queued, 1)).unwrap();
+    s.insert_run_if_idle(&run("agt-a", "run-1", DeploymentStatus::Queued, 1))
+        .unwrap();
     let s = std::sync::Arc::new(s);
     let winners: usize = (0..8)
         .map(|i| {
             let s = s.clone();
             std::thread::spawn(move || {
-                s.transition_run("run-1", DeploymentStatus::Queued, DeploymentStatus::Capturing, RunPatch::default(), i)
-                    .is_ok() as usize
+                s.transition_run(
+                    "run-1",
+                    DeploymentStatus::Queued,
+                    DeploymentStatus::Capturing,
+                    RunPatch::default(),
+                    i,
+                )
+                .is_ok() as usize
             })
         })
         .collect::<Vec<_>>()
@@ -165,21 +275,63 @@ fn concurrent_transitions_have_one_winner() {
 fn logs_are_numbered_and_queryable() {
     let (_d, s) = fresh();
     agent(&s, "agt-a");
-    s.insert_run_if_idle(&run("agt-a", "run-1", DeploymentStatus::Queued, 1)).unwrap();
-    let batch: Vec<_> = (1..=5).map(|i| LogLine::new(i, "stdout", format!("line {i}"))).collect();
+    s.insert_run_if_idle(&run("agt-a", "run-1", DeploymentStatus::Queued, 1))
+        .unwrap();
+    let batch: Vec<_> = (1..=5)
+        .map(|i| LogLine::new(i, "stdout", format!("line {i}")))
+        .collect();
     assert_eq!(s.append_logs("run-1", &batch).unwrap(), 1);
-    let batch: Vec<_> = (6..=10).map(|i| LogLine::new(i, "stderr", format!("line {i}"))).collect();
+    let batch: Vec<_> = (6..=10)
+        .map(|i| LogLine::new(i, "stderr", format!("line {i}")))
+        .collect();
     assert_eq!(s.append_logs("run-1", &batch).unwrap(), 6);
     assert_eq!(s.log_count("run-1").unwrap(), 10);
     let all = s.read_logs("run-1", LogQuery::default()).unwrap();
-    assert_eq!(all.iter().map(|l| l.line_no).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
-    let since = s.read_logs("run-1", LogQuery { since: Some(7), ..Default::default() }).unwrap();
-    assert_eq!(since.iter().map(|l| l.text.as_str()).collect::<Vec<_>>(), ["line 8", "line 9", "line 10"]);
-    let tail = s.read_logs("run-1", LogQuery { tail: Some(2), ..Default::default() }).unwrap();
+    assert_eq!(
+        all.iter().map(|l| l.line_no).collect::<Vec<_>>(),
+        (1..=10).collect::<Vec<_>>()
+    );
+    let since = s
+        .read_logs(
+            "run-1",
+            LogQuery {
+                since: Some(7),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        since.iter().map(|l| l.text.as_str()).collect::<Vec<_>>(),
+        ["line 8", "line 9", "line 10"]
+    );
+    let tail = s
+        .read_logs(
+            "run-1",
+            LogQuery {
+                tail: Some(2),
+                ..Default::default()
+            },
+        )
+        .unwrap();
     assert_eq!(tail.iter().map(|l| l.line_no).collect::<Vec<_>>(), [9, 10]);
-    let limited = s.read_logs("run-1", LogQuery { since: Some(2), limit: Some(3), ..Default::default() }).unwrap();
-    assert_eq!(limited.iter().map(|l| l.line_no).collect::<Vec<_>>(), [3, 4, 5]);
-    assert!(s.read_logs("run-other", LogQuery::default()).unwrap().is_empty());
+    let limited = s
+        .read_logs(
+            "run-1",
+            LogQuery {
+                since: Some(2),
+                limit: Some(3),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        limited.iter().map(|l| l.line_no).collect::<Vec<_>>(),
+        [3, 4, 5]
+    );
+    assert!(s
+        .read_logs("run-other", LogQuery::default())
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
@@ -202,9 +354,17 @@ fn snapshots_newest_first_and_by_hash() {
     s.insert_snapshot(&snap("snp-2", "agt-a", "bb", 2)).unwrap();
     s.insert_snapshot(&snap("snp-3", "agt-a", "aa", 3)).unwrap();
     s.insert_snapshot(&snap("snp-4", "agt-b", "cc", 4)).unwrap();
-    let ids: Vec<_> = s.list_snapshots("agt-a", 10).unwrap().into_iter().map(|x| x.id).collect();
+    let ids: Vec<_> = s
+        .list_snapshots("agt-a", 10)
+        .unwrap()
+        .into_iter()
+        .map(|x| x.id)
+        .collect();
     assert_eq!(ids, ["snp-3", "snp-2", "snp-1"]);
-    assert_eq!(s.find_snapshot_by_hash("agt-a", "aa").unwrap().unwrap().id, "snp-3");
+    assert_eq!(
+        s.find_snapshot_by_hash("agt-a", "aa").unwrap().unwrap().id,
+        "snp-3"
+    );
     // Another agent's snapshot is invisible.
     assert!(s.find_snapshot_by_hash("agt-a", "cc").unwrap().is_none());
     assert!(s.get_snapshot("agt-a", "snp-4").unwrap().is_none());
@@ -234,10 +394,20 @@ fn tokens_by_hash() {
     })
     .unwrap();
     assert!(s.has_operator_token().unwrap());
-    assert_eq!(s.find_token_by_hash("h2").unwrap().unwrap().agent_id.as_deref(), Some("agt-a"));
+    assert_eq!(
+        s.find_token_by_hash("h2")
+            .unwrap()
+            .unwrap()
+            .agent_id
+            .as_deref(),
+        Some("agt-a")
+    );
     assert!(s.find_token_by_hash("nope").unwrap().is_none());
     // A duplicate hash is refused by the schema.
-    let dup = TokenRecord { id: "tok-3".into(), ..s.find_token_by_hash("h1").unwrap().unwrap() };
+    let dup = TokenRecord {
+        id: "tok-3".into(),
+        ..s.find_token_by_hash("h1").unwrap().unwrap()
+    };
     assert!(s.insert_token(&dup).is_err());
     assert_eq!(s.revoke_operator_tokens(9).unwrap(), 1);
     assert!(!s.has_operator_token().unwrap());

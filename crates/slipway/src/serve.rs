@@ -97,7 +97,12 @@ pub struct ServeArgs {
     /// Actions that need an operator's approval (a gate); repeat for several (environment:
     /// comma-separated), `none` for none [default: production_deploy, promote, rollback,
     /// secret_env]. Also: preview_deploy.
-    #[arg(long = "gate-action", env = "SLIPWAY_GATE_ACTIONS", value_delimiter = ',', value_name = "ACTION")]
+    #[arg(
+        long = "gate-action",
+        env = "SLIPWAY_GATE_ACTIONS",
+        value_delimiter = ',',
+        value_name = "ACTION"
+    )]
     pub gate_actions: Vec<String>,
     /// How long an approved gate's single-use token stays usable, in seconds [default: 300].
     #[arg(long, env = "SLIPWAY_GATE_TOKEN_TTL", value_name = "SECONDS")]
@@ -211,10 +216,15 @@ impl ServeConfig {
             .or(file.log_level)
             .unwrap_or_else(|| "info".to_string());
         let mut trust_policy = slipway_trust::TrustPolicy::default();
-        let gate_actions = if args.gate_actions.is_empty() { file.gate_actions } else { Some(args.gate_actions) };
+        let gate_actions = if args.gate_actions.is_empty() {
+            file.gate_actions
+        } else {
+            Some(args.gate_actions)
+        };
         if let Some(actions) = gate_actions {
-            trust_policy.gated = slipway_trust::TrustPolicy::parse_actions(actions.iter().map(String::as_str))
-                .map_err(|e| anyhow::anyhow!("invalid gate action: {e}"))?;
+            trust_policy.gated =
+                slipway_trust::TrustPolicy::parse_actions(actions.iter().map(String::as_str))
+                    .map_err(|e| anyhow::anyhow!("invalid gate action: {e}"))?;
         }
         if let Some(ttl) = args.gate_token_ttl.or(file.gate_token_ttl) {
             if ttl == 0 || ttl > 24 * 3600 {
@@ -222,7 +232,8 @@ impl ServeConfig {
             }
             trust_policy.token_ttl_ms = i64::try_from(ttl * 1000).unwrap_or(i64::MAX);
         }
-        let warm_time = std::time::Duration::from_secs(args.warm_time.or(file.warm_time).unwrap_or(600));
+        let warm_time =
+            std::time::Duration::from_secs(args.warm_time.or(file.warm_time).unwrap_or(600));
         Ok(Self {
             warm_time,
             trust_policy,
@@ -331,8 +342,18 @@ pub async fn build_server(config: ServeConfig) -> anyhow::Result<Server> {
         slipway_artifacts::LocalArtifactStore::new(config.data_dir.join("artifacts"))
             .context("cannot open the artifact store")?,
     );
-    let engine = build_engine(&config, Arc::clone(&store), Arc::clone(&artifacts), Arc::clone(&router), app_addr, clock.clone())?;
-    let report = engine.reconcile().await.context("start-up reconcile failed")?;
+    let engine = build_engine(
+        &config,
+        Arc::clone(&store),
+        Arc::clone(&artifacts),
+        Arc::clone(&router),
+        app_addr,
+        clock.clone(),
+    )?;
+    let report = engine
+        .reconcile()
+        .await
+        .context("start-up reconcile failed")?;
     info!(
         runs_failed = report.runs_failed,
         runs_stopped = report.runs_stopped,
@@ -445,21 +466,32 @@ fn load_signing_key(
 /// no signature yet. Returns how many were signed.
 fn sign_existing_artifacts(signer: &slipway_trust::Signer, root: &Path) -> usize {
     let mut signed = 0;
-    let Ok(agents) = fs::read_dir(root) else { return 0 };
+    let Ok(agents) = fs::read_dir(root) else {
+        return 0;
+    };
     for agent in agents.flatten() {
         let agent_name = agent.file_name().to_string_lossy().into_owned();
-        for (kind, dir) in [("snapshot", agent.path()), ("release", agent.path().join("releases"))] {
-            let Ok(files) = fs::read_dir(&dir) else { continue };
+        for (kind, dir) in [
+            ("snapshot", agent.path()),
+            ("release", agent.path().join("releases")),
+        ] {
+            let Ok(files) = fs::read_dir(&dir) else {
+                continue;
+            };
             for file in files.flatten() {
                 let name = file.file_name().to_string_lossy().into_owned();
-                let Some(hash) = name.strip_suffix(".tar.zst") else { continue };
+                let Some(hash) = name.strip_suffix(".tar.zst") else {
+                    continue;
+                };
                 if !slipway_artifacts::is_content_hash(hash) {
                     continue;
                 }
                 match signer.sign_file_once(kind, &agent_name, hash, &file.path()) {
                     Ok(true) => signed += 1,
                     Ok(false) => {}
-                    Err(e) => warn!(path = %file.path().display(), error = %e, "could not sign an existing artifact"),
+                    Err(e) => {
+                        warn!(path = %file.path().display(), error = %e, "could not sign an existing artifact")
+                    }
                 }
             }
         }
@@ -635,7 +667,9 @@ mod tests {
 fn cgroup_parent_for(data_dir: &Path) -> String {
     use sha2::{Digest, Sha256};
     use std::os::unix::ffi::OsStrExt;
-    let canonical = data_dir.canonicalize().unwrap_or_else(|_| data_dir.to_path_buf());
+    let canonical = data_dir
+        .canonicalize()
+        .unwrap_or_else(|_| data_dir.to_path_buf());
     let digest = Sha256::digest(canonical.as_os_str().as_bytes());
     format!("slipway-{}", &hex::encode(digest)[..12])
 }
@@ -650,8 +684,10 @@ fn build_engine(
 ) -> anyhow::Result<Engine> {
     let driver = match slipway_sandbox::check_support() {
         Ok(()) => {
-            let helper = std::env::current_exe().context("cannot find the slipway executable for sandbox helpers")?;
-            let mut driver_config = slipway_sandbox::DriverConfig::new(helper, config.data_dir.join("sandboxes"));
+            let helper = std::env::current_exe()
+                .context("cannot find the slipway executable for sandbox helpers")?;
+            let mut driver_config =
+                slipway_sandbox::DriverConfig::new(helper, config.data_dir.join("sandboxes"));
             driver_config.cgroup_parent = cgroup_parent_for(&config.data_dir);
             slipway_sandbox::LinuxDriver::new(driver_config).map_err(|e| e.to_string())
         }
@@ -660,7 +696,8 @@ fn build_engine(
     if let Err(reason) = &driver {
         warn!("sandboxes are unavailable, so every deployment run will fail until this is fixed: {reason}");
     }
-    let mut engine_config = EngineConfig::new(config.data_dir.join("cache"), config.agent_root.clone());
+    let mut engine_config =
+        EngineConfig::new(config.data_dir.join("cache"), config.agent_root.clone());
     engine_config.base_domain = config.base_domain.clone();
     engine_config.app_port = app_addr.port();
     engine_config.warm_time = config.warm_time;
@@ -668,5 +705,13 @@ fn build_engine(
     engine_config.egress_allow = registry.egress_config(&config.egress_allow).allow_hosts;
     engine_config.egress_env = registry.sandbox_env();
     info!(hosts = %engine_config.egress_allow.join(","), "build egress allowlist");
-    Ok(Engine::new(store, artifacts, driver, router, engine_config, EventBus::default(), clock))
+    Ok(Engine::new(
+        store,
+        artifacts,
+        driver,
+        router,
+        engine_config,
+        EventBus::default(),
+        clock,
+    ))
 }

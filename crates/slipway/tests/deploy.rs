@@ -12,15 +12,28 @@ fn deploy_a_static_site_then_redeploy_without_reupload() {
     let env = Env::new();
     let (_agent, token) = env.agent("deployer");
     let app = env.dir.path().join("site");
-    write(&app, &[("index.html", "<h1>hello from slipway</h1>"), ("notes.log", "ignored by default")]);
+    write(
+        &app,
+        &[
+            ("index.html", "<h1>hello from slipway</h1>"),
+            ("notes.log", "ignored by default"),
+        ],
+    );
     let app_str = app.to_str().unwrap();
 
     let first = env.run(&["--token", &token, "deploy", app_str]);
     assert_eq!(first.code, 0, "{first:#?}");
-    assert!(first.stderr.contains("detected static site"), "{}", first.stderr);
+    assert!(
+        first.stderr.contains("detected static site"),
+        "{}",
+        first.stderr
+    );
     assert!(first.stderr.contains("uploaded"), "{}", first.stderr);
     let url = first.stdout.trim().to_string();
-    assert!(url.starts_with("http://run-") && url.contains(".preview.localhost:"), "{url}");
+    assert!(
+        url.starts_with("http://run-") && url.contains(".preview.localhost:"),
+        "{url}"
+    );
     let (status, body) = get(&env.server.app, &host_of(&url), "/");
     assert_eq!(status, 200);
     assert!(body.contains("hello from slipway"), "{body}");
@@ -34,14 +47,24 @@ fn deploy_a_static_site_then_redeploy_without_reupload() {
     assert_eq!(run["status"], "ready");
     assert_ne!(run["url"].as_str().unwrap(), url);
     let quiet = env.run(&["--token", &token, "deploy", app_str]);
-    assert!(quiet.stderr.contains("already on the server"), "{}", quiet.stderr);
+    assert!(
+        quiet.stderr.contains("already on the server"),
+        "{}",
+        quiet.stderr
+    );
 
     let runs = env.run(&["--token", &token, "--json", "runs"]).json();
     let runs = runs["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 3);
-    let snapshots: Vec<_> = runs.iter().map(|r| r["snapshotId"].as_str().unwrap().to_string()).collect();
+    let snapshots: Vec<_> = runs
+        .iter()
+        .map(|r| r["snapshotId"].as_str().unwrap().to_string())
+        .collect();
     assert!(runs.iter().all(|r| r["status"] == "ready"));
-    let sandboxes: std::collections::BTreeSet<_> = runs.iter().map(|r| r["sandboxId"].as_str().unwrap()).collect();
+    let sandboxes: std::collections::BTreeSet<_> = runs
+        .iter()
+        .map(|r| r["sandboxId"].as_str().unwrap())
+        .collect();
     assert_eq!(sandboxes.len(), 3, "every run has its own sandbox");
     let _ = snapshots;
 
@@ -49,9 +72,17 @@ fn deploy_a_static_site_then_redeploy_without_reupload() {
     let id = runs[0]["id"].as_str().unwrap();
     let stopped = env.run(&["--token", &token, "--json", "stop", id]).json();
     assert_eq!(stopped["status"], "stopped");
-    let (status, _) = get(&env.server.app, &host_of(runs[0]["url"].as_str().unwrap()), "/");
+    let (status, _) = get(
+        &env.server.app,
+        &host_of(runs[0]["url"].as_str().unwrap()),
+        "/",
+    );
     assert_eq!(status, 410);
-    let (status, _) = get(&env.server.app, &host_of(runs[1]["url"].as_str().unwrap()), "/");
+    let (status, _) = get(
+        &env.server.app,
+        &host_of(runs[1]["url"].as_str().unwrap()),
+        "/",
+    );
     assert_eq!(status, 200);
     let logs = env.run(&["--token", &token, "logs", id]);
     assert!(logs.ok().contains("> capturing source..."), "{logs:#?}");
@@ -69,26 +100,64 @@ fn upload_and_host_capture_give_the_same_content_hash() {
     let env = EnvWith::new(&dir, &server);
     let (agent, token) = env.agent("hasher");
     let host_dir = agents_root.join(&agent).join("config/miniapps/app");
-    write(&host_dir, &[("index.html", "same tree"), ("a/b.txt", "nested")]);
+    write(
+        &host_dir,
+        &[("index.html", "same tree"), ("a/b.txt", "nested")],
+    );
     let hash_only = env.run(&["snapshot", "--hash-only", host_dir.to_str().unwrap()]);
     let local_hash = hash_only.ok().trim().to_string();
     assert_eq!(local_hash.len(), 64);
 
-    let uploaded = env.run(&["--token", &token, "--json", "snapshot", host_dir.to_str().unwrap()]).json();
+    let uploaded = env
+        .run(&[
+            "--token",
+            &token,
+            "--json",
+            "snapshot",
+            host_dir.to_str().unwrap(),
+        ])
+        .json();
     assert_eq!(uploaded["contentHash"], local_hash.as_str());
 
     // The host path: the server captures sourceDir through the agent-root mapping.
     env.run(&[
-        "--token", &token, "spec", "set", "--name", "app", "--source-dir", "/config/miniapps/app", "--build", "true",
-        "--start", "python3 -m http.server $PORT --bind 127.0.0.1",
+        "--token",
+        &token,
+        "spec",
+        "set",
+        "--name",
+        "app",
+        "--source-dir",
+        "/config/miniapps/app",
+        "--build",
+        "true",
+        "--start",
+        "python3 -m http.server $PORT --bind 127.0.0.1",
     ])
     .ok();
-    let run = env.run(&["--token", &token, "--json", "deploy", "--server-source", host_dir.to_str().unwrap()]).json();
+    let run = env
+        .run(&[
+            "--token",
+            &token,
+            "--json",
+            "deploy",
+            "--server-source",
+            host_dir.to_str().unwrap(),
+        ])
+        .json();
     assert_eq!(run["status"], "ready", "{run}");
     let snaps = env.run(&["--token", &token, "--json", "snapshots"]).json();
-    let hashes: Vec<_> = snaps["snapshots"].as_array().unwrap().iter().map(|s| s["contentHash"].as_str().unwrap()).collect();
+    let hashes: Vec<_> = snaps["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["contentHash"].as_str().unwrap())
+        .collect();
     assert_eq!(hashes.len(), 2, "{snaps}");
-    assert!(hashes.iter().all(|h| *h == local_hash), "{hashes:?} vs {local_hash}");
+    assert!(
+        hashes.iter().all(|h| *h == local_hash),
+        "{hashes:?} vs {local_hash}"
+    );
 }
 
 #[test]
@@ -112,7 +181,11 @@ fn failing_build_exits_nonzero_with_the_error_and_log() {
     let out = env.run(&["--token", &token, "deploy", app.to_str().unwrap()]);
     assert_eq!(out.code, 1, "{out:#?}");
     assert!(out.stderr.contains("about to fail"), "{}", out.stderr);
-    assert!(out.stderr.contains("build command exited with code 42"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("build command exited with code 42"),
+        "{}",
+        out.stderr
+    );
     assert!(out.stdout.is_empty(), "no URL on failure: {:?}", out.stdout);
 }
 
@@ -134,7 +207,16 @@ fn server_killed_mid_build_restarts_clean() {
             ("slipway.toml", "name = \"slow\"\nsource_dir = \"/config/miniapps/slow\"\nbuild = \"echo building; sleep 300\"\nstart = \"python3 -m http.server $PORT\"\n"),
         ],
     );
-    let started = env.run(&["--token", &token, "--json", "deploy", "--no-wait", app.to_str().unwrap()]).json();
+    let started = env
+        .run(&[
+            "--token",
+            &token,
+            "--json",
+            "deploy",
+            "--no-wait",
+            app.to_str().unwrap(),
+        ])
+        .json();
     let id = started["id"].as_str().unwrap().to_string();
     let sandbox = started["sandboxId"].as_str().unwrap().to_string();
     // Wait until the build command is running inside the sandbox.
@@ -149,29 +231,45 @@ fn server_killed_mid_build_restarts_clean() {
     }
     // "building" is printed just before the shell starts the sleep.
     while pids_running("sleep 300").is_empty() {
-        assert!(Instant::now() < deadline, "the build's sleep should be running");
+        assert!(
+            Instant::now() < deadline,
+            "the build's sleep should be running"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     server.signal_and_wait(nix::sys::signal::Signal::SIGKILL);
     // Nothing of the sandbox outlives the server.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !pids_running("sleep 300").is_empty() {
-        assert!(Instant::now() < deadline, "sandbox processes survived the server: {:?}", pids_running("sleep 300"));
+        assert!(
+            Instant::now() < deadline,
+            "sandbox processes survived the server: {:?}",
+            pids_running("sleep 300")
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let server2 = Server::start(&data, &[], &[]);
     let env = EnvWith::new(&dir, &server2);
-    let run = env.run(&["--token", &token, "--json", "inspect", &id]).json();
+    let run = env
+        .run(&["--token", &token, "--json", "inspect", &id])
+        .json();
     assert_eq!(run["status"], "failed", "{run}");
     assert_eq!(run["error"], "interrupted: server restarted");
     // The cgroup parent's name depends on the data directory; look under every parent.
-    for base in ["/sys/fs/cgroup", "/sys/fs/cgroup/pids", "/sys/fs/cgroup/memory"] {
+    for base in [
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/pids",
+        "/sys/fs/cgroup/memory",
+    ] {
         for parent in std::fs::read_dir(base).into_iter().flatten().flatten() {
             let leftover = parent.path().join(&sandbox);
             assert!(!leftover.exists(), "leftover cgroup {}", leftover.display());
         }
     }
-    assert!(!data.join("sandboxes").join(&sandbox).exists(), "leftover sandbox state dir");
+    assert!(
+        !data.join("sandboxes").join(&sandbox).exists(),
+        "leftover sandbox state dir"
+    );
     drop(server);
 }
 
@@ -179,7 +277,9 @@ fn server_killed_mid_build_restarts_clean() {
 fn pids_running(needle: &str) -> Vec<i32> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
             if cmd.contains(needle) && !cmd.contains("pids_running") {
@@ -199,7 +299,11 @@ struct EnvWith {
 
 impl EnvWith {
     fn new(dir: &tempfile::TempDir, server: &Server) -> Self {
-        Self { dir: dir.path().to_path_buf(), api: server.api.clone(), admin: server.admin_token() }
+        Self {
+            dir: dir.path().to_path_buf(),
+            api: server.api.clone(),
+            admin: server.admin_token(),
+        }
     }
 
     fn run(&self, args: &[&str]) -> Run {
@@ -209,7 +313,12 @@ impl EnvWith {
     }
 
     fn agent(&self, name: &str) -> (String, String) {
-        let v = self.run(&["--token", &self.admin, "agents", "create", name, "--json"]).json();
-        (v["id"].as_str().unwrap().to_string(), v["token"].as_str().unwrap().to_string())
+        let v = self
+            .run(&["--token", &self.admin, "agents", "create", name, "--json"])
+            .json();
+        (
+            v["id"].as_str().unwrap().to_string(),
+            v["token"].as_str().unwrap().to_string(),
+        )
     }
 }

@@ -56,7 +56,10 @@ pub async fn create_agent(
     let entry = slipway_trust::NewAuditEntry {
         agent_id: Some(agent.id.clone()),
         target: Some(token_id.clone()),
-        reason: Some(format!("agent {:?} and its agent token {token_id}", agent.name)),
+        reason: Some(format!(
+            "agent {:?} and its agent token {token_id}",
+            agent.name
+        )),
         ..crate::routes::audit::by(&operator, now, "token.create", "ok")
     };
     crate::routes::audit::record(&state, entry).await?;

@@ -30,10 +30,16 @@ pub fn router() -> OpenApiRouter<AppState> {
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
-            EngineError::NoSpec { .. } => ApiError::with_message(ErrorCode::SpecNotFound, e.to_string()),
+            EngineError::NoSpec { .. } => {
+                ApiError::with_message(ErrorCode::SpecNotFound, e.to_string())
+            }
             EngineError::Busy { .. } => ApiError::with_message(ErrorCode::Conflict, e.to_string()),
-            EngineError::RunNotFound { .. } => ApiError::with_message(ErrorCode::RunNotFound, e.to_string()),
-            EngineError::SnapshotNotFound { .. } => ApiError::with_message(ErrorCode::SnapshotNotFound, e.to_string()),
+            EngineError::RunNotFound { .. } => {
+                ApiError::with_message(ErrorCode::RunNotFound, e.to_string())
+            }
+            EngineError::SnapshotNotFound { .. } => {
+                ApiError::with_message(ErrorCode::SnapshotNotFound, e.to_string())
+            }
             EngineError::Store(s) => s.into(),
         }
     }
@@ -41,7 +47,10 @@ impl From<EngineError> for ApiError {
 
 fn engine(state: &AppState) -> Result<&slipway_engine::Engine, ApiError> {
     state.engine.as_ref().ok_or_else(|| {
-        ApiError::with_message(ErrorCode::Unavailable, "this server was started without a run engine")
+        ApiError::with_message(
+            ErrorCode::Unavailable,
+            "this server was started without a run engine",
+        )
     })
 }
 
@@ -49,7 +58,10 @@ fn run_id(raw: &str) -> Result<String, ApiError> {
     if IdKind::Run.is_valid(raw) {
         Ok(raw.to_string())
     } else {
-        Err(ApiError::with_message(ErrorCode::RunNotFound, format!("run {raw} not found")))
+        Err(ApiError::with_message(
+            ErrorCode::RunNotFound,
+            format!("run {raw} not found"),
+        ))
     }
 }
 
@@ -73,12 +85,17 @@ pub async fn list_runs(
 ) -> Result<Json<RunListDto>, ApiError> {
     let agent = access.agent.id;
     let limit = q.limit.unwrap_or(50).clamp(1, 500);
-    let (runs, versions) = state.store(move |s| Ok((s.list_runs(&agent, limit)?, s.versions_by_run(&agent)?))).await?;
+    let (runs, versions) = state
+        .store(move |s| Ok((s.list_runs(&agent, limit)?, s.versions_by_run(&agent)?)))
+        .await?;
     let runs = runs
         .into_iter()
         .map(|r| {
             let version_number = versions.get(&r.id).copied();
-            RunDto { version_number, ..RunDto::from(r) }
+            RunDto {
+                version_number,
+                ..RunDto::from(r)
+            }
         })
         .collect();
     Ok(Json(RunListDto { runs }))
@@ -117,8 +134,13 @@ pub async fn start_run(
     headers: axum::http::HeaderMap,
     JsonObject(body): JsonObject,
 ) -> Result<(StatusCode, Json<RunDto>), ApiError> {
-    let input: StartInput = serde_json::from_value(serde_json::Value::Object(body))
-        .map_err(|e| ApiError::with_message(ErrorCode::InvalidRequest, format!("invalid start request: {e}")))?;
+    let input: StartInput =
+        serde_json::from_value(serde_json::Value::Object(body)).map_err(|e| {
+            ApiError::with_message(
+                ErrorCode::InvalidRequest,
+                format!("invalid start request: {e}"),
+            )
+        })?;
     let target = match input.target.as_deref() {
         None => None,
         Some(t) => Some(DeploymentTarget::parse(t).ok_or_else(|| {
@@ -130,7 +152,10 @@ pub async fn start_run(
     };
     if let Some(note) = &input.note {
         if note.chars().count() > 1000 {
-            return Err(ApiError::with_message(ErrorCode::InvalidRequest, "note is longer than 1000 characters"));
+            return Err(ApiError::with_message(
+                ErrorCode::InvalidRequest,
+                "note is longer than 1000 characters",
+            ));
         }
     }
     let source = match input.snapshot {
@@ -145,16 +170,25 @@ pub async fn start_run(
     };
     // Production (by policy) needs an approved gate; the token is consumed just before starting.
     let eng = engine(&state)?;
-    let gate = crate::routes::gates::DeployGate::check(&state, &access, &headers, target, &source).await?;
+    let gate =
+        crate::routes::gates::DeployGate::check(&state, &access, &headers, target, &source).await?;
     let started = eng
-        .start(StartRequest { agent_id: access.agent.id.clone(), target, note: input.note, source, operator: Some(access.caller.token_id.clone()) })
+        .start(StartRequest {
+            agent_id: access.agent.id.clone(),
+            target,
+            note: input.note,
+            source,
+            operator: Some(access.caller.token_id.clone()),
+        })
         .await;
     let run = gate.started(&state, &access.caller, started).await?;
     Ok((StatusCode::ACCEPTED, Json(run.into())))
 }
 
 pub fn is_content_hash(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// One run.
@@ -175,7 +209,9 @@ pub async fn get_run(
     let run = state
         .store(move |s| s.get_run(&agent, &id))
         .await?
-        .ok_or_else(|| ApiError::with_message(ErrorCode::RunNotFound, format!("run {raw} not found")))?;
+        .ok_or_else(|| {
+            ApiError::with_message(ErrorCode::RunNotFound, format!("run {raw} not found"))
+        })?;
     Ok(Json(run.into()))
 }
 
@@ -247,16 +283,27 @@ pub async fn get_logs(
     let id = run_id(&raw)?;
     let agent = access.agent.id;
     let limit = q.limit.unwrap_or(10_000).clamp(1, 100_000);
-    let query = LogQuery { since: q.since, tail: q.tail, limit: Some(limit), q: q.q.clone() };
+    let query = LogQuery {
+        since: q.since,
+        tail: q.tail,
+        limit: Some(limit),
+        q: q.q.clone(),
+    };
     let (run, lines, total) = state
         .store(move |s| {
             let run = s.get_run(&agent, &id)?;
-            let lines = if run.is_some() { s.read_logs(&id, query)? } else { Vec::new() };
+            let lines = if run.is_some() {
+                s.read_logs(&id, query)?
+            } else {
+                Vec::new()
+            };
             let total = if run.is_some() { s.log_count(&id)? } else { 0 };
             Ok((run, lines, total))
         })
         .await?;
-    let run = run.ok_or_else(|| ApiError::with_message(ErrorCode::RunNotFound, format!("run {raw} not found")))?;
+    let run = run.ok_or_else(|| {
+        ApiError::with_message(ErrorCode::RunNotFound, format!("run {raw} not found"))
+    })?;
     let next_since = lines.last().map(|l| l.line_no).or(q.since).unwrap_or(0);
     Ok(Json(LogsDto {
         run_id: run.id,

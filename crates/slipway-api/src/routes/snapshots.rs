@@ -27,14 +27,21 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list_snapshots))
         .routes(routes!(get_snapshot, head_snapshot))
-        .merge(OpenApiRouter::new().routes(routes!(put_snapshot)).layer(DefaultBodyLimit::max(UPLOAD_BODY_LIMIT)))
+        .merge(
+            OpenApiRouter::new()
+                .routes(routes!(put_snapshot))
+                .layer(DefaultBodyLimit::max(UPLOAD_BODY_LIMIT)),
+        )
 }
 
 fn hash_or_404(raw: &str) -> Result<String, ApiError> {
     if is_content_hash(raw) {
         Ok(raw.to_string())
     } else {
-        Err(ApiError::with_message(ErrorCode::SnapshotNotFound, format!("snapshot {raw} not found")))
+        Err(ApiError::with_message(
+            ErrorCode::SnapshotNotFound,
+            format!("snapshot {raw} not found"),
+        ))
     }
 }
 
@@ -58,8 +65,12 @@ pub async fn list_snapshots(
 ) -> Result<Json<SnapshotListDto>, ApiError> {
     let agent = access.agent.id;
     let limit = q.limit.unwrap_or(50).clamp(1, 500);
-    let list = state.store(move |s| s.list_snapshots(&agent, limit)).await?;
-    Ok(Json(SnapshotListDto { snapshots: list.into_iter().map(SnapshotDto::from).collect() }))
+    let list = state
+        .store(move |s| s.list_snapshots(&agent, limit))
+        .await?;
+    Ok(Json(SnapshotListDto {
+        snapshots: list.into_iter().map(SnapshotDto::from).collect(),
+    }))
 }
 
 /// The newest snapshot record with this content hash.
@@ -77,8 +88,15 @@ pub async fn get_snapshot(
     let (_, raw) = ids;
     let hash = hash_or_404(&raw)?;
     let agent = access.agent.id;
-    let found = state.store(move |s| s.find_snapshot_by_hash(&agent, &hash)).await?;
-    let snap = found.ok_or_else(|| ApiError::with_message(ErrorCode::SnapshotNotFound, format!("snapshot {raw} not found")))?;
+    let found = state
+        .store(move |s| s.find_snapshot_by_hash(&agent, &hash))
+        .await?;
+    let snap = found.ok_or_else(|| {
+        ApiError::with_message(
+            ErrorCode::SnapshotNotFound,
+            format!("snapshot {raw} not found"),
+        )
+    })?;
     Ok(Json(snap.into()))
 }
 
@@ -96,12 +114,19 @@ pub async fn head_snapshot(
     ApiPath(ids): ApiPath<(String, String)>,
 ) -> StatusCode {
     let (_, raw) = ids;
-    let Ok(hash) = hash_or_404(&raw) else { return StatusCode::NOT_FOUND };
+    let Ok(hash) = hash_or_404(&raw) else {
+        return StatusCode::NOT_FOUND;
+    };
     let agent = access.agent.id;
     let artifacts = state.artifacts.clone();
     let (a, h) = (agent.clone(), hash.clone());
     let present = match state.store(move |s| s.find_snapshot_by_hash(&a, &h)).await {
-        Ok(found) => found.is_some() && artifacts.as_ref().is_some_and(|st| st.contains(&agent, &hash)),
+        Ok(found) => {
+            found.is_some()
+                && artifacts
+                    .as_ref()
+                    .is_some_and(|st| st.contains(&agent, &hash))
+        }
         Err(_) => false,
     };
     if present {
@@ -135,13 +160,15 @@ pub async fn put_snapshot(
     let (_, raw) = ids;
     let hash = hash_or_404(&raw)?;
     let agent = access.agent.id.clone();
-    let artifacts = state
-        .artifacts
-        .clone()
-        .ok_or_else(|| ApiError::with_message(ErrorCode::Unavailable, "this server has no artifact store"))?;
+    let artifacts = state.artifacts.clone().ok_or_else(|| {
+        ApiError::with_message(ErrorCode::Unavailable, "this server has no artifact store")
+    })?;
     let artifacts_for_path = artifacts.clone();
     let (a, h) = (agent.clone(), hash.clone());
-    if let Some(existing) = state.store(move |s| s.find_snapshot_by_hash(&a, &h)).await? {
+    if let Some(existing) = state
+        .store(move |s| s.find_snapshot_by_hash(&a, &h))
+        .await?
+    {
         if artifacts.contains(&agent, &hash) {
             return Ok((StatusCode::OK, Json(existing.into())));
         }
@@ -160,7 +187,10 @@ pub async fn put_snapshot(
         if e.is_too_large() {
             ApiError::with_message(ErrorCode::PayloadTooLarge, e.to_string())
         } else if e.is_client_error() {
-            ApiError::with_message(ErrorCode::InvalidSnapshot, format!("snapshot rejected: {e}"))
+            ApiError::with_message(
+                ErrorCode::InvalidSnapshot,
+                format!("snapshot rejected: {e}"),
+            )
         } else {
             ApiError::internal(format!("storing the upload failed: {e}"))
         }
@@ -174,7 +204,11 @@ pub async fn put_snapshot(
         agent_id: agent.clone(),
         spec_id,
         source_dir: "(upload)".into(),
-        artifact_path: slipway_artifacts::ArtifactStore::location(&*artifacts_for_path, &agent, &hash),
+        artifact_path: slipway_artifacts::ArtifactStore::location(
+            &*artifacts_for_path,
+            &agent,
+            &hash,
+        ),
         content_hash: captured.content_hash.clone(),
         file_count: captured.file_count,
         size_bytes: captured.size_bytes,
@@ -186,7 +220,9 @@ pub async fn put_snapshot(
     let rec = record.clone();
     state.store(move |s| s.insert_snapshot(&rec)).await?;
     if let Some(engine) = &state.engine {
-        engine.events().publish(slipway_engine::Event::SnapshotCreated(record.clone()));
+        engine
+            .events()
+            .publish(slipway_engine::Event::SnapshotCreated(record.clone()));
     }
     Ok((StatusCode::CREATED, Json(record.into())))
 }

@@ -13,7 +13,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::AgentAccess;
-use crate::dto::{DeploymentDto, RollbackDto, RouteChangeInput, RouteHistoryDto, VersionDto, VersionListDto};
+use crate::dto::{
+    DeploymentDto, RollbackDto, RouteChangeInput, RouteHistoryDto, VersionDto, VersionListDto,
+};
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::extract::{ApiPath, ApiQuery};
 use crate::state::AppState;
@@ -30,27 +32,39 @@ impl From<ProductionError> for ApiError {
     fn from(e: ProductionError) -> Self {
         let message = e.to_string();
         match e {
-            ProductionError::NoDeployment { .. } => ApiError::with_message(ErrorCode::DeploymentNotFound, message),
-            ProductionError::VersionNotFound { .. } => ApiError::with_message(ErrorCode::VersionNotFound, message),
+            ProductionError::NoDeployment { .. } => {
+                ApiError::with_message(ErrorCode::DeploymentNotFound, message)
+            }
+            ProductionError::VersionNotFound { .. } => {
+                ApiError::with_message(ErrorCode::VersionNotFound, message)
+            }
             ProductionError::NoPrevious { .. }
             | ProductionError::NotReady { .. }
             | ProductionError::NoRelease { .. }
-            | ProductionError::InstanceGone { .. } => ApiError::with_message(ErrorCode::Conflict, message),
-            ProductionError::BootFailed { .. } => ApiError::with_message(ErrorCode::Unavailable, message),
+            | ProductionError::InstanceGone { .. } => {
+                ApiError::with_message(ErrorCode::Conflict, message)
+            }
+            ProductionError::BootFailed { .. } => {
+                ApiError::with_message(ErrorCode::Unavailable, message)
+            }
             ProductionError::Engine(EngineError::RunNotFound { .. }) => {
                 ApiError::with_message(ErrorCode::RunNotFound, message)
             }
             ProductionError::Engine(EngineError::Store(s)) => s.into(),
-            ProductionError::Engine(other) => ApiError::with_message(ErrorCode::Conflict, other.to_string()),
+            ProductionError::Engine(other) => {
+                ApiError::with_message(ErrorCode::Conflict, other.to_string())
+            }
         }
     }
 }
 
 fn engine(state: &AppState) -> Result<&Engine, ApiError> {
-    state
-        .engine
-        .as_ref()
-        .ok_or_else(|| ApiError::with_message(ErrorCode::Unavailable, "this server was started without a run engine"))
+    state.engine.as_ref().ok_or_else(|| {
+        ApiError::with_message(
+            ErrorCode::Unavailable,
+            "this server was started without a run engine",
+        )
+    })
 }
 
 fn deployment_dto(engine: &Engine, d: DeploymentRecord) -> DeploymentDto {
@@ -88,16 +102,26 @@ fn note_of(body: &[u8]) -> Result<Option<String>, ApiError> {
         return Ok(None);
     }
     let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::with_message(ErrorCode::InvalidJson, format!("the request body is not valid JSON: {e}"))
+        ApiError::with_message(
+            ErrorCode::InvalidJson,
+            format!("the request body is not valid JSON: {e}"),
+        )
     })?;
     if !value.is_object() {
-        return Err(ApiError::with_message(ErrorCode::InvalidJson, "the request body must be a JSON object"));
+        return Err(ApiError::with_message(
+            ErrorCode::InvalidJson,
+            "the request body must be a JSON object",
+        ));
     }
-    let input: RouteChangeInput = serde_json::from_value(value)
-        .map_err(|e| ApiError::with_message(ErrorCode::InvalidRequest, format!("invalid request: {e}")))?;
+    let input: RouteChangeInput = serde_json::from_value(value).map_err(|e| {
+        ApiError::with_message(ErrorCode::InvalidRequest, format!("invalid request: {e}"))
+    })?;
     if let Some(note) = &input.note {
         if note.chars().count() > 1000 {
-            return Err(ApiError::with_message(ErrorCode::InvalidRequest, "note is longer than 1000 characters"));
+            return Err(ApiError::with_message(
+                ErrorCode::InvalidRequest,
+                "note is longer than 1000 characters",
+            ));
         }
     }
     Ok(input.note)
@@ -125,13 +149,17 @@ pub async fn list_versions(
     let engine = engine(&state)?;
     let agent = access.agent.id.clone();
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let (dep, versions) =
-        state.store(move |s| Ok((s.get_deployment(&agent)?, s.list_versions(&agent, limit)?))).await?;
+    let (dep, versions) = state
+        .store(move |s| Ok((s.get_deployment(&agent)?, s.list_versions(&agent, limit)?)))
+        .await?;
     let live = engine.live_versions(&access.agent.id).await;
     let active = dep.as_ref().and_then(|d| d.active_version);
     Ok(Json(VersionListDto {
         deployment: dep.map(|d| deployment_dto(engine, d)),
-        versions: versions.into_iter().map(|v| version_dto(v, active, &live)).collect(),
+        versions: versions
+            .into_iter()
+            .map(|v| version_dto(v, active, &live))
+            .collect(),
     }))
 }
 
@@ -157,11 +185,12 @@ pub async fn rollback(
     body: Bytes,
 ) -> Result<Json<RollbackDto>, ApiError> {
     let (_, raw) = ids;
-    let n: i64 = raw
-        .parse()
-        .ok()
-        .filter(|n| *n >= 1)
-        .ok_or_else(|| ApiError::with_message(ErrorCode::VersionNotFound, format!("version {raw} not found")))?;
+    let n: i64 = raw.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
+        ApiError::with_message(
+            ErrorCode::VersionNotFound,
+            format!("version {raw} not found"),
+        )
+    })?;
     let note = note_of(&body)?;
     let engine = engine(&state)?;
     let agent = access.agent.id.clone();
@@ -173,11 +202,15 @@ pub async fn rollback(
         format!("version:{n}"),
     )
     .await?;
-    let out = engine.rollback(&agent, Some(n), Some(access.caller.token_id.clone()), note).await;
+    let out = engine
+        .rollback(&agent, Some(n), Some(access.caller.token_id.clone()), note)
+        .await;
     gate.finish(&state, &access.caller, "rollback", &out).await;
     let out = out?;
-    let dep =
-        engine.deployment(&agent).await?.ok_or_else(|| ApiError::internal("deployment vanished after a rollback"))?;
+    let dep = engine
+        .deployment(&agent)
+        .await?
+        .ok_or_else(|| ApiError::internal("deployment vanished after a rollback"))?;
     let live = engine.live_versions(&agent).await;
     Ok(Json(RollbackDto {
         production_url: engine.production_url(&dep.slug),
@@ -209,7 +242,10 @@ pub async fn promote(
 ) -> Result<(StatusCode, Json<VersionDto>), ApiError> {
     let (_, raw) = ids;
     if !IdKind::Run.is_valid(&raw) {
-        return Err(ApiError::with_message(ErrorCode::RunNotFound, format!("run {raw} not found")));
+        return Err(ApiError::with_message(
+            ErrorCode::RunNotFound,
+            format!("run {raw} not found"),
+        ));
     }
     let note = note_of(&body)?;
     let engine = engine(&state)?;
@@ -222,7 +258,9 @@ pub async fn promote(
         format!("run:{raw}"),
     )
     .await?;
-    let v = engine.promote(&agent, &raw, Some(access.caller.token_id.clone()), note).await;
+    let v = engine
+        .promote(&agent, &raw, Some(access.caller.token_id.clone()), note)
+        .await;
     gate.finish(&state, &access.caller, "promote", &v).await;
     let v = v?;
     let live = engine.live_versions(&agent).await;
@@ -246,5 +284,7 @@ pub async fn route_history(
     let agent = access.agent.id;
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let changes = state.store(move |s| s.route_history(&agent, limit)).await?;
-    Ok(Json(RouteHistoryDto { changes: changes.into_iter().map(Into::into).collect() }))
+    Ok(Json(RouteHistoryDto {
+        changes: changes.into_iter().map(Into::into).collect(),
+    }))
 }

@@ -68,11 +68,15 @@ pub struct SnapshotArgs {
 }
 
 fn agent_path(global: &GlobalArgs, client: &Client) -> anyhow::Result<String> {
-    Ok(format!("/api/agents/{}/deployments", global.agent_id(client)?))
+    Ok(format!(
+        "/api/agents/{}/deployments",
+        global.agent_id(client)?
+    ))
 }
 
 fn is_not_found(err: &anyhow::Error) -> bool {
-    err.downcast_ref::<ApiFailure>().is_some_and(|f| f.status == 404)
+    err.downcast_ref::<ApiFailure>()
+        .is_some_and(|f| f.status == 404)
 }
 
 fn spinner(msg: &str, quiet: bool) -> ProgressBar {
@@ -80,7 +84,9 @@ fn spinner(msg: &str, quiet: bool) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let pb = ProgressBar::new_spinner();
-    pb.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("static template"));
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("static template"),
+    );
     pb.set_message(msg.to_string());
     pb.enable_steady_tick(Duration::from_millis(120));
     pb
@@ -90,7 +96,10 @@ fn spinner(msg: &str, quiet: bool) -> ProgressBar {
 fn tree_shape(dir: &Path) -> TreeShape {
     let mut shape = TreeShape::default();
     if let Ok(entries) = std::fs::read_dir(dir) {
-        shape.root_files = entries.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        shape.root_files = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
     }
     if let Ok(text) = std::fs::read_to_string(dir.join("package.json")) {
         if let Ok(v) = serde_json::from_str::<Value>(&text) {
@@ -118,7 +127,13 @@ fn ensure_spec(client: &Client, base: &str, dir: &Path, quiet: bool) -> anyhow::
         .unwrap_or_else(|| "app".into());
     let slug: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     let mut body = json!({ "name": name, "sourceDir": format!("/config/miniapps/{slug}") });
     if let Some(file) = super::spec::ProjectFile::load(dir, false)? {
@@ -139,7 +154,10 @@ fn ensure_spec(client: &Client, base: &str, dir: &Path, quiet: bool) -> anyhow::
             }
         }
         if !quiet {
-            eprintln!("no spec yet: creating one from {}", dir.join(super::spec::PROJECT_FILE).display());
+            eprintln!(
+                "no spec yet: creating one from {}",
+                dir.join(super::spec::PROJECT_FILE).display()
+            );
         }
     } else {
         let detection = detect(&tree_shape(dir)).with_context(|| {
@@ -168,30 +186,48 @@ fn ensure_spec(client: &Client, base: &str, dir: &Path, quiet: bool) -> anyhow::
 }
 
 /// Captures `dir` to a temporary archive. Returns the captured record and the archive's path.
-fn capture(dir: &Path, quiet: bool) -> anyhow::Result<(slipway_artifacts::Captured, tempfile::TempDir)> {
+fn capture(
+    dir: &Path,
+    quiet: bool,
+) -> anyhow::Result<(slipway_artifacts::Captured, tempfile::TempDir)> {
     let tmp = tempfile::tempdir().context("cannot create a temporary directory")?;
     let out = tmp.path().join("snapshot.tar.zst");
     let pb = spinner(&format!("capturing {}", dir.display()), quiet);
-    let captured = slipway_artifacts::capture_to_file(dir, &out, &slipway_artifacts::CaptureOptions::default())
-        .with_context(|| format!("cannot capture {}", dir.display()))?;
+    let captured = slipway_artifacts::capture_to_file(
+        dir,
+        &out,
+        &slipway_artifacts::CaptureOptions::default(),
+    )
+    .with_context(|| format!("cannot capture {}", dir.display()))?;
     pb.finish_and_clear();
     Ok((captured, tmp))
 }
 
 /// Uploads the archive unless the server has that content hash already. Returns whether it was
 /// uploaded.
-fn upload(client: &Client, base: &str, captured: &slipway_artifacts::Captured, quiet: bool) -> anyhow::Result<bool> {
+fn upload(
+    client: &Client,
+    base: &str,
+    captured: &slipway_artifacts::Captured,
+    quiet: bool,
+) -> anyhow::Result<bool> {
     let path = format!("{base}/snapshots/{}", captured.content_hash);
     match client.send(client.request(Method::HEAD, &path).body(())?) {
         Ok(_) => return Ok(false),
         Err(e) if is_not_found(&e) => {}
         Err(e) => return Err(e),
     }
-    let file = std::fs::File::open(&captured.artifact_path).context("cannot reopen the captured archive")?;
+    let file = std::fs::File::open(&captured.artifact_path)
+        .context("cannot reopen the captured archive")?;
     let size = file.metadata()?.len();
-    let pb = if quiet { ProgressBar::hidden() } else { ProgressBar::new(size) };
+    let pb = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(size)
+    };
     pb.set_style(
-        ProgressStyle::with_template("uploading {bar:30} {bytes}/{total_bytes} {bytes_per_sec}").expect("static template"),
+        ProgressStyle::with_template("uploading {bar:30} {bytes}/{total_bytes} {bytes_per_sec}")
+            .expect("static template"),
     );
     let mut reader = pb.wrap_read(file);
     let request = client
@@ -226,17 +262,28 @@ pub fn deploy(global: &GlobalArgs, args: &DeployArgs) -> anyhow::Result<()> {
         let uploaded = upload(&client, &base, &captured, quiet)?;
         if !quiet {
             let short = &captured.content_hash[..12];
-            let how = if uploaded { "uploaded" } else { "already on the server" };
+            let how = if uploaded {
+                "uploaded"
+            } else {
+                "already on the server"
+            };
             eprintln!("snapshot {short} ({} files) {how}", captured.file_count);
         }
         body["snapshot"] = json!(captured.content_hash);
     }
     // A gated target (production, by default) goes through the gate: request, wait for an
     // operator, then start once with the single-use token.
-    let run = super::trust::with_gate(&client, agent_of(&base), &deploy_gate_request(&client, &base, args, &body), quiet, |token| {
-        super::trust::post_gated(&client, &format!("{base}/start"), &body, token)
-    })?;
-    let id = run["id"].as_str().context("the server's run has no id")?.to_string();
+    let run = super::trust::with_gate(
+        &client,
+        agent_of(&base),
+        &deploy_gate_request(&client, &base, args, &body),
+        quiet,
+        |token| super::trust::post_gated(&client, &format!("{base}/start"), &body, token),
+    )?;
+    let id = run["id"]
+        .as_str()
+        .context("the server's run has no id")?
+        .to_string();
     if args.no_wait {
         return print_run(global, &run);
     }
@@ -257,7 +304,9 @@ pub fn deploy(global: &GlobalArgs, args: &DeployArgs) -> anyhow::Result<()> {
         println!("{}", final_run["url"].as_str().unwrap_or_default());
     }
     if status != "ready" {
-        let error = final_run["error"].as_str().unwrap_or("the run did not become ready");
+        let error = final_run["error"]
+            .as_str()
+            .unwrap_or("the run did not become ready");
         if !quiet {
             eprintln!("error: run {id} {status}: {error}");
         }
@@ -268,7 +317,8 @@ pub fn deploy(global: &GlobalArgs, args: &DeployArgs) -> anyhow::Result<()> {
 
 /// The agent id of an agent's deployments path.
 fn agent_of(base: &str) -> &str {
-    base.trim_start_matches("/api/agents/").trim_end_matches("/deployments")
+    base.trim_start_matches("/api/agents/")
+        .trim_end_matches("/deployments")
 }
 
 /// The gate a deploy asks for: its action (from `--prod` or the spec's default target), the
@@ -278,7 +328,8 @@ fn deploy_gate_request(client: &Client, base: &str, args: &DeployArgs, body: &Va
         || client
             .get::<Value>(&format!("{base}/spec"))
             .is_ok_and(|spec| spec["targetDefault"].as_str() == Some("production"));
-    let mut req = json!({ "action": if production { "production_deploy" } else { "preview_deploy" } });
+    let mut req =
+        json!({ "action": if production { "production_deploy" } else { "preview_deploy" } });
     if !production {
         req["target"] = json!("preview");
     }
@@ -294,7 +345,13 @@ fn deploy_gate_request(client: &Client, base: &str, args: &DeployArgs, body: &Va
 /// Prints the run's log as it grows until the run has settled; returns the final run. Reads
 /// the run's SSE stream (`links.stream`) and reopens a dropped one from the last line received,
 /// so no line is lost or repeated.
-fn follow(client: &Client, base: &str, id: &str, print: bool, tail: Option<u64>) -> anyhow::Result<Value> {
+fn follow(
+    client: &Client,
+    base: &str,
+    id: &str,
+    print: bool,
+    tail: Option<u64>,
+) -> anyhow::Result<Value> {
     follow_with(client, base, id, tail, |text| {
         if print {
             // The run's log goes to stderr so that stdout carries only the result (the URL, or
@@ -304,7 +361,13 @@ fn follow(client: &Client, base: &str, id: &str, print: bool, tail: Option<u64>)
     })
 }
 
-fn follow_with(client: &Client, base: &str, id: &str, tail: Option<u64>, mut out: impl FnMut(&str)) -> anyhow::Result<Value> {
+fn follow_with(
+    client: &Client,
+    base: &str,
+    id: &str,
+    tail: Option<u64>,
+    mut out: impl FnMut(&str),
+) -> anyhow::Result<Value> {
     let mut after = 0;
     if let Some(t) = tail {
         let page: Value = client.get(&format!("{base}/{id}/logs?tail={t}"))?;
@@ -313,7 +376,9 @@ fn follow_with(client: &Client, base: &str, id: &str, tail: Option<u64>, mut out
         }
         after = page["nextSince"].as_u64().unwrap_or(0);
     }
-    super::events::follow_log(client, &format!("{base}/{id}"), after, |l| out(l["text"].as_str().unwrap_or_default()))
+    super::events::follow_log(client, &format!("{base}/{id}"), after, |l| {
+        out(l["text"].as_str().unwrap_or_default())
+    })
 }
 
 fn print_run(global: &GlobalArgs, run: &Value) -> anyhow::Result<()> {
@@ -334,10 +399,17 @@ fn print_run(global: &GlobalArgs, run: &Value) -> anyhow::Result<()> {
         println!("error     {e}");
     }
     let spec = &run["specSnapshot"];
-    for (label, key) in [("install", "installCommand"), ("build", "buildCommand"), ("start", "startCommand")] {
+    for (label, key) in [
+        ("install", "installCommand"),
+        ("build", "buildCommand"),
+        ("start", "startCommand"),
+    ] {
         println!("{label:<9} {}", spec[key].as_str().unwrap_or(""));
     }
-    println!("created   {}", super::format_millis(run["createdAt"].as_i64().unwrap_or(0)));
+    println!(
+        "created   {}",
+        super::format_millis(run["createdAt"].as_i64().unwrap_or(0))
+    );
     Ok(())
 }
 
@@ -353,14 +425,19 @@ pub fn runs(global: &GlobalArgs) -> anyhow::Result<()> {
         println!("no runs yet: `slipway deploy` starts one");
         return Ok(());
     }
-    println!("{:<22} {:<10} {:<10} {:<7} {:<20} URL", "RUN", "STATUS", "TARGET", "VERSION", "CREATED");
+    println!(
+        "{:<22} {:<10} {:<10} {:<7} {:<20} URL",
+        "RUN", "STATUS", "TARGET", "VERSION", "CREATED"
+    );
     for r in runs {
         println!(
             "{:<22} {:<10} {:<10} {:<7} {:<20} {}",
             r["id"].as_str().unwrap_or_default(),
             r["status"].as_str().unwrap_or_default(),
             r["target"].as_str().unwrap_or_default(),
-            r["versionNumber"].as_i64().map_or("-".to_string(), |n| format!("v{n}")),
+            r["versionNumber"]
+                .as_i64()
+                .map_or("-".to_string(), |n| format!("v{n}")),
             super::format_millis(r["createdAt"].as_i64().unwrap_or(0)),
             r["url"].as_str().unwrap_or("-"),
         );
@@ -382,7 +459,11 @@ pub fn stop(global: &GlobalArgs, args: &RunArg) -> anyhow::Result<()> {
     if global.json {
         return global.print_json(&run);
     }
-    println!("run {} {}", args.run, run["status"].as_str().unwrap_or_default());
+    println!(
+        "run {} {}",
+        args.run,
+        run["status"].as_str().unwrap_or_default()
+    );
     Ok(())
 }
 
@@ -390,9 +471,15 @@ pub fn logs(global: &GlobalArgs, args: &LogsArgs) -> anyhow::Result<()> {
     let client = global.client()?;
     let base = agent_path(global, &client)?;
     if args.follow {
-        let run = follow_with(&client, &base, &args.run, args.tail, |text| println!("{text}"))?;
+        let run = follow_with(&client, &base, &args.run, args.tail, |text| {
+            println!("{text}")
+        })?;
         if !global.json {
-            eprintln!("run {} {}", args.run, run["status"].as_str().unwrap_or_default());
+            eprintln!(
+                "run {} {}",
+                args.run,
+                run["status"].as_str().unwrap_or_default()
+            );
         }
         return Ok(());
     }
@@ -413,7 +500,11 @@ pub fn logs(global: &GlobalArgs, args: &LogsArgs) -> anyhow::Result<()> {
     }
     for l in page["lines"].as_array().cloned().unwrap_or_default() {
         if args.grep.is_some() {
-            println!("{}:{}", l["line"].as_u64().unwrap_or(0), l["text"].as_str().unwrap_or_default());
+            println!(
+                "{}:{}",
+                l["line"].as_u64().unwrap_or(0),
+                l["text"].as_str().unwrap_or_default()
+            );
         } else {
             println!("{}", l["text"].as_str().unwrap_or_default());
         }
@@ -423,8 +514,9 @@ pub fn logs(global: &GlobalArgs, args: &LogsArgs) -> anyhow::Result<()> {
 
 pub fn snapshot(global: &GlobalArgs, args: &SnapshotArgs) -> anyhow::Result<()> {
     if args.hash_only {
-        let hash = slipway_artifacts::hash_tree(&args.dir, &slipway_artifacts::CaptureOptions::default())
-            .with_context(|| format!("cannot capture {}", args.dir.display()))?;
+        let hash =
+            slipway_artifacts::hash_tree(&args.dir, &slipway_artifacts::CaptureOptions::default())
+                .with_context(|| format!("cannot capture {}", args.dir.display()))?;
         println!("{hash}");
         return Ok(());
     }
@@ -447,7 +539,10 @@ pub fn snapshots(global: &GlobalArgs) -> anyhow::Result<()> {
     if global.json {
         return global.print_json(&list);
     }
-    println!("{:<66} {:>7} {:>12} CREATED", "CONTENT HASH", "FILES", "BYTES");
+    println!(
+        "{:<66} {:>7} {:>12} CREATED",
+        "CONTENT HASH", "FILES", "BYTES"
+    );
     for s in list["snapshots"].as_array().cloned().unwrap_or_default() {
         println!(
             "{:<66} {:>7} {:>12} {}",

@@ -40,7 +40,10 @@ pub struct PromoteArgs {
 }
 
 fn base(global: &GlobalArgs, client: &Client) -> anyhow::Result<String> {
-    Ok(format!("/api/agents/{}/deployments", global.agent_id(client)?))
+    Ok(format!(
+        "/api/agents/{}/deployments",
+        global.agent_id(client)?
+    ))
 }
 
 fn body(note: &Option<String>) -> Value {
@@ -58,7 +61,10 @@ pub fn versions(global: &GlobalArgs, args: &VersionsArgs) -> anyhow::Result<()> 
         if global.json {
             return global.print_json(&page);
         }
-        println!("{:<20}  {:>4} → {:<4}  {:<8}  {:<22}  NOTE", "WHEN", "FROM", "TO", "WHY", "WHO");
+        println!(
+            "{:<20}  {:>4} → {:<4}  {:<8}  {:<22}  NOTE",
+            "WHEN", "FROM", "TO", "WHY", "WHO"
+        );
         let v = |x: &Value| x.as_i64().map_or("-".to_string(), |n| n.to_string());
         for c in page["changes"].as_array().cloned().unwrap_or_default() {
             println!(
@@ -75,7 +81,10 @@ pub fn versions(global: &GlobalArgs, args: &VersionsArgs) -> anyhow::Result<()> 
     }
     let list: Value = client.get(&format!("{base}/versions"))?;
     if let Some(n) = args.number {
-        let Some(v) = list["versions"].as_array().and_then(|a| a.iter().find(|v| v["versionNumber"] == n)).cloned()
+        let Some(v) = list["versions"]
+            .as_array()
+            .and_then(|a| a.iter().find(|v| v["versionNumber"] == n))
+            .cloned()
         else {
             bail!("version {n} not found");
         };
@@ -83,11 +92,21 @@ pub fn versions(global: &GlobalArgs, args: &VersionsArgs) -> anyhow::Result<()> 
             return global.print_json(&v);
         }
         let s = |k: &str| v[k].as_str().unwrap_or("-").to_string();
-        println!("version   {n}{}", if v["active"] == true { " (active)" } else { "" });
-        println!("url       {}", list["deployment"]["productionUrl"].as_str().unwrap_or("-"));
+        println!(
+            "version   {n}{}",
+            if v["active"] == true { " (active)" } else { "" }
+        );
+        println!(
+            "url       {}",
+            list["deployment"]["productionUrl"].as_str().unwrap_or("-")
+        );
         println!(
             "instance  {}",
-            if v["warm"] == true { "running" } else { "stopped (a rollback boots it from its release)" }
+            if v["warm"] == true {
+                "running"
+            } else {
+                "stopped (a rollback boots it from its release)"
+            }
         );
         println!("origin    {}", s("origin"));
         println!("run       {}", s("runId"));
@@ -95,15 +114,24 @@ pub fn versions(global: &GlobalArgs, args: &VersionsArgs) -> anyhow::Result<()> 
         println!("snapshot  {}", s("snapshotHash"));
         println!("operator  {}", s("operator"));
         println!("note      {}", s("note"));
-        println!("created   {}", format_millis(v["createdAt"].as_i64().unwrap_or(0)));
-        println!("start     {}", v["spec"]["startCommand"].as_str().unwrap_or("-"));
+        println!(
+            "created   {}",
+            format_millis(v["createdAt"].as_i64().unwrap_or(0))
+        );
+        println!(
+            "start     {}",
+            v["spec"]["startCommand"].as_str().unwrap_or("-")
+        );
         return Ok(());
     }
     if global.json {
         return global.print_json(&list);
     }
     match list["deployment"]["productionUrl"].as_str() {
-        Some(url) => println!("{} {url}", list["deployment"]["slug"].as_str().unwrap_or_default()),
+        Some(url) => println!(
+            "{} {url}",
+            list["deployment"]["slug"].as_str().unwrap_or_default()
+        ),
         None => {
             println!("no production deployment yet (slipway deploy --prod)");
             return Ok(());
@@ -128,7 +156,9 @@ pub fn versions(global: &GlobalArgs, args: &VersionsArgs) -> anyhow::Result<()> 
             v["origin"].as_str().unwrap_or_default(),
             format_millis(v["createdAt"].as_i64().unwrap_or(0)),
             v["runId"].as_str().unwrap_or("-"),
-            v["releaseHash"].as_str().map_or("-", |h| &h[..h.len().min(12)]),
+            v["releaseHash"]
+                .as_str()
+                .map_or("-", |h| &h[..h.len().min(12)]),
             v["note"].as_str().unwrap_or(""),
         );
     }
@@ -156,10 +186,18 @@ pub fn rollback(global: &GlobalArgs, args: &RollbackArgs) -> anyhow::Result<()> 
         }
     };
     // Rollback is gated by default (issue 7): wait for an operator's approval if asked to.
-    let agent = base.trim_start_matches("/api/agents/").trim_end_matches("/deployments").to_string();
+    let agent = base
+        .trim_start_matches("/api/agents/")
+        .trim_end_matches("/deployments")
+        .to_string();
     let gate = serde_json::json!({ "action": "rollback", "subject": format!("version:{to}") });
     let out: Value = super::trust::with_gate(&client, &agent, &gate, global.json, |token| {
-        super::trust::post_gated(&client, &format!("{base}/versions/{to}/rollback"), &body(&args.note), token)
+        super::trust::post_gated(
+            &client,
+            &format!("{base}/versions/{to}/rollback"),
+            &body(&args.note),
+            token,
+        )
     })?;
     if global.json {
         return global.print_json(&out);
@@ -180,16 +218,28 @@ pub fn promote(global: &GlobalArgs, args: &PromoteArgs) -> anyhow::Result<()> {
     let client = global.client()?;
     let base = base(global, &client)?;
     // Promote is gated by default (issue 7): wait for an operator's approval if asked to.
-    let agent = base.trim_start_matches("/api/agents/").trim_end_matches("/deployments").to_string();
+    let agent = base
+        .trim_start_matches("/api/agents/")
+        .trim_end_matches("/deployments")
+        .to_string();
     let gate = serde_json::json!({ "action": "promote", "subject": format!("run:{}", args.run) });
     let v: Value = super::trust::with_gate(&client, &agent, &gate, global.json, |token| {
-        super::trust::post_gated(&client, &format!("{base}/{}/promote", args.run), &body(&args.note), token)
+        super::trust::post_gated(
+            &client,
+            &format!("{base}/{}/promote", args.run),
+            &body(&args.note),
+            token,
+        )
     })?;
     if global.json {
         return global.print_json(&v);
     }
     let url = production_url(&client, &base)?;
-    eprintln!("run {} is production version {}", args.run, v["versionNumber"].as_i64().unwrap_or(0));
+    eprintln!(
+        "run {} is production version {}",
+        args.run,
+        v["versionNumber"].as_i64().unwrap_or(0)
+    );
     println!("{url}");
     Ok(())
 }
@@ -200,5 +250,8 @@ pub fn promote(global: &GlobalArgs, args: &PromoteArgs) -> anyhow::Result<()> {
 /// The request failed or there is no deployment yet.
 pub fn production_url(client: &Client, base: &str) -> anyhow::Result<String> {
     let list: Value = client.get(&format!("{base}/versions"))?;
-    list["deployment"]["productionUrl"].as_str().map(str::to_string).context("the agent has no production deployment")
+    list["deployment"]["productionUrl"]
+        .as_str()
+        .map(str::to_string)
+        .context("the agent has no production deployment")
 }
