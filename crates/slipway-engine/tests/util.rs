@@ -37,6 +37,10 @@ pub struct Options {
     pub readiness_timeout: Duration,
     pub max_log_lines: u64,
     pub tail_lines: u64,
+    /// How long a replaced production instance stays warm (`None`: the engine's default).
+    pub warm_time: Option<Duration>,
+    /// How long a replaced instance may finish in-flight requests (`None`: the default).
+    pub drain_timeout: Option<Duration>,
 }
 
 impl Default for Options {
@@ -45,6 +49,8 @@ impl Default for Options {
             readiness_timeout: Duration::from_secs(30),
             max_log_lines: 100_000,
             tail_lines: 2_000,
+            warm_time: None,
+            drain_timeout: None,
         }
     }
 }
@@ -94,6 +100,12 @@ pub async fn harness_with(opts: Options) -> Option<Harness> {
         tail_lines: opts.tail_lines,
     };
     config.stop_grace = Duration::from_secs(2);
+    if let Some(warm) = opts.warm_time {
+        config.warm_time = warm;
+    }
+    if let Some(drain) = opts.drain_timeout {
+        config.drain_timeout = drain;
+    }
     let registry = slipway_sandbox::RegistryConfig::derive();
     config.egress_allow = registry.egress_config(&[]).allow_hosts;
     config.egress_env = registry.sandbox_env();

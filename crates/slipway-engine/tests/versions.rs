@@ -13,80 +13,26 @@ use slipway_engine::{Engine, EngineConfig, EventBus, Source, StartRequest};
 use slipway_store::{Agent, LogQuery, RunRecord, SqliteStore, Store, VersionStore};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::util::sandboxes_available;
+use crate::util::{harness_with, Harness, Options};
 
-struct H {
-    dir: tempfile::TempDir,
-    engine: Engine,
-    store: Arc<SqliteStore>,
-    addr: SocketAddr,
-    agent: String,
-    _shutdown: tokio::sync::oneshot::Sender<()>,
+/// The shared harness, with production knobs set; `H`'s own helpers take a deploy target.
+struct H(Harness);
+
+impl std::ops::Deref for H {
+    type Target = Harness;
+    fn deref(&self) -> &Harness {
+        &self.0
+    }
 }
 
 async fn harness(warm: Duration, readiness: Duration) -> Option<H> {
-    if !sandboxes_available() {
-        return None;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.path().join("slipway.db")).unwrap());
-    let artifacts =
-        Arc::new(slipway_artifacts::LocalArtifactStore::new(dir.path().join("artifacts")).unwrap());
-    let helper = PathBuf::from(env!("CARGO_BIN_EXE_slipway-engine-helper"));
-    let mut driver_cfg = slipway_sandbox::DriverConfig::new(helper, dir.path().join("sandboxes"));
-    driver_cfg.cgroup_parent = format!(
-        "slipway-test-{}",
-        slipway_core::IdKind::Sandbox.make(rand::random())
-    );
-    let driver = slipway_sandbox::LinuxDriver::new(driver_cfg).map_err(|e| e.to_string());
-    let router = Arc::new(slipway_router::Router::new(
-        slipway_router::RouterConfig::default(),
-    ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(slipway_router::serve(
-        listener,
-        router.clone(),
-        async move {
-            let _ = rx.await;
-        },
-    ));
-    let template = format!("{}/agents/{{agentId}}", dir.path().display());
-    let mut config = EngineConfig::new(
-        dir.path().join("cache"),
-        AgentRootTemplate::parse(&template).unwrap(),
-    );
-    config.app_port = addr.port();
-    config.readiness_timeout = readiness;
-    config.stop_grace = Duration::from_secs(2);
-    config.warm_time = warm;
-    config.drain_timeout = Duration::from_secs(5);
-    let engine = Engine::new(
-        store.clone(),
-        artifacts,
-        driver,
-        router,
-        config,
-        EventBus::default(),
-        slipway_engine::system_clock(),
-    );
-    let agent = slipway_core::IdKind::Agent.make(rand::random());
-    store
-        .insert_agent(&Agent {
-            id: agent.clone(),
-            name: "test".into(),
-            created_at: 1,
-        })
-        .unwrap();
-    Some(H {
-        dir,
-        engine,
-        store,
-        addr,
-        agent,
-        _shutdown: tx,
-    })
+    let opts = Options {
+        readiness_timeout: readiness,
+        warm_time: Some(warm),
+        drain_timeout: Some(Duration::from_secs(5)),
+        ..Options::default()
+    };
+    harness_with(opts).await.map(H)
 }
 
 /// A python app serving its workspace; install and build append to files, so any re-run shows.
@@ -210,7 +156,9 @@ impl H {
 
     async fn prod_get(&self, path: &str) -> (u16, String) {
         let host = self.prod_host().await;
-        request(self.addr, &host, path, &[]).await.expect("request")
+        request(self.app_addr, &host, path, &[])
+            .await
+            .expect("request")
     }
 
     fn active(&self) -> Option<i64> {
@@ -301,7 +249,7 @@ async fn production_versions_rollback_warm_and_cold_from_the_release() {
     assert_eq!(dep.slug, "my-shop");
     assert_eq!(
         h.engine.production_url(&dep.slug),
-        format!("http://my-shop.localhost:{}/", h.addr.port())
+        format!("http://my-shop.localhost:{}/", h.app_addr.port())
     );
     let v1 = h.store.get_version(&h.agent, 1).unwrap().unwrap();
     assert_eq!(v1.run_id.as_deref(), Some(runs[0].id.as_str()));
@@ -507,7 +455,7 @@ async fn gapless_swaps_under_load() {
     let ok = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
     for _ in 0..4 {
-        let (stop, ok, host, addr) = (stop.clone(), ok.clone(), host.clone(), h.addr);
+        let (stop, ok, host, addr) = (stop.clone(), ok.clone(), host.clone(), h.app_addr);
         workers.push(tokio::spawn(async move {
             let mut failures = Vec::new();
             while !stop.load(Ordering::Relaxed) {
@@ -595,7 +543,7 @@ async fn static_release_is_served_without_a_process() {
         sandbox_dirs(&h)
     );
     let host = h.prod_host().await;
-    let (status, raw1) = raw(h.addr, &host, "/", &[]).await.unwrap();
+    let (status, raw1) = raw(h.app_addr, &host, "/", &[]).await.unwrap();
     assert_eq!(status, 200, "{raw1}");
     assert!(raw1.ends_with("<h1>static v1</h1>"), "{raw1}");
     assert!(header(&raw1, "content-type")
@@ -603,12 +551,12 @@ async fn static_release_is_served_without_a_process() {
         .starts_with("text/html"));
     let etag = header(&raw1, "etag").expect("an ETag").to_string();
     assert!(header(&raw1, "last-modified").is_some());
-    let (status, _) = raw(h.addr, &host, "/", &[("If-None-Match", &etag)])
+    let (status, _) = raw(h.app_addr, &host, "/", &[("If-None-Match", &etag)])
         .await
         .unwrap();
     assert_eq!(status, 304);
     let (status, ranged) = raw(
-        h.addr,
+        h.app_addr,
         &host,
         "/assets/digits.txt",
         &[("Range", "bytes=2-5")],
@@ -619,7 +567,7 @@ async fn static_release_is_served_without_a_process() {
     assert!(ranged.ends_with("\r\n\r\n2345"), "{ranged}");
     assert_eq!(header(&ranged, "content-range"), Some("bytes 2-5/10"));
     // SPA fallback is off by default.
-    let (status, _) = raw(h.addr, &host, "/some/route", &[("Accept", "text/html")])
+    let (status, _) = raw(h.app_addr, &host, "/some/route", &[("Accept", "text/html")])
         .await
         .unwrap();
     assert_eq!(status, 404);
@@ -639,7 +587,7 @@ async fn static_release_is_served_without_a_process() {
         "no sandbox may remain: {:?}",
         sandbox_dirs(&h)
     );
-    let (status, body) = request(h.addr, &host, "/some/route", &[("Accept", "text/html")])
+    let (status, body) = request(h.app_addr, &host, "/some/route", &[("Accept", "text/html")])
         .await
         .unwrap();
     assert_eq!((status, body.as_str()), (200, "<h1>static v2</h1>"));
@@ -651,7 +599,7 @@ async fn static_release_is_served_without_a_process() {
         .unwrap();
     assert_eq!(out.version.version_number, 1);
     assert_eq!(
-        request(h.addr, &host, "/", &[]).await.unwrap(),
+        request(h.app_addr, &host, "/", &[]).await.unwrap(),
         (200, "<h1>static v1</h1>".to_string())
     );
     assert!(sandbox_dirs(&h).is_empty());
