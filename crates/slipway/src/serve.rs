@@ -111,6 +111,11 @@ pub struct ServeArgs {
     /// seconds (0: stop it once drained) [default: 600].
     #[arg(long, env = "SLIPWAY_WARM_TIME", value_name = "SECONDS")]
     pub warm_time: Option<u64>,
+    /// How often unreferenced artifacts are collected, in seconds (0: never) [default: 3600].
+    /// Only artifacts no snapshot, run, release or version references and older than an hour
+    /// are removed.
+    #[arg(long, env = "SLIPWAY_GC_INTERVAL", value_name = "SECONDS")]
+    pub gc_interval: Option<u64>,
 }
 
 /// The config file. Unknown keys are refused so that a typo is not silently ignored.
@@ -129,6 +134,7 @@ pub struct FileConfig {
     pub gate_actions: Option<Vec<String>>,
     pub gate_token_ttl: Option<u64>,
     pub warm_time: Option<u64>,
+    pub gc_interval: Option<u64>,
 }
 
 impl FileConfig {
@@ -163,6 +169,8 @@ pub struct ServeConfig {
     pub trust_policy: slipway_trust::TrustPolicy,
     /// How long a replaced production instance stays warm.
     pub warm_time: std::time::Duration,
+    /// How often artifact garbage collection runs; `None`: never.
+    pub gc_interval: Option<std::time::Duration>,
 }
 
 impl ServeConfig {
@@ -234,8 +242,13 @@ impl ServeConfig {
         }
         let warm_time =
             std::time::Duration::from_secs(args.warm_time.or(file.warm_time).unwrap_or(600));
+        let gc_interval = match args.gc_interval.or(file.gc_interval).unwrap_or(3600) {
+            0 => None,
+            secs => Some(std::time::Duration::from_secs(secs)),
+        };
         Ok(Self {
             warm_time,
+            gc_interval,
             trust_policy,
             config_file: args.config,
             data_dir,
@@ -395,6 +408,13 @@ impl Server {
             closing.cancelled().await;
             bus.close();
         });
+        if let Some(every) = self.config.gc_interval {
+            tokio::spawn(collect_garbage_every(
+                self.engine.clone(),
+                every,
+                shutdown.clone(),
+            ));
+        }
         let api_shutdown = shutdown.clone();
         let api_server = async move {
             let result = axum::serve(self.api_listener, api)
@@ -413,6 +433,37 @@ impl Server {
         // Stop every app and destroy every sandbox; the next start-up settles the runs.
         self.engine.shutdown().await;
         api_result.context("api listener failed")
+    }
+}
+
+/// An artifact younger than this is never collected, so one published a moment before its row
+/// is written is safe.
+const GC_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Runs artifact garbage collection every `every` until `shutdown`; the first pass runs at once.
+async fn collect_garbage_every(
+    engine: Engine,
+    every: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        match engine.collect_garbage(GC_MIN_AGE).await {
+            Ok(report) if !report.removed.is_empty() => {
+                info!(
+                    removed = report.removed.len(),
+                    kept = report.kept,
+                    "collected unreferenced artifacts"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "artifact garbage collection failed; trying again later"),
+        }
     }
 }
 

@@ -288,3 +288,52 @@ fn json_logs_are_one_object_per_line() {
     }
     s.stop();
 }
+
+/// The server collects unreferenced artifacts on a schedule: an old orphan goes, a young one
+/// (perhaps published a moment before its row) stays.
+#[test]
+fn unreferenced_old_artifacts_are_collected_on_a_schedule() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let agent_dir = data.join("artifacts/agt-orphan");
+    std::fs::create_dir_all(agent_dir.join("releases")).unwrap();
+    let old = agent_dir.join(format!("{}.tar.zst", "a".repeat(64)));
+    let old_release = agent_dir.join(format!("releases/{}.tar.zst", "b".repeat(64)));
+    let young = agent_dir.join(format!("{}.tar.zst", "c".repeat(64)));
+    let not_an_artifact = agent_dir.join("notes.txt");
+    let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    for path in [&old, &old_release, &young, &not_an_artifact] {
+        std::fs::write(path, b"x").unwrap();
+    }
+    for path in [&old, &old_release, &not_an_artifact] {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(two_hours_ago)
+            .unwrap();
+    }
+    let server = Server::start(&data, &["--gc-interval", "1"], &[]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while (old.exists() || old_release.exists()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        !old.exists(),
+        "an old unreferenced snapshot artifact was kept"
+    );
+    assert!(
+        !old_release.exists(),
+        "an old unreferenced release was kept"
+    );
+    assert!(
+        young.exists(),
+        "an artifact younger than an hour was collected"
+    );
+    assert!(
+        not_an_artifact.exists(),
+        "a file that is not an artifact was removed"
+    );
+    server.wait_for_log("collected unreferenced artifacts");
+    server.stop();
+}
