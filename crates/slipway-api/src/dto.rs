@@ -106,6 +106,9 @@ pub struct SpecDto {
     pub target_default: String,
     /// `auto`, `static` or `dynamic`.
     pub kind: String,
+    /// Hosts (`host` or `host:port`) the running app may reach through its egress proxy;
+    /// empty: no outbound network at run time.
+    pub runtime_egress_allow: Vec<String>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -124,6 +127,7 @@ impl From<DeploymentSpec> for SpecDto {
             env: s.env,
             target_default: s.target_default.as_str().to_string(),
             kind: s.kind.as_str().to_string(),
+            runtime_egress_allow: s.runtime_egress_allow,
             created_at: s.created_at,
             updated_at: s.updated_at,
         }
@@ -155,6 +159,10 @@ pub struct SpecInput {
     pub target_default: Option<String>,
     /// `auto` (default), `static` or `dynamic`.
     pub kind: Option<String>,
+    /// Default `[]` (no outbound network at run time). Up to 32 host names, each `host` (ports
+    /// 80 and 443) or `host:port`; no URLs, wildcards or IP addresses. The running app reaches
+    /// them through the proxy named by its `HTTP_PROXY`/`HTTPS_PROXY`.
+    pub runtime_egress_allow: Option<Vec<String>>,
     /// Read-only: ignored.
     pub id: Option<serde_json::Value>,
     /// Read-only: ignored.

@@ -160,6 +160,7 @@ async fn put_upserts_keeping_id_and_created_at() {
         "env",
         "targetDefault",
         "kind",
+        "runtimeEgressAllow",
         "createdAt",
         "updatedAt",
     ];
@@ -242,6 +243,75 @@ async fn a_get_result_can_be_put_back() {
     assert_eq!(again["agentId"], id.as_str());
     assert_eq!(again["createdAt"], got["createdAt"]);
     assert_eq!(again["updatedAt"], 9_000);
+}
+
+#[tokio::test]
+async fn runtime_egress_allow_is_validated_and_stored() {
+    let app = TestApp::new();
+    let (id, token) = app.agent("bot").await;
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            json!("api.example.com"),
+            "runtimeEgressAllow must be an array of host names, got a string",
+        ),
+        (
+            json!(["api.example.com", 7]),
+            "runtimeEgressAllow[1] must be a string, got a number",
+        ),
+        (
+            json!(["*.example.com"]),
+            r#"runtimeEgressAllow entry "*.example.com" is invalid: wildcards are not supported; list each host name"#,
+        ),
+        (
+            json!(["https://api.example.com/v1"]),
+            r#"runtimeEgressAllow entry "https://api.example.com/v1" is invalid: give a host name such as api.example.com, not a URL"#,
+        ),
+        (
+            json!(["10.0.0.1"]),
+            r#"runtimeEgressAllow entry "10.0.0.1" is invalid: IP addresses are not allowed; give a host name"#,
+        ),
+        (
+            json!(["api.example.com:99999"]),
+            r#"runtimeEgressAllow entry "api.example.com:99999" is invalid: the port must be a number from 1 to 65535"#,
+        ),
+    ];
+    for (value, message) in cases {
+        check_rejected(
+            &app,
+            &id,
+            &token,
+            "runtimeEgressAllow",
+            Some(value),
+            message,
+        )
+        .await;
+    }
+    let mut spec = good_spec();
+    spec["runtimeEgressAllow"] = json!(["API.Example.com", "hooks.example.org:8443"]);
+    let got = app
+        .call(Method::PUT, &spec_path(&id), Some(&token), Some(spec))
+        .await
+        .json();
+    assert_eq!(
+        got["runtimeEgressAllow"],
+        json!(["api.example.com", "hooks.example.org:8443"])
+    );
+    let read = app
+        .call(Method::GET, &spec_path(&id), Some(&token), None)
+        .await
+        .json();
+    assert_eq!(read["runtimeEgressAllow"], got["runtimeEgressAllow"]);
+    // Absent means none.
+    let got = app
+        .call(
+            Method::PUT,
+            &spec_path(&id),
+            Some(&token),
+            Some(good_spec()),
+        )
+        .await
+        .json();
+    assert_eq!(got["runtimeEgressAllow"], json!([]));
 }
 
 #[tokio::test]

@@ -56,6 +56,9 @@ pub struct DeploymentSpec {
     pub env: BTreeMap<String, String>,
     pub target_default: DeploymentTarget,
     pub kind: DeploymentKind,
+    /// Hosts the running app may reach through the run-time egress proxy, each `host` (ports
+    /// 80 and 443) or `host:port`, lower-case. Empty: no outbound network at run time.
+    pub runtime_egress_allow: Vec<String>,
     pub created_at: Millis,
     pub updated_at: Millis,
 }
@@ -74,6 +77,7 @@ pub struct SpecDraft {
     pub env: Option<BTreeMap<String, String>>,
     pub target_default: Option<String>,
     pub kind: Option<String>,
+    pub runtime_egress_allow: Option<Vec<String>>,
 }
 
 /// Validation limits and the allowed roots. Configuration, not constants: an operator may widen
@@ -87,6 +91,8 @@ pub struct SpecPolicy {
     pub max_env_name_len: usize,
     pub max_env_value_len: usize,
     pub max_env_total: usize,
+    /// Most entries in `runtimeEgressAllow`.
+    pub max_egress_hosts: usize,
 }
 
 impl Default for SpecPolicy {
@@ -102,6 +108,7 @@ impl Default for SpecPolicy {
             max_env_name_len: 256,
             max_env_value_len: 32 * 1024,
             max_env_total: 256 * 1024,
+            max_egress_hosts: 32,
         }
     }
 }
@@ -143,6 +150,103 @@ pub enum SpecError {
     TargetDefault(String),
     #[error("kind must be \"auto\", \"static\" or \"dynamic\", got {0:?}")]
     Kind(String),
+    #[error("runtimeEgressAllow has {count} entries, more than the limit of {max}")]
+    TooManyEgressHosts { count: usize, max: usize },
+    #[error("runtimeEgressAllow entry {entry:?} is invalid: {reason}")]
+    EgressHost {
+        entry: String,
+        reason: EgressHostError,
+    },
+}
+
+/// Why one `runtimeEgressAllow` entry was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EgressHostError {
+    #[error("it is empty")]
+    Empty,
+    #[error("it is longer than {MAX_EGRESS_ENTRY_LEN} characters")]
+    TooLong,
+    #[error("give a host name such as api.example.com, not a URL")]
+    Url,
+    #[error("wildcards are not supported; list each host name")]
+    Wildcard,
+    #[error("IP addresses are not allowed; give a host name")]
+    IpAddress,
+    #[error("the port must be a number from 1 to 65535")]
+    Port,
+    #[error(
+        "a host name is dot-separated labels of 1-63 letters, digits or '-' (not at a label's \
+         start or end), 253 characters at most"
+    )]
+    Hostname,
+    #[error("it is listed more than once")]
+    Duplicate,
+}
+
+/// Longest `runtimeEgressAllow` entry: a 253-character name plus `:65535`.
+pub const MAX_EGRESS_ENTRY_LEN: usize = 259;
+
+/// Validates one `runtimeEgressAllow` entry — `host` or `host:port`, no scheme, path, user info,
+/// wildcard or IP literal — and returns it normalised (lower-case, no trailing dot).
+///
+/// # Errors
+/// Why the entry is refused.
+pub fn parse_egress_host(entry: &str) -> Result<String, EgressHostError> {
+    if entry.is_empty() {
+        return Err(EgressHostError::Empty);
+    }
+    if entry.chars().count() > MAX_EGRESS_ENTRY_LEN {
+        return Err(EgressHostError::TooLong);
+    }
+    if entry.contains("://") || entry.contains(['/', '@', '?', '#']) {
+        return Err(EgressHostError::Url);
+    }
+    if entry.contains('*') {
+        return Err(EgressHostError::Wildcard);
+    }
+    if entry.contains('[') || entry.matches(':').count() > 1 {
+        return Err(EgressHostError::IpAddress);
+    }
+    let (host, port) = match entry.split_once(':') {
+        Some((host, port)) => {
+            let valid = !port.is_empty()
+                && port.len() <= 5
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && !port.starts_with('0')
+                && port.parse::<u32>().is_ok_and(|p| (1..=65535).contains(&p));
+            if !valid {
+                return Err(EgressHostError::Port);
+            }
+            (host, Some(port))
+        }
+        None => (entry, None),
+    };
+    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    if host.parse::<std::net::Ipv4Addr>().is_ok() {
+        return Err(EgressHostError::IpAddress);
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+        return Err(EgressHostError::Hostname);
+    }
+    // An all-digit last label is never a host name (and catches short IPv4 forms like 127.1).
+    if host
+        .rsplit('.')
+        .next()
+        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(EgressHostError::IpAddress);
+    }
+    Ok(match port {
+        Some(p) => format!("{host}:{p}"),
+        None => host,
+    })
 }
 
 /// Env names the platform sets itself and a spec may not override.
@@ -160,6 +264,7 @@ pub struct ValidSpec {
     pub env: BTreeMap<String, String>,
     pub target_default: DeploymentTarget,
     pub kind: DeploymentKind,
+    pub runtime_egress_allow: Vec<String>,
 }
 
 impl ValidSpec {
@@ -183,6 +288,7 @@ impl ValidSpec {
             env: self.env,
             target_default: self.target_default,
             kind: self.kind,
+            runtime_egress_allow: self.runtime_egress_allow,
             created_at,
             updated_at,
         }
@@ -319,6 +425,26 @@ impl SpecDraft {
             Some(k) => DeploymentKind::parse(k).ok_or_else(|| SpecError::Kind(k.to_string()))?,
         };
 
+        let raw_egress = self.runtime_egress_allow.clone().unwrap_or_default();
+        if raw_egress.len() > policy.max_egress_hosts {
+            return Err(SpecError::TooManyEgressHosts {
+                count: raw_egress.len(),
+                max: policy.max_egress_hosts,
+            });
+        }
+        let mut runtime_egress_allow: Vec<String> = Vec::with_capacity(raw_egress.len());
+        for entry in &raw_egress {
+            let refused = |reason| SpecError::EgressHost {
+                entry: entry.chars().take(80).collect(),
+                reason,
+            };
+            let host = parse_egress_host(entry).map_err(refused)?;
+            if runtime_egress_allow.contains(&host) {
+                return Err(refused(EgressHostError::Duplicate));
+            }
+            runtime_egress_allow.push(host);
+        }
+
         Ok(ValidSpec {
             name,
             source_dir,
@@ -329,6 +455,7 @@ impl SpecDraft {
             env,
             target_default,
             kind,
+            runtime_egress_allow,
         })
     }
 }
@@ -535,6 +662,100 @@ mod tests {
         assert_eq!(
             d.validate(&SpecPolicy::default()).unwrap().runtime_port,
             65535
+        );
+    }
+
+    #[test]
+    fn runtime_egress_entries_are_host_names_with_an_optional_port() {
+        let valid = |entries: &[&str]| {
+            let mut d = ok_draft();
+            d.runtime_egress_allow = Some(entries.iter().map(|e| e.to_string()).collect());
+            d.validate(&SpecPolicy::default())
+                .map(|v| v.runtime_egress_allow)
+        };
+        assert_eq!(valid(&[]), Ok(vec![]));
+        assert_eq!(
+            ok_draft()
+                .validate(&SpecPolicy::default())
+                .unwrap()
+                .runtime_egress_allow,
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            valid(&[
+                "API.Example.com.",
+                "localhost",
+                "x-1.example:8443",
+                "a.b:1",
+                "a.b:65535"
+            ]),
+            Ok(vec![
+                "api.example.com".to_string(),
+                "localhost".into(),
+                "x-1.example:8443".into(),
+                "a.b:1".into(),
+                "a.b:65535".into()
+            ])
+        );
+        let refused = |entry: &str| match valid(&[entry]) {
+            Err(SpecError::EgressHost { entry: e, reason }) => {
+                assert_eq!(e, entry.chars().take(80).collect::<String>());
+                reason
+            }
+            other => panic!("{entry:?}: expected a refusal, got {other:?}"),
+        };
+        use EgressHostError as E;
+        assert_eq!(refused(""), E::Empty);
+        assert_eq!(refused("https://api.example.com"), E::Url);
+        assert_eq!(refused("api.example.com/v1"), E::Url);
+        assert_eq!(refused("user@api.example.com"), E::Url);
+        assert_eq!(refused("*.example.com"), E::Wildcard);
+        assert_eq!(refused("api.*"), E::Wildcard);
+        assert_eq!(refused("127.0.0.1"), E::IpAddress);
+        assert_eq!(refused("127.1"), E::IpAddress);
+        assert_eq!(refused("10.0.0.1:443"), E::IpAddress);
+        assert_eq!(refused("[::1]:443"), E::IpAddress);
+        assert_eq!(refused("::1"), E::IpAddress);
+        assert_eq!(refused("api.example.com:0"), E::Port);
+        assert_eq!(refused("api.example.com:65536"), E::Port);
+        assert_eq!(refused("api.example.com:"), E::Port);
+        assert_eq!(refused("api.example.com:08"), E::Port);
+        assert_eq!(refused("api.example.com:+1"), E::Port);
+        assert_eq!(refused("api.example.com:http"), E::Port);
+        assert_eq!(refused(" api.example.com"), E::Hostname);
+        assert_eq!(refused("api..example.com"), E::Hostname);
+        assert_eq!(refused("-api.example.com"), E::Hostname);
+        assert_eq!(refused("api-.example.com"), E::Hostname);
+        assert_eq!(refused("api_x.example.com"), E::Hostname);
+        assert_eq!(refused("ex\u{e4}mple.com"), E::Hostname);
+        assert_eq!(refused("."), E::Hostname);
+        assert_eq!(refused(&format!("{}.com", "a".repeat(64))), E::Hostname);
+        let long = vec!["a".repeat(63); 4].join("."); // 255 > 253
+        assert_eq!(refused(&long), E::Hostname);
+        assert_eq!(refused(&"a".repeat(300)), E::TooLong);
+        assert_eq!(
+            valid(&["a.example", "A.example."]),
+            Err(SpecError::EgressHost {
+                entry: "A.example.".into(),
+                reason: E::Duplicate
+            })
+        );
+        let many: Vec<String> = (0..33).map(|i| format!("h{i}.example")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert_eq!(
+            valid(&many),
+            Err(SpecError::TooManyEgressHosts { count: 33, max: 32 })
+        );
+        // The message names the field, the entry and the rule.
+        let msg = SpecError::EgressHost {
+            entry: "*.example.com".into(),
+            reason: E::Wildcard,
+        }
+        .to_string();
+        assert_eq!(
+            msg,
+            "runtimeEgressAllow entry \"*.example.com\" is invalid: wildcards are not supported; \
+             list each host name"
         );
     }
 

@@ -14,9 +14,13 @@
 //!   leftovers.
 //!
 //! Invariants: the engine knows nothing of HTTP requests or JSON; it never runs a workload
-//! outside a sandbox (when sandboxes are unavailable, runs fail and say why).
+//! outside a sandbox (when sandboxes are unavailable, runs fail and say why); it holds sandboxes
+//! only through the driver interface (`slipway_sandbox::SandboxDriver` / `SandboxHandle`), never
+//! a concrete driver type; a running app's only way out is the run-time egress proxy of its
+//! spec's `runtimeEgressAllow` (see `egress.rs`), and with an empty list there is none.
 
 mod app;
+mod egress;
 pub mod events;
 pub mod logs;
 mod pipeline;
@@ -35,7 +39,7 @@ use std::time::Duration;
 use slipway_artifacts::LocalArtifactStore;
 use slipway_core::{AgentRootTemplate, DeploymentStatus, DeploymentTarget, IdKind};
 use slipway_router::{Route, Router, Unavailable, UnavailableKind};
-use slipway_sandbox::{Limits, LinuxDriver, Sandbox};
+use slipway_sandbox::{EgressProxy, Limits, LinuxDriver, SandboxDriver, SandboxHandle};
 use slipway_store::{RunPatch, RunRecord, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
@@ -83,6 +87,10 @@ pub struct EngineConfig {
     pub egress_allow: Vec<String>,
     /// Extra environment for builds that the egress set-up needs (registry, CA bundle).
     pub egress_env: Vec<(String, String)>,
+    /// Operator pins for run-time egress: a host name a spec allow-lists connects to this
+    /// address instead of what DNS says, and may be private (an internal API, or a test
+    /// upstream on loopback). Never taken from a spec.
+    pub runtime_egress_pins: Vec<(String, std::net::IpAddr)>,
     /// Extra host toolchain directories bound read-only into every sandbox.
     pub toolchain_paths: Vec<PathBuf>,
     /// Limits for captures and extractions.
@@ -110,6 +118,7 @@ impl EngineConfig {
             log_limits: LogLimits::default(),
             egress_allow: Vec::new(),
             egress_env: Vec::new(),
+            runtime_egress_pins: Vec::new(),
             toolchain_paths: Vec::new(),
             max_snapshot_files: 100_000,
             max_snapshot_bytes: 1 << 30,
@@ -172,11 +181,16 @@ pub enum EngineError {
     Store(#[from] StoreError),
 }
 
-/// Live resources of a run that has not finished: its cancel switch, sandbox and app process.
+/// A live sandbox, held through the driver interface.
+pub(crate) type SandboxRef = Arc<dyn SandboxHandle>;
+
+/// Live resources of a run that has not finished: its cancel switch, sandbox, app process and
+/// the app's run-time egress proxy.
 struct Active {
     cancel: CancellationToken,
-    sandbox: Option<Arc<Sandbox>>,
+    sandbox: Option<SandboxRef>,
     app: Option<Arc<app::AppHandle>>,
+    egress: Option<EgressProxy>,
     /// Resolved when the pipeline task has finished (ready or failed).
     pipeline_done: tokio::sync::watch::Receiver<bool>,
 }
@@ -185,7 +199,7 @@ pub(crate) struct Inner {
     store: Arc<dyn Store>,
     artifacts: Arc<LocalArtifactStore>,
     /// `Err` carries the reason sandboxes cannot be created here.
-    driver: Result<LinuxDriver, String>,
+    driver: Result<Arc<dyn SandboxDriver>, String>,
     router: Arc<Router>,
     config: EngineConfig,
     events: EventBus,
@@ -215,10 +229,25 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Engine {
+    /// An engine with the default sandbox driver (`Err`: why sandboxes are unavailable).
     pub fn new(
         store: Arc<dyn Store>,
         artifacts: Arc<LocalArtifactStore>,
         driver: Result<LinuxDriver, String>,
+        router: Arc<Router>,
+        config: EngineConfig,
+        events: EventBus,
+        clock: Clock,
+    ) -> Self {
+        let driver = driver.map(|d| Arc::new(d) as Arc<dyn SandboxDriver>);
+        Self::with_driver(store, artifacts, driver, router, config, events, clock)
+    }
+
+    /// An engine with any sandbox driver.
+    pub fn with_driver(
+        store: Arc<dyn Store>,
+        artifacts: Arc<LocalArtifactStore>,
+        driver: Result<Arc<dyn SandboxDriver>, String>,
         router: Arc<Router>,
         config: EngineConfig,
         events: EventBus,
@@ -317,6 +346,7 @@ impl Engine {
                 cancel: cancel.clone(),
                 sandbox: None,
                 app: None,
+                egress: None,
                 pipeline_done: done_rx,
             },
         );
@@ -490,6 +520,8 @@ impl Engine {
         let taken = lock(&self.inner.active).remove(run_id);
         let Some(active) = taken else { return };
         active.cancel.cancel();
+        // The app's way out closes before the app stops.
+        drop(active.egress);
         if let Some(app) = active.app {
             let _ = app.stop(self.inner.config.stop_grace).await;
         }

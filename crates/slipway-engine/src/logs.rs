@@ -92,6 +92,16 @@ impl RunLog {
             .await;
     }
 
+    /// Writes a platform line without waiting: from synchronous code (the egress proxy's denial
+    /// observer). When the log's queue is full the line is dropped rather than block the caller.
+    pub fn try_system(&self, text: impl Into<String>) {
+        let _ = self.tx.try_send(Msg::Line {
+            ts: 0,
+            stream: STREAM_SYSTEM.into(),
+            text: text.into(),
+        });
+    }
+
     /// Waits until every line sent so far is persisted and published — including, when the
     /// run has overflowed its cap, the drop marker and the held-back tail. The pipeline calls it
     /// once before it records `ready` or `failed`, so a reader that sees the run settled finds

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use slipway_core::{DeploymentStatus, DeploymentTarget};
 use slipway_router::Route;
-use slipway_sandbox::{EgressConfig, ExecRequest, ExitStatus, Sandbox, SandboxSpec};
+use slipway_sandbox::{EgressConfig, ExecRequest, ExitStatus, SandboxHandle, SandboxSpec};
 use slipway_store::{RunPatch, RunRecord};
 use tokio_util::sync::CancellationToken;
 
@@ -162,12 +162,12 @@ async fn drive(
     )
     .await??;
     let mut sspec = SandboxSpec::new(current.sandbox_id.clone(), lower);
-    sspec.limits = cfg.limits.clone();
+    sspec.limits = cfg.limits;
     sspec.toolchain_paths = cfg.toolchain_paths.clone();
     let mut egress = EgressConfig::new(cfg.egress_allow.clone());
     egress.env = cfg.egress_env.clone();
     sspec.egress = Some(egress);
-    let sandbox = Arc::new(or_cancel(cancel, driver.create(sspec)).await??);
+    let sandbox = or_cancel(cancel, driver.create(sspec)).await??;
     let registered = {
         let mut active = lock(&inner.active);
         match active.get_mut(&current.id) {
@@ -205,7 +205,7 @@ async fn drive(
         for (k, v) in &env {
             req = req.env(k.clone(), v.clone());
         }
-        let status = run_command(&sandbox, req, log, cancel).await?;
+        let status = run_command(sandbox.as_ref(), req, log, cancel).await?;
         if !status.success() {
             return Err(Failure(describe_exit(what, &status)));
         }
@@ -215,7 +215,7 @@ async fn drive(
     log.system("> storing the release...").await;
     let release = or_cancel(
         cancel,
-        crate::release::make_release(engine, current, &sandbox),
+        crate::release::make_release(engine, current, sandbox.as_ref()),
     )
     .await??;
     crate::trust::sign(
@@ -243,9 +243,33 @@ async fn drive(
     if release.kind == slipway_store::ReleaseKind::Static {
         return finish_static(engine, current, &release, operator, log).await;
     }
-    log.system(format!("> {}", spec.start_command)).await;
+    // Run-time egress: only the spec's hosts, through a proxy of their own (none when empty).
+    let runtime_egress = crate::egress::open(
+        &sandbox,
+        &spec.runtime_egress_allow,
+        spec.runtime_port,
+        &cfg.runtime_egress_pins,
+        crate::egress::DenialLog::Run(log.clone()),
+    )
+    .await
+    .map_err(Failure)?;
     let mut req =
         ExecRequest::new(spec.start_command.clone()).env("PORT", spec.runtime_port.to_string());
+    if let Some(proxy) = &runtime_egress {
+        log.system(format!(
+            "> run-time egress to {} through the proxy at 127.0.0.1:{}",
+            spec.runtime_egress_allow.join(", "),
+            proxy.port()
+        ))
+        .await;
+        for (k, v) in proxy.env() {
+            req = req.env(k, v);
+        }
+    }
+    if let Some(a) = lock(&inner.active).get_mut(&current.id) {
+        a.egress = runtime_egress;
+    }
+    log.system(format!("> {}", spec.start_command)).await;
     for (k, v) in &env {
         req = req.env(k.clone(), v.clone());
     }
@@ -394,7 +418,7 @@ async fn finish_static(
 
 /// Runs one command to its end, streaming its output into the run's log.
 async fn run_command(
-    sandbox: &Sandbox,
+    sandbox: &dyn SandboxHandle,
     req: ExecRequest,
     log: &RunLog,
     cancel: &CancellationToken,

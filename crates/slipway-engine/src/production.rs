@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use slipway_core::{DeploymentStatus, IdKind};
 use slipway_router::{Drain, Route, StaticSite, Unavailable, UnavailableKind};
-use slipway_sandbox::{ExecRequest, Sandbox, SandboxSpec};
+use slipway_sandbox::{EgressProxy, ExecRequest, SandboxSpec};
 use slipway_store::{
     DeploymentRecord, NewVersion, ReleaseKind, ReleaseRecord, RouteChange, RouteSwitch, RunRecord,
     StoreError, VersionRecord,
@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::AppHandle;
 use crate::events::Event;
 use crate::upstream::SandboxUpstream;
-use crate::{blocking, lock, random_id, Engine, EngineError};
+use crate::{blocking, lock, random_id, Engine, EngineError, SandboxRef};
 
 /// Why a production action was refused or failed. Nothing changed when one is returned.
 #[derive(Debug, thiserror::Error)]
@@ -85,8 +85,10 @@ enum Owner {
     Run { run_id: String },
     /// A sandbox booted from the release for this instance.
     Booted {
-        sandbox: Arc<Sandbox>,
+        sandbox: SandboxRef,
         app: Arc<AppHandle>,
+        /// The app's run-time egress proxy, when its spec allow-lists hosts.
+        egress: Option<EgressProxy>,
     },
     /// Files served by the router; nothing to stop.
     Files,
@@ -568,7 +570,12 @@ impl Engine {
     async fn stop_instance(&self, agent_id: &str, instance: Instance) {
         match instance.owner {
             Owner::Files => {}
-            Owner::Booted { sandbox, app } => {
+            Owner::Booted {
+                sandbox,
+                app,
+                egress,
+            } => {
+                drop(egress);
                 let _ = app.stop(self.inner.config.stop_grace).await;
                 if let Err(e) = sandbox.destroy().await {
                     tracing::warn!(agent = agent_id, error = %e, "instance sandbox destroy failed; start-up cleanup will retry");
@@ -677,16 +684,50 @@ impl Engine {
             .await
             .map_err(|e| failed(e.to_string()))?;
         let mut sspec = SandboxSpec::new(random_id(IdKind::Sandbox), lower);
-        sspec.limits = cfg.limits.clone();
+        sspec.limits = cfg.limits;
         sspec.toolchain_paths = cfg.toolchain_paths.clone();
-        let sandbox = Arc::new(
-            driver
-                .create(sspec)
-                .await
-                .map_err(|e| failed(e.to_string()))?,
-        );
+        let sandbox = driver
+            .create(sspec)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
         let mut req = ExecRequest::new(release.start_command.clone())
             .env("PORT", release.runtime_port.to_string());
+        // Run-time egress as the version's spec allowed it; denials go to the log of the run
+        // that built the version.
+        let denials = match &version.run_id {
+            Some(run_id) if !version.spec.runtime_egress_allow.is_empty() => {
+                let (log, _writer) = crate::logs::RunLog::start(
+                    self.inner.store.clone(),
+                    self.inner.events.clone(),
+                    version.agent_id.clone(),
+                    run_id.clone(),
+                    cfg.log_limits,
+                    self.inner.clock.clone(),
+                );
+                crate::egress::DenialLog::Run(log)
+            }
+            _ => crate::egress::DenialLog::None,
+        };
+        let egress = match crate::egress::open(
+            &sandbox,
+            &version.spec.runtime_egress_allow,
+            release.runtime_port,
+            &cfg.runtime_egress_pins,
+            denials,
+        )
+        .await
+        {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = sandbox.destroy().await;
+                return Err(failed(e));
+            }
+        };
+        if let Some(proxy) = &egress {
+            for (k, v) in proxy.env() {
+                req = req.env(k, v);
+            }
+        }
         for (k, v) in &version.spec.env {
             req = req.env(k.clone(), v.clone());
         }
@@ -721,6 +762,7 @@ impl Engine {
             r = ready => r.map_err(|e| format!("not ready on port {port} within {} s (last check: {e})", cfg.readiness_timeout.as_secs())),
         };
         if let Err(reason) = outcome {
+            drop(egress);
             let _ = app.stop(cfg.stop_grace).await;
             let _ = sandbox.destroy().await;
             return Err(failed(reason));
@@ -731,7 +773,11 @@ impl Engine {
             name: format!("v{}-{}", version.version_number, sandbox.id()),
         };
         Ok(Instance {
-            owner: Owner::Booted { sandbox, app },
+            owner: Owner::Booted {
+                sandbox,
+                app,
+                egress,
+            },
             route: Route::Upstream(Arc::new(upstream)),
             retiring: None,
         })
@@ -791,7 +837,13 @@ impl Engine {
                 if let Some((_, t)) = &i.retiring {
                     t.cancel();
                 }
-                if let Owner::Booted { sandbox, app } = i.owner {
+                if let Owner::Booted {
+                    sandbox,
+                    app,
+                    egress,
+                } = i.owner
+                {
+                    drop(egress);
                     let _ = app.stop(Duration::from_millis(500)).await;
                     let _ = sandbox.destroy().await;
                 }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use slipway_artifacts::tree::{EntryKind, TreeHasher};
 use slipway_core::{DeploymentKind, DeploymentSpec, IdKind};
-use slipway_sandbox::Sandbox;
+use slipway_sandbox::SandboxHandle;
 use slipway_store::{ReleaseKind, ReleaseRecord, RunRecord};
 
 use crate::{random_id, Engine};
@@ -225,7 +225,7 @@ fn spa_on(spec: &DeploymentSpec) -> bool {
 pub(crate) async fn make_release(
     engine: &Engine,
     run: &RunRecord,
-    sandbox: &Sandbox,
+    sandbox: &dyn SandboxHandle,
 ) -> Result<ReleaseRecord, ReleaseError> {
     let inner = engine.inner.clone();
     let spec = &run.spec_snapshot;

@@ -1,17 +1,16 @@
 //! The router's view of a sandboxed app: an [`Upstream`] whose connections are opened inside
 //! the sandbox's network namespace. No host port is ever opened for an app.
 
-use std::io;
-use std::sync::Arc;
-
 use futures_util::future::BoxFuture;
 use slipway_router::Upstream;
-use slipway_sandbox::Sandbox;
+use std::io;
 use tokio::net::TcpStream;
+
+use crate::SandboxRef;
 
 /// One app instance: a port inside one sandbox.
 pub struct SandboxUpstream {
-    pub sandbox: Arc<Sandbox>,
+    pub sandbox: SandboxRef,
     pub port: u16,
     /// The run (or instance) id, for logs.
     pub name: String,

@@ -41,7 +41,15 @@ pub struct Options {
     pub warm_time: Option<Duration>,
     /// How long a replaced instance may finish in-flight requests (`None`: the default).
     pub drain_timeout: Option<Duration>,
+    /// Operator pins for run-time egress (host name → address).
+    pub runtime_egress_pins: Vec<(String, std::net::IpAddr)>,
+    /// Wraps the real Linux driver (e.g. to count calls); `None`: the driver as is.
+    pub wrap_driver: Option<WrapDriver>,
 }
+
+/// Turns the harness's real driver into the one the engine gets.
+pub type WrapDriver =
+    Box<dyn FnOnce(slipway_sandbox::LinuxDriver) -> Arc<dyn slipway_sandbox::SandboxDriver>>;
 
 impl Default for Options {
     fn default() -> Self {
@@ -51,6 +59,8 @@ impl Default for Options {
             tail_lines: 2_000,
             warm_time: None,
             drain_timeout: None,
+            runtime_egress_pins: Vec::new(),
+            wrap_driver: None,
         }
     }
 }
@@ -74,7 +84,11 @@ pub async fn harness_with(opts: Options) -> Option<Harness> {
         "slipway-test-{}",
         slipway_core::IdKind::Sandbox.make(rand::random::<[u8; 10]>())
     );
-    let driver = slipway_sandbox::LinuxDriver::new(driver_cfg).map_err(|e| e.to_string());
+    let linux = slipway_sandbox::LinuxDriver::new(driver_cfg).map_err(|e| e.to_string());
+    let driver = match opts.wrap_driver {
+        Some(wrap) => linux.map(wrap),
+        None => linux.map(|d| Arc::new(d) as Arc<dyn slipway_sandbox::SandboxDriver>),
+    };
     let router = Arc::new(slipway_router::Router::new(
         slipway_router::RouterConfig::default(),
     ));
@@ -106,10 +120,11 @@ pub async fn harness_with(opts: Options) -> Option<Harness> {
     if let Some(drain) = opts.drain_timeout {
         config.drain_timeout = drain;
     }
+    config.runtime_egress_pins = opts.runtime_egress_pins;
     let registry = slipway_sandbox::RegistryConfig::derive();
     config.egress_allow = registry.egress_config(&[]).allow_hosts;
     config.egress_env = registry.sandbox_env();
-    let engine = Engine::new(
+    let engine = Engine::with_driver(
         store.clone(),
         artifacts,
         driver,
@@ -165,7 +180,19 @@ impl Harness {
     }
 
     pub fn set_spec(&self, install: &str, build: &str, start: &str, port: u16) {
-        let draft = SpecDraft {
+        self.set_spec_with(install, build, start, port, |_| {});
+    }
+
+    /// [`Harness::set_spec`] with more fields set by `more`.
+    pub fn set_spec_with(
+        &self,
+        install: &str,
+        build: &str,
+        start: &str,
+        port: u16,
+        more: impl FnOnce(&mut SpecDraft),
+    ) {
+        let mut draft = SpecDraft {
             name: Some("app".into()),
             source_dir: Some("/config/miniapps/app".into()),
             install_command: Some(install.into()),
@@ -174,6 +201,7 @@ impl Harness {
             runtime_port: Some(port.into()),
             ..Default::default()
         };
+        more(&mut draft);
         let valid = draft.validate(&SpecPolicy::default()).unwrap();
         let spec = valid.into_spec(
             format!("spc-{}", &self.agent[4..]),

@@ -7,3 +7,4 @@ mod egress;
 mod hostile;
 mod lifecycle;
 mod network;
+mod runtime_egress;

@@ -83,4 +83,9 @@ CREATE TABLE run_logs (
     ),
     (2, crate::versions::MIGRATION),
     (3, crate::trust::MIGRATION),
+    // The spec's runtimeEgressAllow (issue 4): a JSON array of host names.
+    (
+        4,
+        "ALTER TABLE specs ADD COLUMN runtime_egress_json TEXT NOT NULL DEFAULT '[]';",
+    ),
 ];

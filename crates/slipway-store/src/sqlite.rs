@@ -121,9 +121,11 @@ fn parse_kind(s: &str) -> Result<DeploymentKind> {
 
 const SPEC_COLS: &str =
     "id, agent_id, name, source_dir, install_command, build_command, start_command, \
-    runtime_port, env_json, target_default, kind, created_at, updated_at";
+    runtime_port, env_json, target_default, kind, created_at, updated_at, runtime_egress_json";
 
-fn spec_from_row(r: &Row<'_>) -> rusqlite::Result<(DeploymentSpec, String, String, String)> {
+fn spec_from_row(
+    r: &Row<'_>,
+) -> rusqlite::Result<(DeploymentSpec, String, String, String, String)> {
     let spec = DeploymentSpec {
         id: r.get(0)?,
         agent_id: r.get(1)?,
@@ -136,15 +138,18 @@ fn spec_from_row(r: &Row<'_>) -> rusqlite::Result<(DeploymentSpec, String, Strin
         env: Default::default(),
         target_default: DeploymentTarget::Preview,
         kind: DeploymentKind::Auto,
+        runtime_egress_allow: Vec::new(),
         created_at: r.get(11)?,
         updated_at: r.get(12)?,
     };
-    Ok((spec, r.get(8)?, r.get(9)?, r.get(10)?))
+    Ok((spec, r.get(8)?, r.get(9)?, r.get(10)?, r.get(13)?))
 }
 
 fn finish_spec(
-    (mut spec, env, target, kind): (DeploymentSpec, String, String, String),
+    (mut spec, env, target, kind, egress): (DeploymentSpec, String, String, String, String),
 ) -> Result<DeploymentSpec> {
+    spec.runtime_egress_allow = serde_json::from_str(&egress)
+        .map_err(|e| StoreError::Corrupt(format!("spec runtimeEgressAllow: {e}")))?;
     spec.env =
         serde_json::from_str(&env).map_err(|e| StoreError::Corrupt(format!("spec env: {e}")))?;
     spec.target_default = parse_target(&target)?;
@@ -159,6 +164,7 @@ pub(crate) fn spec_to_json(s: &DeploymentSpec) -> String {
         "installCommand": s.install_command, "buildCommand": s.build_command,
         "startCommand": s.start_command, "runtimePort": s.runtime_port, "env": s.env,
         "targetDefault": s.target_default.as_str(), "kind": s.kind.as_str(),
+        "runtimeEgressAllow": s.runtime_egress_allow,
         "createdAt": s.created_at, "updatedAt": s.updated_at,
     })
     .to_string()
@@ -187,6 +193,11 @@ pub(crate) fn spec_from_json(text: &str) -> Result<DeploymentSpec> {
             .map_err(|_| bad("env"))?,
         target_default: parse_target(&s("targetDefault")?)?,
         kind: parse_kind(&s("kind")?)?,
+        // Absent in snapshots taken before the field existed: no run-time egress.
+        runtime_egress_allow: match v.get("runtimeEgressAllow") {
+            None => Vec::new(),
+            Some(x) => serde_json::from_value(x.clone()).map_err(|_| bad("runtimeEgressAllow"))?,
+        },
         created_at: i("createdAt")?,
         updated_at: i("updatedAt")?,
     })
@@ -405,13 +416,13 @@ impl Store for SqliteStore {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
             "INSERT INTO specs (id, agent_id, name, source_dir, install_command, build_command, start_command, \
-                 runtime_port, env_json, target_default, kind, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
+                 runtime_port, env_json, target_default, kind, created_at, updated_at, runtime_egress_json) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
              ON CONFLICT (agent_id) DO UPDATE SET name = excluded.name, source_dir = excluded.source_dir, \
                  install_command = excluded.install_command, build_command = excluded.build_command, \
                  start_command = excluded.start_command, runtime_port = excluded.runtime_port, \
                  env_json = excluded.env_json, target_default = excluded.target_default, kind = excluded.kind, \
-                 updated_at = excluded.updated_at",
+                 runtime_egress_json = excluded.runtime_egress_json, updated_at = excluded.updated_at",
             params![
                 s.id,
                 s.agent_id,
@@ -425,7 +436,8 @@ impl Store for SqliteStore {
                 s.target_default.as_str(),
                 s.kind.as_str(),
                 s.created_at,
-                s.updated_at
+                s.updated_at,
+                serde_json::to_string(&s.runtime_egress_allow).unwrap_or_else(|_| "[]".into())
             ],
         )?;
         let raw = tx.query_row(

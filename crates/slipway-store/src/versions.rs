@@ -285,6 +285,7 @@ fn placeholder_spec() -> DeploymentSpec {
         env: BTreeMap::new(),
         target_default: slipway_core::DeploymentTarget::Preview,
         kind: slipway_core::DeploymentKind::Auto,
+        runtime_egress_allow: Vec::new(),
         created_at: 0,
         updated_at: 0,
     }

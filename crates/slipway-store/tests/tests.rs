@@ -34,6 +34,7 @@ fn spec(agent_id: &str, now: i64) -> DeploymentSpec {
         env: BTreeMap::from([("A".to_string(), "1".to_string())]),
         target_default: DeploymentTarget::Preview,
         kind: DeploymentKind::Auto,
+        runtime_egress_allow: vec!["api.example.com".into()],
         created_at: now,
         updated_at: now,
     }

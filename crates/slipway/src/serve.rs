@@ -82,6 +82,16 @@ pub struct ServeArgs {
         value_name = "HOST"
     )]
     pub egress_allow: Vec<String>,
+    /// Pins a host name a spec's runtimeEgressAllow may name to an address (HOST=IP): it is not
+    /// looked up in DNS and may be private, e.g. an internal API. Opens nothing by itself;
+    /// repeat for several (environment: comma-separated).
+    #[arg(
+        long = "egress-pin",
+        env = "SLIPWAY_EGRESS_PIN",
+        value_delimiter = ',',
+        value_name = "HOST=IP"
+    )]
+    pub egress_pin: Vec<String>,
     /// Domain under which apps get host names [default: localhost].
     #[arg(long, env = "SLIPWAY_BASE_DOMAIN", value_name = "DOMAIN")]
     pub base_domain: Option<String>,
@@ -128,6 +138,7 @@ pub struct FileConfig {
     pub agent_root: Option<String>,
     pub allowed_roots: Option<Vec<String>>,
     pub egress_allow: Option<Vec<String>>,
+    pub egress_pin: Option<Vec<String>>,
     pub base_domain: Option<String>,
     pub log_format: Option<LogFormat>,
     pub log_level: Option<String>,
@@ -161,6 +172,8 @@ pub struct ServeConfig {
     pub allowed_roots: Vec<String>,
     /// Extra hosts builds may reach (the registries are derived at start-up).
     pub egress_allow: Vec<String>,
+    /// Run-time egress pins: host name → address.
+    pub egress_pins: Vec<(String, std::net::IpAddr)>,
     pub base_domain: String,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -171,6 +184,22 @@ pub struct ServeConfig {
     pub warm_time: std::time::Duration,
     /// How often artifact garbage collection runs; `None`: never.
     pub gc_interval: Option<std::time::Duration>,
+}
+
+/// `HOST=IP`: a host name as a spec would name it (no port) and an IP address.
+fn parse_egress_pin(raw: &str) -> anyhow::Result<(String, std::net::IpAddr)> {
+    let Some((host, ip)) = raw.split_once('=') else {
+        bail!("invalid egress pin {raw:?}: expected HOST=IP");
+    };
+    let host = slipway_core::spec::parse_egress_host(host)
+        .map_err(|e| anyhow::anyhow!("invalid egress pin {raw:?}: host {host:?}: {e}"))?;
+    if host.contains(':') {
+        bail!("invalid egress pin {raw:?}: the host takes no port");
+    }
+    let ip = ip
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid egress pin {raw:?}: {ip:?} is not an IP address"))?;
+    Ok((host, ip))
 }
 
 impl ServeConfig {
@@ -246,8 +275,17 @@ impl ServeConfig {
             0 => None,
             secs => Some(std::time::Duration::from_secs(secs)),
         };
+        let egress_pins = if args.egress_pin.is_empty() {
+            file.egress_pin.unwrap_or_default()
+        } else {
+            args.egress_pin
+        }
+        .iter()
+        .map(|raw| parse_egress_pin(raw))
+        .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Self {
             warm_time,
+            egress_pins,
             gc_interval,
             trust_policy,
             config_file: args.config,
@@ -668,6 +706,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn egress_pins_are_host_equals_ip() {
+        let (host, ip) = parse_egress_pin("API.Internal=10.1.2.3").unwrap();
+        assert_eq!(
+            (host.as_str(), ip.to_string().as_str()),
+            ("api.internal", "10.1.2.3")
+        );
+        for bad in [
+            "api.internal",
+            "api.internal=x",
+            "*.internal=10.0.0.1",
+            "a:80=10.0.0.1",
+        ] {
+            assert!(parse_egress_pin(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn relative_data_dirs_become_templates_the_core_accepts() {
         assert_eq!(
             lexical_normalize(Path::new("/a/b/../c/./d")),
@@ -756,6 +811,7 @@ fn build_engine(
     engine_config.egress_allow = registry.egress_config(&config.egress_allow).allow_hosts;
     engine_config.egress_env = registry.sandbox_env();
     info!(hosts = %engine_config.egress_allow.join(","), "build egress allowlist");
+    engine_config.runtime_egress_pins = config.egress_pins.clone();
     Ok(Engine::new(
         store,
         artifacts,

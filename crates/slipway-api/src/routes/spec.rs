@@ -20,7 +20,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 /// Fields a client sets.
-pub const SPEC_FIELDS: [&str; 9] = [
+pub const SPEC_FIELDS: [&str; 10] = [
     "name",
     "sourceDir",
     "installCommand",
@@ -30,6 +30,7 @@ pub const SPEC_FIELDS: [&str; 9] = [
     "env",
     "targetDefault",
     "kind",
+    "runtimeEgressAllow",
 ];
 
 /// Fields the server sets; accepted in a PUT body and ignored, so a GET result can be sent back.
@@ -96,7 +97,7 @@ pub async fn put_spec(
             "name {:?}, sourceDir {:?}, install {:?}, build {:?}, start {:?}, port {}, target {}, env keys [{}]",
             stored.name, stored.source_dir, stored.install_command, stored.build_command, stored.start_command,
             stored.runtime_port, stored.target_default.as_str(), stored.env.keys().cloned().collect::<Vec<_>>().join(",")
-        )),
+        ) + &format!(", runtime egress [{}]", stored.runtime_egress_allow.join(","))),
         ..crate::routes::audit::by(&access.caller, now, "spec.update", "ok")
     };
     crate::routes::audit::record(&state, entry).await?;
@@ -188,6 +189,30 @@ pub fn draft_from_json(body: &Map<String, Value>) -> Result<SpecDraft, ApiError>
             )))
         }
     };
+    let runtime_egress_allow = match body.get("runtimeEgressAllow") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(items)) => {
+            let mut hosts = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                match item {
+                    Value::String(s) => hosts.push(s.clone()),
+                    other => {
+                        return Err(invalid(format!(
+                            "runtimeEgressAllow[{i}] must be a string, got {}",
+                            type_name(other)
+                        )))
+                    }
+                }
+            }
+            Some(hosts)
+        }
+        Some(other) => {
+            return Err(invalid(format!(
+                "runtimeEgressAllow must be an array of host names, got {}",
+                type_name(other)
+            )))
+        }
+    };
     Ok(SpecDraft {
         name: string_field(body, "name")?,
         source_dir: string_field(body, "sourceDir")?,
@@ -198,6 +223,7 @@ pub fn draft_from_json(body: &Map<String, Value>) -> Result<SpecDraft, ApiError>
         env,
         target_default: string_field(body, "targetDefault")?,
         kind: string_field(body, "kind")?,
+        runtime_egress_allow,
     })
 }
 

@@ -1,7 +1,12 @@
-//! The build egress proxy: an HTTP forward proxy (plain `http://` requests and `CONNECT`
-//! tunnels) that listens on a sandbox's loopback and connects out from the host's network
-//! namespace, only to allow-listed host names on ports 80 and 443, never to an IP literal or an
-//! address in a loopback, private, link-local or otherwise non-public range.
+//! The egress proxy: an HTTP forward proxy (plain `http://` requests and `CONNECT` tunnels)
+//! that listens on a sandbox's loopback and connects out from the host's network namespace, only
+//! to allow-listed host names (on ports 80 and 443, or the one port an entry names), never to an
+//! IP literal or an address in a loopback, private, link-local or otherwise non-public range —
+//! unless the operator pinned that host name to an address (see [`EgressPolicy::with_pins`]).
+//!
+//! Two users: the driver serves the build proxy of a sandbox created with
+//! [`crate::EgressConfig`] (closed for good by `close_egress` when the build is over); the engine
+//! serves a run-time proxy with the spec's `runtimeEgressAllow` hosts through [`EgressProxy`].
 
 mod allowlist;
 
@@ -13,7 +18,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -21,24 +26,67 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 
-/// Ports the proxy connects to.
+/// Ports the proxy connects to for an allowlist entry that names no port.
 pub const ALLOWED_PORTS: [u16; 2] = [80, 443];
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Called for every refused destination (after it is logged), e.g. to write it into a run's log.
+pub type DenialObserver = Arc<dyn Fn(&DeniedAttempt) + Send + Sync>;
+
+/// One refused proxy request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeniedAttempt {
+    /// The sandbox whose workload asked.
+    pub sandbox: String,
+    /// The host as the workload named it.
+    pub host: String,
+    pub port: u16,
+    pub reason: Denied,
+}
+
+/// Which ports of one allow-listed host the proxy may connect to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Ports {
+    /// An entry without a port: 80 and 443.
+    web: bool,
+    /// Entries `host:port`: exactly these.
+    listed: BTreeSet<u16>,
+}
+
+impl Ports {
+    fn allows(&self, port: u16) -> bool {
+        (self.web && ALLOWED_PORTS.contains(&port)) || self.listed.contains(&port)
+    }
+}
+
 /// Which destinations the proxy may connect to.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct EgressPolicy {
-    allow: HashSet<String>,
+    allow: HashMap<String, Ports>,
+    /// Host names the operator pinned to addresses: no DNS, and no public-address check.
+    pins: HashMap<String, Vec<IpAddr>>,
+    on_denied: Option<DenialObserver>,
     /// Turns true when egress is closed for good (the build is over): the listener stops
     /// accepting and every open connection and tunnel is cut.
     closed: tokio::sync::watch::Sender<bool>,
 }
 
+impl fmt::Debug for EgressPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EgressPolicy")
+            .field("allow", &self.allow)
+            .field("pins", &self.pins)
+            .field("observed", &self.on_denied.is_some())
+            .field("closed", &*self.closed.borrow())
+            .finish()
+    }
+}
+
 /// Why the proxy refused a destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Denied {
-    Port { port: u16 },
+    Port { host: String, port: u16 },
     IpLiteral { host: String },
     NotAllowed { host: String },
     Unresolvable { host: String, error: String },
@@ -48,7 +96,12 @@ pub enum Denied {
 impl fmt::Display for Denied {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Denied::Port { port } => write!(f, "port {port} is not allowed (only 80 and 443)"),
+            Denied::Port { host, port } => {
+                write!(
+                    f,
+                    "port {port} of host {host} is not in the egress allowlist"
+                )
+            }
             Denied::IpLiteral { host } => write!(
                 f,
                 "{host} is an IP address; only allow-listed host names are reachable"
@@ -68,16 +121,64 @@ fn normalize(host: &str) -> String {
     host.trim().trim_end_matches('.').to_ascii_lowercase()
 }
 
+/// Splits an allowlist entry into host and port: `host`, or `host:port` with a decimal port.
+fn split_entry(entry: &str) -> (String, Option<u16>) {
+    if let Some((host, port)) = entry.rsplit_once(':') {
+        if !host.contains(':') && !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
+            if let Ok(port) = port.parse::<u16>() {
+                return (normalize(host), Some(port));
+            }
+        }
+    }
+    (normalize(entry), None)
+}
+
 impl EgressPolicy {
+    /// A policy allowing `hosts`: each entry is a host name (ports 80 and 443) or `host:port`
+    /// (that port only). Names are compared case-insensitively, without a trailing dot.
     pub fn new(hosts: impl IntoIterator<Item = String>) -> Self {
+        let mut allow: HashMap<String, Ports> = HashMap::new();
+        for entry in hosts {
+            let (host, port) = split_entry(&entry);
+            if host.is_empty() {
+                continue;
+            }
+            let ports = allow.entry(host).or_default();
+            match port {
+                None => ports.web = true,
+                Some(p) => {
+                    ports.listed.insert(p);
+                }
+            }
+        }
         Self {
-            allow: hosts
-                .into_iter()
-                .map(|h| normalize(&h))
-                .filter(|h| !h.is_empty())
-                .collect(),
+            allow,
+            pins: HashMap::new(),
+            on_denied: None,
             closed: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// Pins host names to addresses, as the operator configured them (never from a workload or
+    /// a spec): a pinned name is not looked up in DNS, and its addresses may be private or local
+    /// — that is the point, e.g. an internal API on the LAN. A pin opens nothing by itself: the
+    /// name must still be allow-listed.
+    pub fn with_pins(mut self, pins: impl IntoIterator<Item = (String, IpAddr)>) -> Self {
+        for (host, ip) in pins {
+            self.pins.entry(normalize(&host)).or_default().push(ip);
+        }
+        self
+    }
+
+    /// Calls `observer` for every refused destination.
+    pub fn with_observer(mut self, observer: DenialObserver) -> Self {
+        self.on_denied = Some(observer);
+        self
+    }
+
+    /// Whether nothing at all is allowed.
+    pub fn is_empty(&self) -> bool {
+        self.allow.is_empty()
     }
 
     /// Closes egress for good: the proxy stops accepting and cuts every open connection.
@@ -100,9 +201,6 @@ impl EgressPolicy {
     /// # Errors
     /// The reason the destination is refused.
     pub fn check(&self, host: &str, port: u16) -> Result<(), Denied> {
-        if !ALLOWED_PORTS.contains(&port) {
-            return Err(Denied::Port { port });
-        }
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         if bare.parse::<IpAddr>().is_ok() {
             return Err(Denied::IpLiteral {
@@ -110,8 +208,11 @@ impl EgressPolicy {
             });
         }
         let host = normalize(host);
-        if !self.allow.contains(&host) {
+        let Some(ports) = self.allow.get(&host) else {
             return Err(Denied::NotAllowed { host });
+        };
+        if !ports.allows(port) {
+            return Err(Denied::Port { host, port });
         }
         Ok(())
     }
@@ -123,6 +224,9 @@ impl EgressPolicy {
     pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, Denied> {
         self.check(host, port)?;
         let host = normalize(host);
+        if let Some(ips) = self.pins.get(&host) {
+            return Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect());
+        }
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port))
             .await
             .map_err(|e| Denied::Unresolvable {
@@ -201,8 +305,22 @@ fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
     resp
 }
 
-fn denied(sandbox: &str, host: &str, port: u16, reason: &Denied) -> Response<ProxyBody> {
+fn denied(
+    policy: &EgressPolicy,
+    sandbox: &str,
+    host: &str,
+    port: u16,
+    reason: &Denied,
+) -> Response<ProxyBody> {
     tracing::warn!(sandbox, host, port, %reason, "egress denied");
+    if let Some(observe) = &policy.on_denied {
+        observe(&DeniedAttempt {
+            sandbox: sandbox.to_string(),
+            host: host.to_string(),
+            port,
+            reason: reason.clone(),
+        });
+    }
     text(
         StatusCode::FORBIDDEN,
         format!("slipway egress proxy: denied: {reason}\n"),
@@ -251,6 +369,84 @@ pub async fn serve(listener: TcpListener, policy: Arc<EgressPolicy>, sandbox_id:
     }
 }
 
+/// The proxy settings a command needs to use a proxy on the sandbox's loopback `port`: the
+/// variables curl, npm, pip, Node's and Python's HTTP clients read. Local names bypass it.
+pub fn proxy_env(port: u16) -> Vec<(String, String)> {
+    let proxy = format!("http://127.0.0.1:{port}");
+    let mut env: Vec<(String, String)> = [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "npm_config_proxy",
+        "npm_config_https_proxy",
+    ]
+    .into_iter()
+    .map(|k| (k.to_string(), proxy.clone()))
+    .collect();
+    for key in ["NO_PROXY", "no_proxy"] {
+        env.push((key.to_string(), "localhost,127.0.0.1".to_string()));
+    }
+    env
+}
+
+/// A proxy served on a listener inside a sandbox (see [`crate::Sandbox::listen`]) for as long
+/// as this handle lives: the run-time egress of an app whose spec allow-lists hosts. Dropping or
+/// closing it stops the listener and cuts every connection it holds.
+pub struct EgressProxy {
+    policy: Arc<EgressPolicy>,
+    task: tokio::task::JoinHandle<()>,
+    port: u16,
+}
+
+impl EgressProxy {
+    /// Serves `policy` on `listener` (bound inside the sandbox `sandbox_id`).
+    ///
+    /// # Errors
+    /// When the listener's local address cannot be read.
+    pub fn start(
+        listener: TcpListener,
+        policy: EgressPolicy,
+        sandbox_id: impl Into<String>,
+    ) -> std::io::Result<Self> {
+        let port = listener.local_addr()?.port();
+        let policy = Arc::new(policy);
+        let task = tokio::spawn(serve(listener, policy.clone(), sandbox_id.into()));
+        Ok(Self { policy, task, port })
+    }
+
+    /// The port it listens on, on the sandbox's loopback.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Environment for commands that should use this proxy ([`proxy_env`]).
+    pub fn env(&self) -> Vec<(String, String)> {
+        proxy_env(self.port)
+    }
+
+    /// Stops the proxy and cuts its connections. Idempotent.
+    pub fn close(&self) {
+        self.policy.close();
+        self.task.abort();
+    }
+}
+
+impl Drop for EgressProxy {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl fmt::Debug for EgressProxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EgressProxy")
+            .field("port", &self.port)
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
 async fn handle(
     req: Request<Incoming>,
     policy: &EgressPolicy,
@@ -273,7 +469,7 @@ async fn tunnel(
     let (host, port) = (authority.host(), authority.port_u16().unwrap_or(443));
     let addrs = match policy.resolve(host, port).await {
         Ok(a) => a,
-        Err(reason) => return denied(sandbox, host, port, &reason),
+        Err(reason) => return denied(policy, sandbox, host, port, &reason),
     };
     let mut upstream = match connect_any(&addrs).await {
         Ok(s) => s,
@@ -317,7 +513,7 @@ async fn forward(
     let (host, port) = (authority.host(), authority.port_u16().unwrap_or(80));
     let addrs = match policy.resolve(host, port).await {
         Ok(a) => a,
-        Err(reason) => return denied(sandbox, host, port, &reason),
+        Err(reason) => return denied(policy, sandbox, host, port, &reason),
     };
     let upstream = match connect_any(&addrs).await {
         Ok(s) => s,
@@ -373,7 +569,10 @@ mod tests {
         assert_eq!(policy.check("REGISTRY.example.", 80), Ok(()));
         assert_eq!(
             policy.check("registry.example", 22),
-            Err(Denied::Port { port: 22 })
+            Err(Denied::Port {
+                host: "registry.example".into(),
+                port: 22
+            })
         );
         assert!(matches!(
             policy.check("other.example", 443),
@@ -391,6 +590,60 @@ mod tests {
             policy.check("evil.registry.example", 443),
             Err(Denied::NotAllowed { .. })
         ));
+    }
+
+    #[test]
+    fn entries_with_a_port_allow_only_that_port() {
+        let policy = EgressPolicy::new([
+            "api.example:8443".to_string(),
+            "both.example".to_string(),
+            "both.example:9000".to_string(),
+        ]);
+        assert_eq!(policy.check("api.example", 8443), Ok(()));
+        assert_eq!(
+            policy.check("api.example", 443),
+            Err(Denied::Port {
+                host: "api.example".into(),
+                port: 443
+            })
+        );
+        assert_eq!(policy.check("both.example", 443), Ok(()));
+        assert_eq!(policy.check("both.example", 9000), Ok(()));
+        assert!(policy.check("both.example", 9001).is_err());
+        // Not a port: the whole entry is a (never matching) name.
+        let odd = EgressPolicy::new(["x.example:http".to_string(), "[::1]".to_string()]);
+        assert!(odd.check("x.example", 80).is_err());
+        assert!(EgressPolicy::new(Vec::new()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn pinned_names_skip_dns_and_the_public_check_but_not_the_allowlist() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let policy = EgressPolicy::new(["upstream.test:4000".to_string()]).with_pins([
+            ("Upstream.Test".to_string(), ip),
+            ("other.test".to_string(), ip),
+        ]);
+        assert_eq!(
+            policy.resolve("upstream.test", 4000).await,
+            Ok(vec![SocketAddr::new(ip, 4000)])
+        );
+        assert!(matches!(
+            policy.resolve("other.test", 443).await,
+            Err(Denied::NotAllowed { .. })
+        ));
+        assert!(matches!(
+            policy.resolve("upstream.test", 443).await,
+            Err(Denied::Port { .. })
+        ));
+    }
+
+    #[test]
+    fn proxy_env_names_every_variable_package_managers_read() {
+        let env = proxy_env(3130);
+        for key in ["HTTP_PROXY", "https_proxy", "npm_config_https_proxy"] {
+            assert!(env.contains(&(key.to_string(), "http://127.0.0.1:3130".to_string())));
+        }
+        assert!(env.iter().any(|(k, _)| k == "NO_PROXY"));
     }
 
     #[test]

@@ -147,6 +147,10 @@ fn ensure_spec(client: &Client, base: &str, dir: &Path, quiet: bool) -> anyhow::
             ("env", file.env.map(|e| json!(e))),
             ("targetDefault", file.target.map(Value::from)),
             ("kind", file.kind.map(Value::from)),
+            (
+                "runtimeEgressAllow",
+                file.runtime_egress_allow.map(|h| json!(h)),
+            ),
         ];
         for (k, v) in fields {
             if let Some(v) = v {

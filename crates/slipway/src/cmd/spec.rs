@@ -59,6 +59,10 @@ pub struct SpecSetArgs {
     /// auto, static or dynamic.
     #[arg(long)]
     pub kind: Option<String>,
+    /// Host (`host` or `host:port`) the running app may reach through its egress proxy; repeat
+    /// for several. Replaces the current list; by default a running app has no outbound network.
+    #[arg(long = "runtime-egress-allow", value_name = "HOST")]
+    pub runtime_egress_allow: Vec<String>,
     /// Directory holding slipway.toml [default: the current directory, where the file is
     /// optional].
     #[arg(long, value_name = "DIR")]
@@ -85,6 +89,8 @@ pub struct ProjectFile {
     pub env: Option<BTreeMap<String, String>>,
     pub target: Option<String>,
     pub kind: Option<String>,
+    /// Hosts the running app may reach (`runtimeEgressAllow`).
+    pub runtime_egress_allow: Option<Vec<String>>,
 }
 
 impl ProjectFile {
@@ -206,6 +212,16 @@ pub fn merge(
     if let Some(env) = file.and_then(|f| f.env.as_ref()) {
         body.insert("env".into(), serde_json::to_value(env)?);
     }
+    // runtimeEgressAllow: a list from the file, then from flags, replaces the current one.
+    if let Some(hosts) = file.and_then(|f| f.runtime_egress_allow.as_ref()) {
+        body.insert("runtimeEgressAllow".into(), serde_json::to_value(hosts)?);
+    }
+    if !flags.runtime_egress_allow.is_empty() {
+        body.insert(
+            "runtimeEgressAllow".into(),
+            serde_json::to_value(&flags.runtime_egress_allow)?,
+        );
+    }
     if !flags.env.is_empty() {
         let env = body
             .entry("env")
@@ -230,6 +246,11 @@ fn print_spec(spec: &SpecDto) {
     println!("runtimePort:     {}", spec.runtime_port);
     println!("targetDefault:   {}", spec.target_default);
     println!("kind:            {}", spec.kind);
+    if spec.runtime_egress_allow.is_empty() {
+        println!("runtimeEgress:   (none)");
+    } else {
+        println!("runtimeEgress:   {}", spec.runtime_egress_allow.join(" "));
+    }
     if spec.env.is_empty() {
         println!("env:             (none)");
     } else {
@@ -259,6 +280,7 @@ mod tests {
             env: [("A".to_string(), "1".to_string())].into(),
             target_default: "preview".into(),
             kind: "auto".into(),
+            runtime_egress_allow: vec!["old.example".into()],
             created_at: 1,
             updated_at: 2,
         }
@@ -284,6 +306,32 @@ mod tests {
         assert_eq!(body["startCommand"], "node s.js");
         assert_eq!(body["env"], serde_json::json!({"A": "1", "B": "2"}));
         assert!(body.get("id").is_none() && body.get("createdAt").is_none());
+    }
+
+    #[test]
+    fn runtime_egress_allow_comes_from_file_then_flags() {
+        let body = merge(Some(&current()), None, &SpecSetArgs::default()).unwrap();
+        assert_eq!(
+            body["runtimeEgressAllow"],
+            serde_json::json!(["old.example"])
+        );
+        let file: ProjectFile =
+            toml::from_str("runtime_egress_allow = [\"api.example.com\", \"x.example:8443\"]")
+                .unwrap();
+        let body = merge(Some(&current()), Some(&file), &SpecSetArgs::default()).unwrap();
+        assert_eq!(
+            body["runtimeEgressAllow"],
+            serde_json::json!(["api.example.com", "x.example:8443"])
+        );
+        let flags = SpecSetArgs {
+            runtime_egress_allow: vec!["flag.example".into()],
+            ..Default::default()
+        };
+        let body = merge(Some(&current()), Some(&file), &flags).unwrap();
+        assert_eq!(
+            body["runtimeEgressAllow"],
+            serde_json::json!(["flag.example"])
+        );
     }
 
     #[test]
