@@ -692,19 +692,30 @@ impl Engine {
             .map_err(|e| failed(e.to_string()))?;
         let mut req = ExecRequest::new(release.start_command.clone())
             .env("PORT", release.runtime_port.to_string());
-        // Run-time egress as the version's spec allowed it; denials go to the log of the run
-        // that built the version.
-        let denials = match &version.run_id {
-            Some(run_id) if !version.spec.runtime_egress_allow.is_empty() => {
-                let (log, _writer) = crate::logs::RunLog::start(
-                    self.inner.store.clone(),
-                    self.inner.events.clone(),
-                    version.agent_id.clone(),
-                    run_id.clone(),
-                    cfg.log_limits,
-                    self.inner.clock.clone(),
-                );
-                crate::egress::DenialLog::Run(log)
+        // A booted instance writes to the log of the run that built its version: the boot
+        // line, the app's own output and run-time egress denials, so `slipway logs RUN` shows
+        // what a rolled-back-to instance is doing.
+        let log = version.run_id.as_ref().map(|run_id| {
+            crate::logs::RunLog::start(
+                self.inner.store.clone(),
+                self.inner.events.clone(),
+                version.agent_id.clone(),
+                run_id.clone(),
+                cfg.log_limits,
+                self.inner.clock.clone(),
+            )
+            .0
+        });
+        if let Some(log) = &log {
+            log.system(format!(
+                "> booting version {} from release {} (start command only; no install, no build)",
+                version.version_number, version.release_hash
+            ))
+            .await;
+        }
+        let denials = match &log {
+            Some(log) if !version.spec.runtime_egress_allow.is_empty() => {
+                crate::egress::DenialLog::Run(log.clone())
             }
             _ => crate::egress::DenialLog::None,
         };
@@ -731,7 +742,8 @@ impl Engine {
         for (k, v) in &version.spec.env {
             req = req.env(k.clone(), v.clone());
         }
-        let process = match sandbox.spawn(req, None).await {
+        let sink = log.as_ref().map(|log| log.output_sink().0);
+        let process = match sandbox.spawn(req, sink).await {
             Ok(p) => p,
             Err(e) => {
                 let _ = sandbox.destroy().await;

@@ -303,6 +303,26 @@ async fn production_versions_rollback_warm_and_cold_from_the_release() {
         (200, "installed\n".to_string())
     );
     assert_eq!(h.prod_get("/built.txt").await, (200, "built\n".to_string()));
+    // The booted instance writes to the log of the run that built v2: the boot line, then the
+    // app's own output (http.server logs each request on stderr; lines are written in batches).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let log = h.log(&runs[1].id);
+        let booted = log.find("> booting version 2 from release");
+        if booted.is_some_and(|at| log[at..].contains("GET /built.txt"))
+            || tokio::time::Instant::now() > deadline
+        {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let boot_at = log
+        .find("> booting version 2 from release")
+        .unwrap_or_else(|| panic!("no boot line in v2's run log:\n{log}"));
+    assert!(
+        log[boot_at..].contains("GET /built.txt"),
+        "the booted app's output is not in v2's run log:\n{log}"
+    );
 
     // Default rollback target: the newest version older than the active one.
     let out = h.engine.rollback(&h.agent, None, None, None).await.unwrap();
