@@ -11,8 +11,8 @@
 //! `BENCH_ONLY` (comma-separated subset of `node,small,recapture,memory`).
 //!
 //! For profiling or A/B runs of two builds, the binary also has child modes:
-//! `--child repeat-capture DIR OUT LEVEL N` and `--child repeat-hash DIR CACHE_DIR N`
-//! (`BENCH_THREADS` sets `CaptureOptions::threads` for the latter), e.g. under `perf record`.
+//! `--child repeat-capture DIR OUT LEVEL N` and `--child repeat-hash DIR CACHE_DIR|- N`
+//! (`BENCH_THREADS` sets `CaptureOptions::threads` for both), e.g. under `perf record`.
 
 use std::fs;
 use std::io::Write;
@@ -520,7 +520,8 @@ fn child(args: &[String]) {
                 .unwrap_or(0);
             let opts = CaptureOptions {
                 threads,
-                stat_cache_dir: Some(PathBuf::from(&args[2])),
+                // "-": no stat cache (every file read and hashed).
+                stat_cache_dir: (args[2] != "-").then(|| PathBuf::from(&args[2])),
                 ..CaptureOptions::default()
             };
             for _ in 0..args[3].parse::<usize>().unwrap() {
@@ -529,6 +530,10 @@ fn child(args: &[String]) {
         }
         Some("repeat-capture") => {
             let opts = CaptureOptions {
+                threads: std::env::var("BENCH_THREADS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
                 zstd_level: args[3].parse().unwrap(),
                 ..CaptureOptions::default()
             };

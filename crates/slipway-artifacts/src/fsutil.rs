@@ -1,9 +1,12 @@
 //! The few raw file-system calls this crate needs, kept in one place.
 //!
-//! Capture reads directories an agent controls while running as a privileged user, so every
-//! open of a captured file goes through [`Root`], which refuses to follow any symlink on the
-//! way (an agent swapping `src/` for a symlink to `/etc` between the walk and the read must get
-//! an error, not `/etc/shadow` in its snapshot).
+//! Capture reads directories an agent controls while running as a privileged user, so no open
+//! of a captured file follows a symlink (an agent swapping `src/` for a symlink to `/etc`
+//! between the walk and the read must get an error, not `/etc/shadow` in its snapshot): a
+//! directory is opened beneath the source's [`Root`] with `RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS` (or one `O_NOFOLLOW` open per component on older kernels), and the
+//! files in it by their single-component name with `O_NOFOLLOW` ([`open_file_at`]), the way
+//! GNU tar works relative to directory descriptors.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -71,42 +74,32 @@ impl Root {
         Ok(File::from(fd))
     }
 
-    /// Reads the target of the symlink `rel`, refusing symlinks among its parents.
-    pub(crate) fn read_link(&self, rel: &str) -> io::Result<Vec<u8>> {
-        let (parent, name) = match rel.rfind('/') {
-            Some(i) => (&rel[..i], &rel[i + 1..]),
-            None => ("", rel),
-        };
-        let dir_fd = if parent.is_empty() {
-            None
-        } else {
-            let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW;
-            Some(match self.openat2(parent, flags) {
-                Err(e) if fallback_wanted(&e) => self.open_by_components(parent, flags)?,
-                other => other?,
-            })
-        };
-        let raw_dir = dir_fd
-            .as_ref()
-            .map_or(self.fd.as_raw_fd(), |f| f.as_raw_fd());
-        let c = cstring(name.as_bytes())?;
-        let mut buf = vec![0u8; 4096];
-        // SAFETY: `buf` is writable for `buf.len()` bytes and `c` is NUL-terminated.
-        let n =
-            unsafe { libc::readlinkat(raw_dir, c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
+    /// The root's own descriptor, usable as the `dirfd` of `*at` calls.
+    pub(crate) fn raw(&self) -> libc::c_int {
+        self.fd.as_raw_fd()
+    }
+
+    /// Opens the directory `rel` (a tree path, '/'-separated) beneath the root as an `O_PATH`
+    /// descriptor for later `*at` calls, refusing symlinks in any component.
+    pub(crate) fn open_dir(&self, rel: &str) -> io::Result<OwnedFd> {
+        self.open_dir_with(rel, libc::O_PATH)
+    }
+
+    /// Opens the directory `rel` beneath the root for listing ([`list_dir`]), refusing
+    /// symlinks in any component; `""` is the root itself.
+    pub(crate) fn open_dir_for_listing(&self, rel: &str) -> io::Result<OwnedFd> {
+        if rel.is_empty() {
+            return open_dir_at(self.fd.as_raw_fd(), b".");
         }
-        let n = n as usize;
-        if n == buf.len() {
-            // PATH_MAX is 4096, so a target this long cannot be used by anything anyway.
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "symlink target is too long",
-            ));
+        self.open_dir_with(rel, libc::O_RDONLY)
+    }
+
+    fn open_dir_with(&self, rel: &str, mode: libc::c_int) -> io::Result<OwnedFd> {
+        let flags = mode | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW;
+        match self.openat2(rel, flags) {
+            Err(e) if fallback_wanted(&e) => self.open_by_components(rel, flags),
+            other => other,
         }
-        buf.truncate(n);
-        Ok(buf)
     }
 
     fn openat2(&self, rel: &str, flags: libc::c_int) -> io::Result<OwnedFd> {
@@ -161,6 +154,119 @@ impl Root {
             current = Some(unsafe { OwnedFd::from_raw_fd(fd) });
         }
         current.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty path"))
+    }
+}
+
+/// Opens the entry `name` (one path component, no '/') of the directory `dir` for reading,
+/// without following a symlink: with a single component, `O_NOFOLLOW` gives what
+/// `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS` gives for a longer path. `O_NONBLOCK` keeps a FIFO
+/// swapped in after the walk from hanging the open.
+pub(crate) fn open_file_at(dir: libc::c_int, name: &[u8]) -> io::Result<File> {
+    let c = cstring(name)?;
+    let flags =
+        libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK;
+    // SAFETY: `c` is NUL-terminated; the returned fd is checked and then owned by the File.
+    let fd = cvt(unsafe { libc::openat(dir, c.as_ptr(), flags) })?;
+    // SAFETY: fresh fd from openat(2) that nothing else owns.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// Opens the subdirectory `name` of `dir` for listing, without following a symlink.
+pub(crate) fn open_dir_at(dir: libc::c_int, name: &[u8]) -> io::Result<OwnedFd> {
+    let c = cstring(name)?;
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOFOLLOW;
+    // SAFETY: as in `open_file_at`.
+    let fd = cvt(unsafe { libc::openat(dir, c.as_ptr(), flags) })?;
+    // SAFETY: fresh fd from openat(2).
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `lstat` of `name` in `dir` (`fstatat(AT_SYMLINK_NOFOLLOW)`).
+pub(crate) fn lstat_at(dir: libc::c_int, name: &[u8]) -> io::Result<libc::stat> {
+    let c = cstring(name)?;
+    // SAFETY: zeroed `stat` is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and `st` is writable.
+    cvt(unsafe { libc::fstatat(dir, c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
+    Ok(st)
+}
+
+/// `fstat` of an open file.
+pub(crate) fn fstat(f: &File) -> io::Result<libc::stat> {
+    // SAFETY: as in `lstat_at`.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `f` is an open fd and `st` is writable.
+    cvt(unsafe { libc::fstat(f.as_raw_fd(), &mut st) })?;
+    Ok(st)
+}
+
+/// Reads the target of the symlink `name` in `dir`.
+pub(crate) fn read_link_at(dir: libc::c_int, name: &[u8]) -> io::Result<Vec<u8>> {
+    let c = cstring(name)?;
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: `buf` is writable for `buf.len()` bytes and `c` is NUL-terminated.
+    let n = unsafe { libc::readlinkat(dir, c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    if n == buf.len() {
+        // PATH_MAX is 4096, so a target this long cannot be used by anything anyway.
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "symlink target is too long",
+        ));
+    }
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// Lists a directory opened with [`open_dir_at`]: `(name, d_type)` for every entry but `.`
+/// and `..`. `d_type` may be `DT_UNKNOWN` on file systems that do not fill it in.
+pub(crate) fn list_dir(dir: &OwnedFd, mut each: impl FnMut(&[u8], u8)) -> io::Result<()> {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        // SAFETY: `buf` is writable for its length; getdents64 fills whole records.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                dir.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let mut off = 0usize;
+        while off < n as usize {
+            // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
+            let rec = &buf[off..n as usize];
+            if rec.len() < 20 {
+                break;
+            }
+            let reclen = u16::from_ne_bytes([rec[16], rec[17]]) as usize;
+            if reclen < 20 || reclen > rec.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "malformed directory record",
+                ));
+            }
+            let d_type = rec[18];
+            let name_field = &rec[19..reclen];
+            let len = name_field
+                .iter()
+                .position(|b| *b == 0)
+                .unwrap_or(name_field.len());
+            let name = &name_field[..len];
+            if name != b"." && name != b".." {
+                each(name, d_type);
+            }
+            off += reclen;
+        }
     }
 }
 

@@ -3,16 +3,17 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
-use ignore::{DirEntry, ParallelVisitor, ParallelVisitorBuilder, WalkBuilder, WalkState};
+use rayon::slice::ParallelSliceMut;
 
 use crate::capture::CaptureError;
-use crate::fsutil::{lossy, Root};
+use crate::fsutil::{list_dir, lossy, lstat_at, read_link_at, Root};
 use crate::statcache::StatKey;
 use crate::tree::{check_link, LinkProblem};
 use crate::CaptureOptions;
@@ -34,31 +35,100 @@ pub const IGNORE_FILE: &str = ".slipwayignore";
 /// Largest `.slipwayignore` accepted; it is a list of patterns, not data.
 const MAX_IGNORE_FILE: u64 = 1 << 20;
 
+/// What the capture needs to know of a regular file's metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileMeta {
+    /// The owner exec bit.
+    pub executable: bool,
+    pub key: StatKey,
+}
+
+impl FileMeta {
+    pub(crate) fn of_stat(st: &libc::stat) -> FileMeta {
+        FileMeta {
+            executable: st.st_mode & 0o100 != 0,
+            key: StatKey::of_stat(st),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) enum ScanKind {
-    File { executable: bool, key: StatKey },
-    Symlink { target: String },
+    /// A regular file; its metadata when the walk `stat`ed it (see [`scan`]'s `with_stats`),
+    /// otherwise it is taken from the `fstat` of the open file when the file is read.
+    File(Option<FileMeta>),
+    Symlink {
+        target: String,
+    },
 }
 
 #[derive(Debug, Clone)]
 pub(crate) struct ScanEntry {
     pub path: String,
+    /// Index of the entry's directory in [`Scan::dirs`].
+    pub dir: u32,
     pub kind: ScanKind,
+}
+
+impl ScanEntry {
+    /// The last component of the path: the name to open relative to its directory.
+    pub(crate) fn name(&self) -> &str {
+        match self.path.rfind('/') {
+            Some(i) => &self.path[i + 1..],
+            None => &self.path,
+        }
+    }
 }
 
 pub(crate) struct Scan {
     /// Canonical path of the source directory.
     pub root: PathBuf,
     pub dir: Root,
+    /// Every directory walked, as a tree path (`""` is the root); entries refer to these by
+    /// index, so readers open files relative to their directory rather than by full path.
+    pub dirs: Vec<String>,
     /// Sorted by path bytes.
     pub entries: Vec<ScanEntry>,
-    /// Sum of regular file sizes.
-    pub total_bytes: u64,
+    /// Sum of regular file sizes the walk saw (with stats), then of those learned on reading.
+    bytes: AtomicU64,
+    max_bytes: u64,
+}
+
+impl Scan {
+    /// Sum of the sizes of the regular files whose metadata is known so far (all of them after
+    /// a walk with stats, or after every file was read).
+    pub(crate) fn total_bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Accounts for the size of a file the walk did not `stat`, once, when it is first
+    /// opened: the `max_uncompressed_bytes` guard.
+    pub(crate) fn account(&self, size: u64) -> Result<(), CaptureError> {
+        let total = self.bytes.fetch_add(size, Ordering::Relaxed) + size;
+        if total > self.max_bytes {
+            return Err(CaptureError::TooManyBytes {
+                limit: self.max_bytes,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Walks `dir`, applies the ignore rules and the metadata guards, and returns the entries in
-/// canonical order.
-pub(crate) fn scan(dir: &Path, opts: &CaptureOptions) -> Result<Scan, CaptureError> {
+/// canonical order. `with_stats` is told the canonical root and says whether the walk should
+/// `stat` every regular file (what a stat cache lookup needs); without, a file's metadata
+/// comes from the `fstat` after opening it, one `stat` per file instead of two, and the size
+/// guard is applied as files are read.
+///
+/// The walk is GNU tar's: each directory is opened once (beneath the root, no symlink
+/// followed) and listed with `getdents64`, whose `d_type` tells files, directories, symlinks
+/// and special files apart without a `stat`; a regular file costs one `fstatat` relative to
+/// its directory (one path component); directories are walked in parallel on the rayon pool.
+pub(crate) fn scan(
+    dir: &Path,
+    opts: &CaptureOptions,
+    with_stats: impl FnOnce(&Path) -> bool,
+) -> Result<Scan, CaptureError> {
     let root = match dir.canonicalize() {
         Ok(r) => r,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -82,49 +152,42 @@ pub(crate) fn scan(dir: &Path, opts: &CaptureOptions) -> Result<Scan, CaptureErr
         path: dir.display().to_string(),
         source,
     })?;
-    let matcher = Arc::new(ignore_matcher(&root, &root_dir)?);
+    let matcher = ignore_matcher(&root, &root_dir)?;
+    let stats = with_stats(&root);
 
-    let mut builder = WalkBuilder::new(&root);
-    builder
-        .standard_filters(false)
-        .follow_links(false)
-        .threads(opts.threads());
-    let m = matcher.clone();
-    builder.filter_entry(move |e: &DirEntry| {
-        let is_dir = e.file_type().is_some_and(|t| t.is_dir());
-        !(e.depth() > 0 && m.matched(e.path(), is_dir).is_ignore())
-    });
-
-    let shared = Shared {
-        root: root.clone(),
-        dir: &root_dir,
+    let walk = Walk {
+        root: &root_dir,
+        matcher: &matcher,
+        opts,
+        stats,
+        dirs: Mutex::new(vec![String::new()]),
         entries: Mutex::new(Vec::new()),
         error: Mutex::new(None),
+        stop: AtomicBool::new(false),
         count: AtomicU64::new(0),
         bytes: AtomicU64::new(0),
-        opts,
     };
-    builder
-        .build_parallel()
-        .visit(&mut VisitorBuilder { shared: &shared });
-    let Shared {
+    rayon::scope(|s| walk.dir(s, String::new(), 0));
+    let Walk {
         error,
         entries,
+        dirs,
         bytes,
         ..
-    } = shared;
+    } = walk;
     if let Some(e) = error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
     let mut entries = entries.into_inner().unwrap_or_else(|p| p.into_inner());
-    entries.sort_unstable_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
+    entries.par_sort_unstable_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
     check_links(&entries)?;
-    let total_bytes = bytes.into_inner();
     Ok(Scan {
         root,
         dir: root_dir,
+        dirs: dirs.into_inner().unwrap_or_else(|p| p.into_inner()),
         entries,
-        total_bytes,
+        bytes,
+        max_bytes: opts.max_uncompressed_bytes,
     })
 }
 
@@ -176,7 +239,7 @@ fn check_links(entries: &[ScanEntry]) -> Result<(), CaptureError> {
         .iter()
         .filter_map(|e| match &e.kind {
             ScanKind::Symlink { target } => Some((e.path.clone(), target.clone())),
-            ScanKind::File { .. } => None,
+            ScanKind::File(_) => None,
         })
         .collect();
     for (path, target) in &links {
@@ -195,188 +258,238 @@ fn check_links(entries: &[ScanEntry]) -> Result<(), CaptureError> {
     Ok(())
 }
 
-struct Shared<'a> {
-    root: PathBuf,
-    dir: &'a Root,
+struct Walk<'a> {
+    root: &'a Root,
+    matcher: &'a Gitignore,
+    opts: &'a CaptureOptions,
+    stats: bool,
+    dirs: Mutex<Vec<String>>,
     entries: Mutex<Vec<ScanEntry>>,
     error: Mutex<Option<CaptureError>>,
+    stop: AtomicBool,
     count: AtomicU64,
     bytes: AtomicU64,
-    opts: &'a CaptureOptions,
 }
 
-impl Shared<'_> {
-    fn fail(&self, e: CaptureError) -> WalkState {
+/// What `d_type` (or, when the file system leaves it unknown, `lstat`) says an entry is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Type {
+    Dir,
+    File,
+    Symlink,
+    Special(&'static str),
+}
+
+fn type_of_mode(mode: libc::mode_t) -> Type {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => Type::Dir,
+        libc::S_IFREG => Type::File,
+        libc::S_IFLNK => Type::Symlink,
+        libc::S_IFIFO => Type::Special("fifo"),
+        libc::S_IFSOCK => Type::Special("socket"),
+        libc::S_IFBLK | libc::S_IFCHR => Type::Special("device"),
+        _ => Type::Special("special file"),
+    }
+}
+
+impl<'a> Walk<'a> {
+    fn fail(&self, e: CaptureError) {
         let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             *slot = Some(e);
         }
-        WalkState::Quit
+        self.stop.store(true, Ordering::Relaxed);
     }
 
-    fn visit(
-        &self,
-        result: Result<DirEntry, ignore::Error>,
-        out: &mut Vec<ScanEntry>,
-    ) -> WalkState {
-        let entry = match result {
-            Ok(e) => e,
-            Err(e) => return self.fail(walk_error(e, &self.root)),
-        };
-        if entry.depth() == 0 {
-            return WalkState::Continue;
+    /// Lists the directory `rel` (index `idx` in `dirs`), records its entries and spawns a
+    /// task per subdirectory. Only the directory being listed is open, so the walk holds at
+    /// most one descriptor per worker however wide or deep the tree is.
+    fn dir<'s>(&'s self, scope: &rayon::Scope<'s>, rel: String, idx: u32) {
+        if self.stop.load(Ordering::Relaxed) {
+            return;
         }
-        let Some(ft) = entry.file_type() else {
-            return WalkState::Continue;
-        };
-        if ft.is_dir() {
-            return WalkState::Continue;
+        if let Err(e) = self.list(scope, &rel, idx) {
+            self.fail(e);
         }
-        let rel = match entry
-            .path()
-            .strip_prefix(&self.root)
-            .ok()
-            .and_then(|p| p.to_str())
-        {
-            Some(r) => r.to_string(),
-            None => {
-                let shown = entry
-                    .path()
-                    .strip_prefix(&self.root)
-                    .unwrap_or(entry.path());
-                return self.fail(CaptureError::NonUtf8Path {
-                    path: shown.to_path_buf(),
-                });
-            }
-        };
-        let kind = if ft.is_file() {
-            let meta = match entry.metadata() {
-                Ok(m) => m,
-                Err(e) => return self.fail(walk_error(e, &self.root)),
-            };
-            let total = self.bytes.fetch_add(meta.len(), Ordering::Relaxed) + meta.len();
-            if total > self.opts.max_uncompressed_bytes {
-                return self.fail(CaptureError::TooManyBytes {
-                    limit: self.opts.max_uncompressed_bytes,
-                });
-            }
-            ScanKind::File {
-                executable: meta.mode() & 0o100 != 0,
-                key: StatKey::of(&meta),
-            }
-        } else if ft.is_symlink() {
-            let target = match self.dir.read_link(&rel) {
-                Ok(t) => t,
-                Err(source) => return self.fail(CaptureError::Unreadable { path: rel, source }),
-            };
-            match String::from_utf8(target) {
-                Ok(t) if !t.is_empty() => ScanKind::Symlink { target: t },
-                Ok(_) => {
-                    return self.fail(CaptureError::SymlinkEscapes {
-                        path: rel.clone(),
-                        target: String::new(),
-                        via: rel,
-                    })
-                }
-                Err(e) => {
-                    return self.fail(CaptureError::NonUtf8Target {
-                        path: rel,
-                        target: lossy(e.as_bytes()),
-                    })
-                }
-            }
-        } else {
-            let what = if ft.is_fifo() {
-                "fifo"
-            } else if ft.is_socket() {
-                "socket"
-            } else if ft.is_block_device() || ft.is_char_device() {
-                "device"
+    }
+
+    fn list<'s>(
+        &'s self,
+        scope: &rayon::Scope<'s>,
+        rel: &str,
+        idx: u32,
+    ) -> Result<(), CaptureError> {
+        let shown = || {
+            if rel.is_empty() {
+                ".".to_string()
             } else {
-                "special file"
+                rel.to_string()
+            }
+        };
+        let fd =
+            self.root
+                .open_dir_for_listing(rel)
+                .map_err(|source| CaptureError::Unreadable {
+                    path: shown(),
+                    source,
+                })?;
+        let raw = fd.as_raw_fd();
+        let mut out = Vec::new();
+        let mut subdirs = Vec::new();
+        let mut failed = None;
+        list_dir(&fd, |name, d_type| {
+            if failed.is_none() && !self.stop.load(Ordering::Relaxed) {
+                if let Err(e) = self.entry(raw, rel, idx, name, d_type, &mut out, &mut subdirs) {
+                    failed = Some(e);
+                }
+            }
+        })
+        .map_err(|source| CaptureError::Unreadable {
+            path: shown(),
+            source,
+        })?;
+        drop(fd);
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if !out.is_empty() {
+            self.entries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .append(&mut out);
+        }
+        for sub in subdirs {
+            let sub_idx = {
+                let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+                dirs.push(sub.clone());
+                (dirs.len() - 1) as u32
             };
-            return self.fail(CaptureError::SpecialFile {
-                path: rel,
-                kind: what,
+            scope.spawn(move |s| self.dir(s, sub, sub_idx));
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn entry(
+        &self,
+        dir_fd: libc::c_int,
+        rel: &str,
+        idx: u32,
+        name: &[u8],
+        d_type: u8,
+        out: &mut Vec<ScanEntry>,
+        subdirs: &mut Vec<String>,
+    ) -> Result<(), CaptureError> {
+        let Ok(name_str) = std::str::from_utf8(name) else {
+            return Err(CaptureError::NonUtf8Path {
+                path: Path::new(rel).join(std::ffi::OsStr::from_bytes(name)),
             });
+        };
+        let path = if rel.is_empty() {
+            name_str.to_string()
+        } else {
+            let mut p = String::with_capacity(rel.len() + 1 + name.len());
+            p.push_str(rel);
+            p.push('/');
+            p.push_str(name_str);
+            p
+        };
+        let lstat = |path: &str| {
+            lstat_at(dir_fd, name).map_err(|source| CaptureError::Unreadable {
+                path: path.to_string(),
+                source,
+            })
+        };
+        let mut st = None;
+        let ty = match d_type {
+            libc::DT_DIR => Type::Dir,
+            libc::DT_REG => Type::File,
+            libc::DT_LNK => Type::Symlink,
+            libc::DT_FIFO => Type::Special("fifo"),
+            libc::DT_SOCK => Type::Special("socket"),
+            libc::DT_BLK | libc::DT_CHR => Type::Special("device"),
+            _ => {
+                let s = lstat(&path)?;
+                let t = type_of_mode(s.st_mode);
+                st = Some(s);
+                t
+            }
+        };
+        if self
+            .matcher
+            .matched(Path::new(&path), ty == Type::Dir)
+            .is_ignore()
+        {
+            return Ok(());
+        }
+        let kind = match ty {
+            Type::Dir => {
+                subdirs.push(path);
+                return Ok(());
+            }
+            Type::File => {
+                let st = match st {
+                    Some(s) => Some(s),
+                    None if self.stats => Some(lstat(&path)?),
+                    None => None,
+                };
+                let meta = match st {
+                    Some(st) if type_of_mode(st.st_mode) != Type::File => {
+                        // Replaced since the directory was listed.
+                        return Err(CaptureError::FileChanged { path });
+                    }
+                    Some(st) => {
+                        let size = st.st_size as u64;
+                        let total = self.bytes.fetch_add(size, Ordering::Relaxed) + size;
+                        if total > self.opts.max_uncompressed_bytes {
+                            return Err(CaptureError::TooManyBytes {
+                                limit: self.opts.max_uncompressed_bytes,
+                            });
+                        }
+                        Some(FileMeta::of_stat(&st))
+                    }
+                    None => None,
+                };
+                ScanKind::File(meta)
+            }
+            Type::Symlink => {
+                let target =
+                    read_link_at(dir_fd, name).map_err(|source| CaptureError::Unreadable {
+                        path: path.clone(),
+                        source,
+                    })?;
+                match String::from_utf8(target) {
+                    Ok(t) if !t.is_empty() => ScanKind::Symlink { target: t },
+                    Ok(_) => {
+                        return Err(CaptureError::SymlinkEscapes {
+                            path: path.clone(),
+                            target: String::new(),
+                            via: path,
+                        })
+                    }
+                    Err(e) => {
+                        return Err(CaptureError::NonUtf8Target {
+                            path,
+                            target: lossy(e.as_bytes()),
+                        })
+                    }
+                }
+            }
+            Type::Special(what) => {
+                return Err(CaptureError::SpecialFile { path, kind: what });
+            }
         };
         let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
         if n > self.opts.max_files {
-            return self.fail(CaptureError::TooManyFiles {
+            return Err(CaptureError::TooManyFiles {
                 limit: self.opts.max_files,
             });
         }
-        out.push(ScanEntry { path: rel, kind });
-        WalkState::Continue
-    }
-}
-
-/// The walk's error, naming the path relative to the source root like every other guard (a
-/// host path is nobody's business but the server's).
-fn walk_error(e: ignore::Error, root: &Path) -> CaptureError {
-    let mut path = None;
-    let mut cur = &e;
-    loop {
-        match cur {
-            ignore::Error::WithPath { path: p, err } => {
-                path.get_or_insert_with(|| match p.strip_prefix(root) {
-                    Ok(rel) if rel.as_os_str().is_empty() => ".".to_string(),
-                    Ok(rel) => rel.display().to_string(),
-                    Err(_) => p.display().to_string(),
-                });
-                cur = err;
-            }
-            ignore::Error::WithDepth { err, .. } | ignore::Error::WithLineNumber { err, .. } => {
-                cur = err
-            }
-            ignore::Error::Io(io) => {
-                return CaptureError::Unreadable {
-                    path: path.unwrap_or_default(),
-                    source: std::io::Error::new(io.kind(), io.to_string()),
-                }
-            }
-            other => {
-                return CaptureError::Unreadable {
-                    path: path.unwrap_or_default(),
-                    source: std::io::Error::other(other.to_string()),
-                }
-            }
-        }
-    }
-}
-
-struct VisitorBuilder<'s, 'a> {
-    shared: &'s Shared<'a>,
-}
-
-impl<'s, 'a: 's> ParallelVisitorBuilder<'s> for VisitorBuilder<'s, 'a> {
-    fn build(&mut self) -> Box<dyn ParallelVisitor + 's> {
-        Box::new(Visitor {
-            shared: self.shared,
-            out: Vec::new(),
-        })
-    }
-}
-
-/// Collects locally and hands its entries over once, on drop, to keep the lock cold.
-struct Visitor<'s, 'a> {
-    shared: &'s Shared<'a>,
-    out: Vec<ScanEntry>,
-}
-
-impl ParallelVisitor for Visitor<'_, '_> {
-    fn visit(&mut self, entry: Result<DirEntry, ignore::Error>) -> WalkState {
-        self.shared.visit(entry, &mut self.out)
-    }
-}
-
-impl Drop for Visitor<'_, '_> {
-    fn drop(&mut self) {
-        let mut all = self
-            .shared
-            .entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        all.append(&mut self.out);
+        out.push(ScanEntry {
+            path,
+            dir: idx,
+            kind,
+        });
+        Ok(())
     }
 }

@@ -27,19 +27,21 @@ pub(crate) struct StatKey {
 }
 
 impl StatKey {
-    pub(crate) fn of(m: &fs::Metadata) -> StatKey {
+    /// The same fields from a raw `stat` (what the walk's `fstatat` and the reader's `fstat`
+    /// return); what `std::fs::Metadata` reports too.
+    // The field types of `struct stat` vary by target; the casts are not no-ops everywhere.
+    #[allow(clippy::unnecessary_cast)]
+    pub(crate) fn of_stat(st: &libc::stat) -> StatKey {
         StatKey {
-            size: m.size(),
-            mtime_ns: m
-                .mtime()
+            size: st.st_size as u64,
+            mtime_ns: (st.st_mtime as i64)
                 .saturating_mul(1_000_000_000)
-                .saturating_add(m.mtime_nsec()),
-            ctime_ns: m
-                .ctime()
+                .saturating_add(st.st_mtime_nsec as i64),
+            ctime_ns: (st.st_ctime as i64)
                 .saturating_mul(1_000_000_000)
-                .saturating_add(m.ctime_nsec()),
-            ino: m.ino(),
-            dev: m.dev(),
+                .saturating_add(st.st_ctime_nsec as i64),
+            ino: st.st_ino as u64,
+            dev: st.st_dev as u64,
         }
     }
 }

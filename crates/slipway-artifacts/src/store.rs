@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use crate::capture::{load_cache, prehash, save_cache, write_archive, CaptureError};
 use crate::fsutil::{fsync_dir, rename_noreplace};
 use crate::scan::scan;
+use crate::statcache::StatCache;
 use crate::upload::{verify_into, UploadError};
 use crate::{CaptureOptions, Captured};
 
@@ -177,8 +178,12 @@ impl LocalArtifactStore {
         opts: &CaptureOptions,
     ) -> Result<Captured, CaptureError> {
         let agent_dir = self.agent_dir(agent)?;
-        let scan = scan(dir, opts)?;
-        let cache = load_cache(&scan, opts);
+        let mut cache = StatCache::empty();
+        let scan = scan(dir, opts, |root| {
+            cache = load_cache(root, opts);
+            // Stats in the walk only pay off when a cache can vouch for files unopened.
+            !cache.is_empty()
+        })?;
         if !cache.is_empty() {
             let hashed = prehash(&scan, &cache)?;
             if self.contains(agent, &hashed.content_hash) {
@@ -187,7 +192,7 @@ impl LocalArtifactStore {
                     agent,
                     &hashed.content_hash,
                     scan.entries.len() as u64,
-                    scan.total_bytes,
+                    scan.total_bytes(),
                 )?);
             }
         }

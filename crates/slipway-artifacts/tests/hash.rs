@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use filetime::FileTime;
-use slipway_artifacts::{capture_to_file, hash_tree, CaptureOptions};
+use slipway_artifacts::{capture_to_file, hash_tree, CaptureOptions, LocalArtifactStore};
 
 use crate::util::*;
 
@@ -407,5 +407,61 @@ fn tar_stream_is_exactly_the_documented_one() {
     assert!(
         raw == want,
         "the tar stream differs from the documented layout"
+    );
+}
+
+#[test]
+fn tar_stream_is_the_documented_one_whichever_way_files_are_read() {
+    // Files are read ahead in windows of at most 4 MiB of contents (a window of 1,024 small
+    // files here holds ~12 MB, so it is read in several passes), files over 4 MiB are streamed,
+    // and the walk `stat`s files only when a stat cache is consulted. None of it may show in
+    // the bytes.
+    let mut t = Tree::new();
+    for i in 0..200u32 {
+        t.insert(
+            format!("many/f{i:03}.txt"),
+            Node::File {
+                data: noise(60_000 + i as usize, u64::from(i) + 7),
+                exec: i % 9 == 0,
+            },
+        );
+    }
+    for (name, size) in [("at-limit", 4 << 20), ("over-limit", (4 << 20) + 1)] {
+        t.insert(format!("big/{name}.bin"), file(noise(size, size as u64)));
+    }
+    t.insert("many/zz-link".into(), link("f001.txt"));
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write_tree(&src, &t);
+    let want = documented_tar(&t);
+
+    // No stat cache: metadata from the fstat after opening.
+    let out = dir.path().join("a.tar.zst");
+    let c = capture_to_file(&src, &out, &opts()).unwrap();
+    assert_eq!(c.content_hash, oracle_hash(&t));
+    let bytes = fs::read(&out).unwrap();
+    assert!(zstd::decode_all(&bytes[..]).unwrap() == want, "lazy walk");
+
+    // A filled stat cache: the walk stats every file; a store without the artifact then
+    // archives it from that walk.
+    let cache = dir.path().join("cache");
+    let with_cache = CaptureOptions {
+        stat_cache_dir: Some(cache.clone()),
+        ..opts()
+    };
+    let first = LocalArtifactStore::new(dir.path().join("store-a")).unwrap();
+    first.capture_dir("agent", &src, &with_cache).unwrap();
+    assert!(
+        !names(&cache).is_empty(),
+        "the first capture fills the cache"
+    );
+    let second = LocalArtifactStore::new(dir.path().join("store-b")).unwrap();
+    let c2 = second.capture_dir("agent", &src, &with_cache).unwrap();
+    assert!(!c2.deduplicated);
+    assert_eq!(c2.content_hash, c.content_hash);
+    assert_eq!(
+        fs::read(&c2.artifact_path).unwrap(),
+        bytes,
+        "walk with stats"
     );
 }
