@@ -4,7 +4,8 @@
 //! product.
 //!
 //! Run as root: `cargo bench -p slipway-sandbox --bench provision`
-//! Iterations: `SLIPWAY_BENCH_ITERS` (default 100).
+//! Iterations: `SLIPWAY_BENCH_ITERS` (default 100). `SLIPWAY_BENCH_QUICK=1` measures only
+//! slipway over the 10-file lower dir (for profiling, e.g. under `strace -f`).
 
 use slipway_sandbox::{check_support, DriverConfig, ExecRequest, LinuxDriver, SandboxSpec};
 use std::path::{Path, PathBuf};
@@ -48,23 +49,45 @@ fn make_lower(dir: &Path, files: usize) -> PathBuf {
     lower
 }
 
-fn time_command(iters: usize, program: &str, args: &[&str]) -> Option<Vec<Duration>> {
-    let mut samples = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let start = Instant::now();
-        let status = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .ok()?;
-        if !status.success() {
-            return None;
-        }
-        samples.push(start.elapsed());
-    }
-    Some(samples)
+const UNSHARE: [&str; 7] = [
+    "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "true",
+];
+
+const BWRAP: [&str; 21] = [
+    "--unshare-all",
+    "--ro-bind",
+    "/usr",
+    "/usr",
+    "--symlink",
+    "usr/bin",
+    "/bin",
+    "--symlink",
+    "usr/lib",
+    "/lib",
+    "--symlink",
+    "usr/lib64",
+    "/lib64",
+    "--proc",
+    "/proc",
+    "--dev",
+    "/dev",
+    "--tmpfs",
+    "/tmp",
+    "--die-with-parent",
+    "/bin/true",
+];
+
+/// One run of a reference command, or `None` if it is unavailable or fails.
+fn time_command(program: &str, args: &[&str]) -> Option<Duration> {
+    let start = Instant::now();
+    let status = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .ok()?;
+    status.success().then(|| start.elapsed())
 }
 
 #[derive(Default)]
@@ -78,21 +101,26 @@ struct Phases {
 async fn time_slipway(driver: &LinuxDriver, lower: &Path, iters: usize, tag: &str) -> Phases {
     let mut phases = Phases::default();
     for i in 0..iters {
-        let spec = SandboxSpec::new(format!("bench-{tag}-{}-{i}", std::process::id()), lower);
-        let t0 = Instant::now();
-        let sb = driver.create(spec).await.expect("create");
-        let t1 = Instant::now();
-        let status = sb.exec(ExecRequest::new("true"), None).await.expect("exec");
-        assert!(status.success(), "{status}");
-        let t2 = Instant::now();
-        sb.destroy().await.expect("destroy");
-        let t3 = Instant::now();
-        phases.total.push(t3 - t0);
-        phases.create.push(t1 - t0);
-        phases.exec.push(t2 - t1);
-        phases.destroy.push(t3 - t2);
+        one_slipway(driver, lower, &format!("{tag}-{i}"), &mut phases).await;
     }
     phases
+}
+
+/// One sandbox life: create, exec `true`, destroy.
+async fn one_slipway(driver: &LinuxDriver, lower: &Path, tag: &str, phases: &mut Phases) {
+    let spec = SandboxSpec::new(format!("bench-{tag}-{}", std::process::id()), lower);
+    let t0 = Instant::now();
+    let sb = driver.create(spec).await.expect("create");
+    let t1 = Instant::now();
+    let status = sb.exec(ExecRequest::new("true"), None).await.expect("exec");
+    assert!(status.success(), "{status}");
+    let t2 = Instant::now();
+    sb.destroy().await.expect("destroy");
+    let t3 = Instant::now();
+    phases.total.push(t3 - t0);
+    phases.create.push(t1 - t0);
+    phases.exec.push(t2 - t1);
+    phases.destroy.push(t3 - t2);
 }
 
 fn main() {
@@ -104,10 +132,15 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
+    let quick = std::env::var_os("SLIPWAY_BENCH_QUICK").is_some();
     let dir = tempfile::tempdir().unwrap();
     eprintln!("preparing lower dirs (10 and 100,000 files)…");
     let small = make_lower(dir.path(), 10);
-    let large = make_lower(dir.path(), 100_000);
+    let large = if quick {
+        small.clone()
+    } else {
+        make_lower(dir.path(), 100_000)
+    };
     let mut config = DriverConfig::new(
         env!("CARGO_BIN_EXE_slipway-sandbox-helper"),
         dir.path().join("state"),
@@ -122,59 +155,88 @@ fn main() {
 
     // Warm-up: page cache, cgroup parents, the spawner thread.
     rt.block_on(time_slipway(&driver, &small, 5, "warm"));
-    let _ = time_command(
-        5,
-        "unshare",
-        &[
-            "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "true",
-        ],
-    );
+    if quick {
+        let p = rt.block_on(time_slipway(&driver, &small, iters, "q"));
+        for (name, v) in [
+            ("total", p.total),
+            ("create", p.create),
+            ("exec", p.exec),
+            ("destroy", p.destroy),
+        ] {
+            let st = stats(v);
+            println!("{name:8} median {} p90 {}", ms(st.median), ms(st.p90));
+        }
+        return;
+    }
+    for _ in 0..5 {
+        let _ = time_command("unshare", &UNSHARE);
+    }
 
-    let unshare = time_command(
-        iters,
-        "unshare",
-        &[
-            "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "true",
-        ],
-    )
-    .map(stats);
-    let bwrap = time_command(
-        iters,
-        "bwrap",
-        &[
-            "--unshare-all",
-            "--ro-bind",
-            "/usr",
-            "/usr",
-            "--symlink",
-            "usr/bin",
-            "/bin",
-            "--symlink",
-            "usr/lib",
-            "/lib",
-            "--symlink",
-            "usr/lib64",
-            "/lib64",
-            "--proc",
-            "/proc",
-            "--dev",
-            "/dev",
-            "--tmpfs",
-            "/tmp",
-            "--die-with-parent",
-            "/bin/true",
-        ],
-    )
-    .map(stats);
-    let slip_small = rt.block_on(time_slipway(&driver, &small, iters, "s"));
-    let slip_large = rt.block_on(time_slipway(&driver, &large, iters, "l"));
+    // Rounds: each runs every row once, so that load from anything else on the machine hits
+    // every row alike (the machine is shared; sequential blocks would compare different loads).
+    let mut unshare_s = Vec::with_capacity(iters);
+    let mut bwrap_s = Vec::with_capacity(iters);
+    let mut bwrap_ok = true;
+    let mut slip_small = Phases::default();
+    let mut slip_large = Phases::default();
+    // The order is shuffled every round: what ran just before matters (a network namespace is
+    // torn down asynchronously by the kernel after its last process exits).
+    let mut seed: u64 = 0x5eed_1234_abcd_0001;
+    for i in 0..iters {
+        let mut order = [0usize, 1, 2, 3];
+        for k in (1..order.len()).rev() {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            order.swap(k, (seed >> 33) as usize % (k + 1));
+        }
+        for row in order {
+            match row {
+                0 => {
+                    if let Some(d) = time_command("unshare", &UNSHARE) {
+                        unshare_s.push(d);
+                    }
+                }
+                1 => {
+                    if bwrap_ok {
+                        match time_command("bwrap", &BWRAP) {
+                            Some(d) => bwrap_s.push(d),
+                            None => bwrap_ok = false,
+                        }
+                    }
+                }
+                2 => rt.block_on(one_slipway(
+                    &driver,
+                    &small,
+                    &format!("s-{i}"),
+                    &mut slip_small,
+                )),
+                _ => rt.block_on(one_slipway(
+                    &driver,
+                    &large,
+                    &format!("l-{i}"),
+                    &mut slip_large,
+                )),
+            }
+        }
+    }
+    let unshare = (unshare_s.len() == iters).then(|| stats(unshare_s));
+    let bwrap = (bwrap_ok && bwrap_s.len() == iters).then(|| stats(bwrap_s));
 
     let floor = unshare.as_ref().map(|s| s.median);
     let ratio = |d: Duration| match floor {
         Some(f) => format!("{:.2}×", d.as_secs_f64() / f.as_secs_f64()),
         None => "-".into(),
     };
-    println!("provision → exec `true` → destroy, {iters} iterations each\n");
+    println!(
+        "provision → exec `true` → destroy, {iters} interleaved rounds; load average {}\n",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     println!("| what | median | p90 | median vs unshare floor |");
     println!("|---|---|---|---|");
     match &unshare {

@@ -5,7 +5,9 @@
 //! cgroup directories and the per-sandbox state directory, plus, if something went very wrong,
 //! processes in the cgroup. This removes all three.
 
-use crate::driver::{remove_state_dir, LinuxDriver, ETC_TEMPLATE_PREFIX, INIT_RECORD};
+use crate::driver::{
+    remove_state_dir, LinuxDriver, ETC_TEMPLATE_PREFIX, FREE_DIR_PREFIX, INIT_RECORD,
+};
 use crate::privileged::cgroup::{self, Cgroup};
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -45,10 +47,20 @@ pub(crate) fn cleanup_leftovers(driver: &LinuxDriver) -> CleanupReport {
 
     let mut report = CleanupReport::default();
     // /etc templates of earlier drivers: plain directories, bound only into their sandboxes.
+    // Their free state directories too.
     if let Ok(entries) = fs::read_dir(&config.state_dir) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(ETC_TEMPLATE_PREFIX) && !name.starts_with(driver.etc_prefix()) {
+            let stale_template =
+                name.starts_with(ETC_TEMPLATE_PREFIX) && !name.starts_with(driver.etc_prefix());
+            // Free state directories kept by an earlier driver: empty, so `rmdir` is enough.
+            if name.starts_with(FREE_DIR_PREFIX) && !name.starts_with(driver.free_dir_prefix()) {
+                if let Err(e) = fs::remove_dir(entry.path()) {
+                    report.errors.push(format!("removing {name}: {e}"));
+                }
+                continue;
+            }
+            if stale_template {
                 if let Err(e) = fs::remove_dir_all(entry.path()) {
                     report.errors.push(format!("removing {name}: {e}"));
                 }

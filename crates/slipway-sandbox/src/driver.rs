@@ -5,22 +5,22 @@ use crate::egress::{self, EgressPolicy};
 use crate::output::{self, OutputSink, OutputStream};
 use crate::privileged::cgroup::{self, Cgroup, CgroupError, CgroupLimits};
 use crate::privileged::netns::NetnsSockets;
-use crate::privileged::proto::{self, ExecConfig, InitConfig};
-use crate::privileged::{EXEC_SUBCOMMAND, INIT_SUBCOMMAND};
-use crate::process::{pidfd_kill, pidfd_open, ExecError, ExitStatus, Process};
+use crate::privileged::proto::{self, ForkRequest, InitConfig, Reply, Request};
+use crate::privileged::INIT_SUBCOMMAND;
+use crate::process::{pidfd_kill, pidfd_open, Control, ExecError, ExitStatus, Process};
 use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Resource usage of a sandbox, read from its cgroup.
@@ -113,6 +113,197 @@ pub struct LinuxDriver {
     etc_templates: Arc<tokio::sync::Mutex<EtcTemplates>>,
     /// Name prefix of this driver's /etc templates inside the state dir.
     etc_prefix: String,
+    /// An init helper started ahead of time, waiting for its config (see `Spare`).
+    spare: Arc<Mutex<Option<Spare>>>,
+    state_dirs: Arc<StateDirs>,
+}
+
+/// Name prefix of the empty directories a state dir keeps for reuse.
+pub(crate) const FREE_DIR_PREFIX: &str = ".free-";
+
+/// Per-sandbox state directories, recycled. Creating and deleting a directory per sandbox is
+/// expensive on some filesystems (ext4 looks for an inode that was not freed recently, which
+/// under steady churn means scanning inode tables). A destroyed sandbox's empty directory is
+/// renamed to a free name instead, and the next sandbox's is renamed from it: a rename
+/// allocates nothing. `renameat2(RENAME_NOREPLACE)` keeps the claim of an id atomic.
+#[derive(Debug)]
+pub(crate) struct StateDirs {
+    root: PathBuf,
+    /// `.free-<pid>-<random>-`: this driver's free directories.
+    prefix: String,
+    next: std::sync::atomic::AtomicU64,
+    free: Mutex<Vec<PathBuf>>,
+}
+
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: renameat2 reads two NUL-terminated paths we own.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl StateDirs {
+    fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            prefix: format!(
+                "{FREE_DIR_PREFIX}{}-{:08x}-",
+                std::process::id(),
+                rand::random::<u32>()
+            ),
+            next: std::sync::atomic::AtomicU64::new(0),
+            free: Mutex::default(),
+        }
+    }
+
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Makes the empty directory `dir` (mode 0700): a free one renamed, or a new one.
+    /// `AlreadyExists` when the id is taken.
+    fn claim(&self, dir: &Path) -> io::Result<()> {
+        while let Some(free) = lock(&self.free).pop() {
+            match rename_noreplace(&free, dir) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    lock(&self.free).push(free);
+                    return Err(e);
+                }
+                // Gone, or renames unsupported here: do without it.
+                Err(_) => {
+                    let _ = fs::remove_dir(&free);
+                }
+            }
+        }
+        fs::DirBuilder::new().mode(0o700).create(dir)
+    }
+
+    /// Takes back a destroyed sandbox's directory: renamed to a free name when it is empty,
+    /// else removed (`rmdir` only, see `remove_state_dir`).
+    fn release(&self, dir: &Path) -> Result<(), (PathBuf, io::Error)> {
+        let empty = fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_none());
+        if empty {
+            let n = self.next.fetch_add(1, Ordering::Relaxed);
+            let free = self.root.join(format!("{}{n}", self.prefix));
+            if rename_noreplace(dir, &free).is_ok() {
+                lock(&self.free).push(free);
+                return Ok(());
+            }
+        }
+        remove_state_dir(dir)
+    }
+}
+
+impl Drop for StateDirs {
+    fn drop(&mut self) {
+        for dir in lock(&self.free).drain(..) {
+            let _ = fs::remove_dir(dir);
+        }
+    }
+}
+
+/// An init helper started before it is needed: its fork, exec, dynamic loading and start-up
+/// are off the path of `create`. It holds no privilege it uses and has joined nothing; it
+/// waits for its config on the control socket. Dropping it (with the driver) kills it.
+#[derive(Debug)]
+struct Spare {
+    child: Option<std::process::Child>,
+    control: Option<OwnedFd>,
+}
+
+impl Spare {
+    fn into_parts(mut self) -> (std::process::Child, OwnedFd) {
+        (
+            self.child.take().expect("spare child"),
+            self.control.take().expect("spare control"),
+        )
+    }
+}
+
+impl Drop for Spare {
+    fn drop(&mut self) {
+        drop(self.control.take());
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts an init helper with a fresh control socket on its descriptor 3. It waits for its
+/// config there.
+async fn spawn_helper(helper_exe: &Path) -> io::Result<(std::process::Child, OwnedFd)> {
+    let (ours, theirs) = proto::socket_pair()?;
+    // Replies about commands carry their pid as credentials, translated by the kernel.
+    proto::set_sockopt(ours.as_fd(), libc::SOL_SOCKET, libc::SO_PASSCRED, 1)?;
+    // Room for the largest request (a command's argv and environment).
+    let sndbuf = (proto::MAX_MESSAGE + (64 << 10)) as i32;
+    if proto::set_sockopt(ours.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, sndbuf).is_err() {
+        let _ = proto::set_sockopt(ours.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, sndbuf);
+    }
+    let mut cmd = Command::new(helper_exe);
+    cmd.arg(INIT_SUBCOMMAND)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .process_group(0);
+    let raw = theirs.as_raw_fd();
+    // SAFETY: runs in the forked child before exec and only calls async-signal-safe functions
+    // (dup2, fcntl); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if raw == proto::CONTROL_FD {
+                if libc::fcntl(raw, libc::F_SETFD, 0) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if libc::dup2(raw, proto::CONTROL_FD) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = crate::spawner::spawn(cmd).await?;
+    drop(theirs);
+    Ok((child, ours))
+}
+
+/// Starts a spare helper in the background unless one is waiting already.
+fn refill_spare(slot: &Arc<Mutex<Option<Spare>>>, helper_exe: &Path) {
+    if lock(slot).is_some() {
+        return;
+    }
+    let (slot, exe) = (slot.clone(), helper_exe.to_path_buf());
+    tokio::spawn(async move {
+        if let Ok((child, control)) = spawn_helper(&exe).await {
+            let spare = Spare {
+                child: Some(child),
+                control: Some(control),
+            };
+            let mut guard = lock(&slot);
+            if guard.is_none() {
+                *guard = Some(spare);
+            }
+            // Otherwise another refill won; `spare` is dropped (killed) after the guard.
+        }
+    });
 }
 
 /// /etc template directories by (uid, gid, hostname).
@@ -150,6 +341,7 @@ impl LinuxDriver {
         }
         let layout = cgroup::detect()?;
         crate::spawner::start();
+        let config_state_dir = config.state_dir.clone();
         let etc_prefix = format!(
             "{ETC_TEMPLATE_PREFIX}{}-{:08x}-",
             std::process::id(),
@@ -160,11 +352,17 @@ impl LinuxDriver {
             layout,
             etc_templates: Arc::default(),
             etc_prefix,
+            spare: Arc::default(),
+            state_dirs: Arc::new(StateDirs::new(config_state_dir)),
         })
     }
 
     pub(crate) fn etc_prefix(&self) -> &str {
         &self.etc_prefix
+    }
+
+    pub(crate) fn free_dir_prefix(&self) -> &str {
+        self.state_dirs.prefix()
     }
 
     /// This driver's /etc template for `spec`, built the first time it is needed.
@@ -220,7 +418,7 @@ impl LinuxDriver {
             .mode(0o700)
             .create(&self.config.state_dir)
             .map_err(state_err(&self.config.state_dir))?;
-        match fs::DirBuilder::new().mode(0o700).create(&state_dir) {
+        match self.state_dirs.claim(&state_dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 return Err(CreateError::Exists { id });
@@ -234,31 +432,28 @@ impl LinuxDriver {
                 return Err(e);
             }
         };
-        let root_dir = state_dir.join("root");
-        if let Err(e) = fs::DirBuilder::new().mode(0o755).create(&root_dir) {
-            let _ = fs::remove_dir_all(&state_dir);
-            return Err(state_err(&root_dir)(e));
-        }
-
+        let cgroup_parents = match Cgroup::parent_dirs(&self.layout, &self.config.cgroup_parent) {
+            Ok(dirs) => dirs,
+            Err(source) => {
+                let _ = fs::remove_dir_all(&state_dir);
+                return Err(CreateError::Cgroup { id, source });
+            }
+        };
+        // Created by `start_init` while init builds the root.
+        let cgroup = Cgroup::at(&self.layout, &self.config.cgroup_parent, &id);
         let limits = CgroupLimits {
             memory_bytes: spec.limits.memory_bytes,
             pids_max: spec.limits.pids_max,
             cpu_millis: spec.limits.cpu_millis,
         };
-        let cgroup = match Cgroup::create(&self.layout, &self.config.cgroup_parent, &id, limits) {
-            Ok(cg) => cg,
-            Err(source) => {
-                let cg = Cgroup::at(&self.layout, &self.config.cgroup_parent, &id);
-                let _ = cg.remove(Duration::from_secs(1));
-                let _ = fs::remove_dir_all(&state_dir);
-                return Err(CreateError::Cgroup { id, source });
-            }
-        };
 
+        // The state directory itself is the root's mount point (in init's mount namespace
+        // only; on the host it stays an empty directory).
         let init = InitConfig {
             parent_pid: std::process::id() as i32,
-            cgroup_procs: cgroup.procs_files(),
-            root_dir: root_dir.clone(),
+            cgroup_parents,
+            cgroup_name: id.clone(),
+            root_dir: state_dir.clone(),
             lower_dir: spec.lower_dir.clone(),
             etc_dir,
             toolchain_paths: spec.toolchain_paths.clone(),
@@ -275,17 +470,18 @@ impl LinuxDriver {
             spec,
             config: self.config.clone(),
             state_dir,
+            state_dirs: self.state_dirs.clone(),
             cgroup,
             init_pid: 0,
             init_pidfd: None,
-            mnt_ns: (0, 0),
             helper: Mutex::new(None),
-            netns: Mutex::new(None),
+            control: None,
+            netns: Mutex::new(Netns::Gone),
             proxy: Mutex::new(None),
             egress_policy: Mutex::new(None),
             destroyed: AtomicBool::new(false),
         };
-        match inner.start_init(&init).await {
+        match inner.start_init(&init, limits, &self.spare).await {
             Ok(()) => {}
             Err(e) => return Err(fail_create(inner, e)),
         }
@@ -359,56 +555,114 @@ struct Inner {
     spec: SandboxSpec,
     config: Arc<DriverConfig>,
     state_dir: PathBuf,
+    state_dirs: Arc<StateDirs>,
     cgroup: Cgroup,
     /// Host pid of the sandbox's init (pid 1 inside).
     init_pid: i32,
     init_pidfd: Option<OwnedFd>,
-    /// Device and inode of init's mount namespace, to recognise it later.
-    mnt_ns: (u64, u64),
     /// The init helper (init's parent in the host pid namespace).
     helper: Mutex<Option<std::process::Child>>,
-    netns: Mutex<Option<NetnsSockets>>,
+    /// The control socket to init, which starts every command.
+    control: Option<Arc<Control>>,
+    netns: Mutex<Netns>,
     proxy: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The build egress policy while egress is open; closing it cuts every proxied connection.
     egress_policy: Mutex<Option<Arc<EgressPolicy>>>,
     destroyed: AtomicBool,
 }
 
-/// Name of the file in a sandbox's state directory that records its init.
+/// The sandbox's network namespace, as far as the platform uses it. The socket thread is
+/// started on the first `connect` or `listen` (many sandboxes, e.g. builds, never need it).
+#[derive(Debug)]
+enum Netns {
+    /// The namespace (an open `/proc/<init>/ns/net`), no thread yet.
+    Idle(OwnedFd),
+    Running(NetnsSockets),
+    Gone,
+}
+
+/// Name of the file in which earlier versions recorded a sandbox's init (`<pid> <mnt-ns dev>
+/// <mnt-ns inode>`); start-up cleanup still honours it. Init is in the sandbox's cgroup, which
+/// is the record now.
 pub(crate) const INIT_RECORD: &str = "init";
 
 impl Inner {
-    async fn start_init(&mut self, init: &InitConfig) -> Result<(), CreateError> {
+    async fn start_init(
+        &mut self,
+        init: &InitConfig,
+        limits: CgroupLimits,
+        spare: &Arc<Mutex<Option<Spare>>>,
+    ) -> Result<(), CreateError> {
         let id = self.id.clone();
-        let mut cmd = Command::new(&self.config.helper_exe);
-        cmd.arg(INIT_SUBCOMMAND)
-            .env_clear()
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .process_group(0);
-        let mut child = crate::spawner::spawn(cmd)
-            .await
-            .map_err(|source| CreateError::Spawn {
+        let spawn_err = |source| CreateError::Spawn {
+            id: id.clone(),
+            source,
+        };
+        let config = serde_json::to_vec(init).expect("init config serializes");
+        // The spare helper if one is waiting (and still alive), else a new one. The config is
+        // the first packet on the control socket.
+        let taken = lock(spare).take().map(Spare::into_parts);
+        refill_spare(spare, &self.config.helper_exe);
+        let mut started = None;
+        if let Some((child, ours)) = taken {
+            if proto::send_packet(ours.as_fd(), &config, &[], None, libc::MSG_DONTWAIT).is_ok() {
+                started = Some((child, ours));
+            } else {
+                drop(Spare {
+                    child: Some(child),
+                    control: Some(ours),
+                });
+            }
+        }
+        let (child, ours) = match started {
+            Some(parts) => parts,
+            None => {
+                let (child, ours) = spawn_helper(&self.config.helper_exe)
+                    .await
+                    .map_err(spawn_err)?;
+                // Owned here at once, so that an error below still reaps it (destroy).
+                *lock(&self.helper) = Some(child);
+                proto::send_packet(ours.as_fd(), &config, &[], None, 0).map_err(spawn_err)?;
+                let child = lock(&self.helper).take().expect("helper just stored");
+                (child, ours)
+            }
+        };
+        *lock(&self.helper) = Some(child);
+        // The helper makes the namespaces and init builds the root meanwhile.
+        self.cgroup
+            .make(limits)
+            .map_err(|source| CreateError::Cgroup {
                 id: id.clone(),
                 source,
             })?;
-        let stdin = child.stdin.take();
-        let stdout = child.stdout.take();
-        *lock(&self.helper) = Some(child);
+        proto::send_packet(ours.as_fd(), proto::MSG_CGROUPS.as_bytes(), &[], None, 0)
+            .map_err(spawn_err)?;
+        let control = Arc::new(Control::new(ours).map_err(spawn_err)?);
 
-        let config = serde_json::to_vec(init).expect("init config serializes");
         let talk = async {
-            let mut stdin = tokio::process::ChildStdin::from_std(stdin.expect("piped stdin"))?;
-            stdin.write_all(&config).await?;
-            drop(stdin);
-            let mut stdout = tokio::process::ChildStdout::from_std(stdout.expect("piped stdout"))?;
-            let mut text = String::new();
-            stdout.read_to_string(&mut text).await?;
-            Ok::<_, io::Error>(text)
+            let mut buf = vec![0u8; 64 << 10];
+            let (mut pid, mut ready) = (None, false);
+            loop {
+                let packet = control.recv(&mut buf).await?;
+                if packet.len == 0 {
+                    return Ok(Err("the helper exited early".to_string()));
+                }
+                match std::str::from_utf8(&buf[..packet.len])
+                    .ok()
+                    .and_then(proto::parse_reply)
+                {
+                    Some(Reply::Pid(p)) => pid = Some(p),
+                    Some(Reply::Ready) => ready = true,
+                    Some(Reply::Error(message)) => return Ok(Err(message)),
+                    _ => {}
+                }
+                if let (Some(pid), true) = (pid, ready) {
+                    return Ok::<_, io::Error>(Ok(pid));
+                }
+            }
         };
         let timeout = self.config.setup_timeout;
-        let text = match tokio::time::timeout(timeout, talk).await {
+        let pid = match tokio::time::timeout(timeout, talk).await {
             Err(_) => return Err(CreateError::SetupTimeout { id, timeout }),
             Ok(Err(e)) => {
                 return Err(CreateError::Setup {
@@ -416,35 +670,21 @@ impl Inner {
                     message: e.to_string(),
                 })
             }
-            Ok(Ok(text)) => text,
+            Ok(Ok(Err(message))) => return Err(CreateError::Setup { id, message }),
+            Ok(Ok(Ok(pid))) => pid,
         };
-        let status = proto::parse_status(&text);
-        let (Some(pid), true) = (status.pid, status.ready) else {
-            let message = status
-                .error
-                .unwrap_or_else(|| "the helper exited early".to_string());
-            return Err(CreateError::Setup { id, message });
-        };
+        control.start_reader();
+        self.control = Some(control);
         self.init_pid = pid;
         let setup_err = |what: &str, e: io::Error| CreateError::Setup {
             id: id.clone(),
             message: format!("{what}: {e}"),
         };
         self.init_pidfd = Some(pidfd_open(pid).map_err(|e| setup_err("pidfd_open init", e))?);
-        let mnt = fs::metadata(format!("/proc/{pid}/ns/mnt"))
-            .map_err(|e| setup_err("stat init mount namespace", e))?;
-        self.mnt_ns = (mnt.dev(), mnt.ino());
-        fs::write(
-            self.state_dir.join(INIT_RECORD),
-            format!("{pid} {} {}\n", mnt.dev(), mnt.ino()),
-        )
-        .map_err(|e| setup_err("record init", e))?;
         let netns: OwnedFd = fs::File::open(format!("/proc/{pid}/ns/net"))
             .map_err(|e| setup_err("open init network namespace", e))?
             .into();
-        let sockets = NetnsSockets::start(netns, &id)
-            .map_err(|e| setup_err("network namespace thread", e))?;
-        *lock(&self.netns) = Some(sockets);
+        *lock(&self.netns) = Netns::Idle(netns);
         Ok(())
     }
 
@@ -456,7 +696,7 @@ impl Inner {
         if let Some(task) = lock(&self.proxy).take() {
             task.abort();
         }
-        lock(&self.netns).take();
+        *lock(&self.netns) = Netns::Gone;
         // Killing pid 1 of the pid namespace kills every process in it.
         if let Some(pidfd) = &self.init_pidfd {
             let _ = pidfd_kill(pidfd, libc::SIGKILL);
@@ -473,28 +713,23 @@ impl Inner {
                 // Before init existed (failed create) only the helper can be killed.
                 let _ = helper.kill();
             }
-            loop {
-                match helper.try_wait() {
-                    Ok(Some(_)) => break,
-                    Ok(None) if std::time::Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_micros(50));
-                    }
-                    Ok(None) => {
-                        let _ = helper.kill();
-                        let _ = helper.wait();
-                        break;
-                    }
-                    Err(source) => {
-                        first_err.get_or_insert(DestroyError::Helper {
-                            id: id.clone(),
-                            source,
-                        });
-                        break;
-                    }
-                }
+            // The helper exits as soon as init has; wait on its pidfd rather than polling.
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let exited = match pidfd_open(helper.id() as i32) {
+                Ok(fd) => wait_readable(&fd, left),
+                Err(_) => true,
+            };
+            if !exited {
+                let _ = helper.kill();
+            }
+            if let Err(source) = helper.wait() {
+                first_err.get_or_insert(DestroyError::Helper {
+                    id: id.clone(),
+                    source,
+                });
             }
         }
-        // Exec helpers live in the host pid namespace but in the sandbox's cgroup.
+        // Nothing should be left in the cgroup once init is gone; make sure of it.
         let timeout = Duration::from_secs(5);
         if let Err(source) = self
             .cgroup
@@ -506,7 +741,7 @@ impl Inner {
                 source,
             });
         }
-        if let Err((path, source)) = remove_state_dir(&self.state_dir) {
+        if let Err((path, source)) = self.state_dirs.release(&self.state_dir) {
             first_err.get_or_insert(DestroyError::StateDir { id, path, source });
         }
         match first_err {
@@ -660,122 +895,132 @@ impl Sandbox {
         self.check_alive()?;
         let inner = &self.inner;
         let id = inner.id.clone();
-        let cfg = ExecConfig {
-            parent_pid: std::process::id() as i32,
-            init_pid: inner.init_pid,
-            mnt_ns: inner.mnt_ns,
-            cgroup_procs: inner.cgroup.procs_files(),
-            uid: inner.spec.uid,
-            gid: inner.spec.gid,
-            cwd: req.cwd.clone(),
-            argv: vec!["/bin/sh".into(), "-c".into(), req.command.clone()],
-            env: self.environment(&req),
+        let setup_err = |message: String| ExecError::Setup {
+            id: id.clone(),
+            message,
         };
         let spawn_err = |source| ExecError::Spawn {
             id: id.clone(),
             source,
         };
-        let (status_r, status_w) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| spawn_err(e.into()))?;
-        let mut cmd = Command::new(&inner.config.helper_exe);
-        cmd.arg(EXEC_SUBCOMMAND)
-            .env_clear()
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        let raw = status_w.as_raw_fd();
-        // SAFETY: runs in the forked child before exec and only calls async-signal-safe
-        // functions (dup2, fcntl); it allocates nothing.
-        unsafe {
-            cmd.pre_exec(move || {
-                if raw == proto::EXEC_STATUS_FD {
-                    if libc::fcntl(raw, libc::F_SETFD, 0) == -1 {
-                        return Err(io::Error::last_os_error());
-                    }
-                } else if libc::dup2(raw, proto::EXEC_STATUS_FD) == -1 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
+        let control = inner
+            .control
+            .clone()
+            .ok_or_else(|| ExecError::Destroyed { id: id.clone() })?;
+        let registered = control
+            .register()
+            .ok_or_else(|| setup_err("the sandbox's init is gone".into()))?;
+        let command = registered.id;
+        let request = Request::Exec(ForkRequest {
+            id: command,
+            cwd: req.cwd.clone(),
+            argv: vec!["/bin/sh".into(), "-c".into(), req.command.clone()],
+            env: self.environment(&req),
+        });
+        let data = serde_json::to_vec(&request).expect("exec request serializes");
+        if data.len() > proto::MAX_MESSAGE {
+            control.forget(command);
+            return Err(setup_err(format!(
+                "the command and its environment take {} bytes, more than the {} allowed",
+                data.len(),
+                proto::MAX_MESSAGE
+            )));
         }
-        let oom_before = inner.cgroup.oom_kills();
-        let pids_hits_before = inner.cgroup.pids_limit_hits();
-        let mut child = crate::spawner::spawn(cmd).await.map_err(spawn_err)?;
-        drop(status_w);
-        let helper_pidfd = match pidfd_open(child.id() as i32) {
-            Ok(fd) => fd,
+        // Started (with the command's pid) comes from init; the status pipe reaches
+        // end-of-file when the command's execve succeeded, or carries the failed step.
+        let pipes = (|| {
+            let flags = nix::fcntl::OFlag::O_CLOEXEC;
+            Ok::<_, nix::Error>([
+                nix::unistd::pipe2(flags)?,
+                nix::unistd::pipe2(flags)?,
+                nix::unistd::pipe2(flags)?,
+            ])
+        })();
+        let [(stdout_r, stdout_w), (stderr_r, stderr_w), (status_r, status_w)] = match pipes {
+            Ok(p) => p,
             Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(spawn_err(e));
+                control.forget(command);
+                return Err(spawn_err(e.into()));
             }
         };
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let stderr = child.stderr.take().expect("piped stderr");
+        let oom_before = inner.cgroup.oom_kills();
+        let pids_hits_before = inner.cgroup.pids_limit_hits();
+        let sent = control
+            .send(
+                &data,
+                &[
+                    stdout_w.as_raw_fd(),
+                    stderr_w.as_raw_fd(),
+                    status_w.as_raw_fd(),
+                ],
+            )
+            .await;
+        drop((stdout_w, stderr_w, status_w));
+        if let Err(e) = sent {
+            control.forget(command);
+            return Err(spawn_err(e));
+        }
 
-        let config = serde_json::to_vec(&cfg).expect("exec config serializes");
+        let started = registered.started;
         let talk = async {
-            let mut stdin = tokio::process::ChildStdin::from_std(stdin)?;
-            stdin.write_all(&config).await?;
-            drop(stdin);
-            let mut status = tokio::net::unix::pipe::Receiver::from_owned_fd(status_r)?;
+            let started = started
+                .await
+                .map_err(|_| "the sandbox's init is gone".to_string())??;
+            let mut status = tokio::net::unix::pipe::Receiver::from_owned_fd(status_r)
+                .map_err(|e| e.to_string())?;
             let mut text = String::new();
-            status.read_to_string(&mut text).await?;
-            Ok::<_, io::Error>(text)
+            status
+                .read_to_string(&mut text)
+                .await
+                .map_err(|e| e.to_string())?;
+            match text.lines().find_map(|l| l.strip_prefix(proto::MSG_ERROR)) {
+                Some(error) => Err(error.to_string()),
+                None => Ok(started),
+            }
         };
         let timeout = inner.config.setup_timeout;
-        let outcome = tokio::time::timeout(timeout, talk).await;
-        let status = match outcome {
-            Ok(Ok(text)) => proto::parse_status(&text),
-            Ok(Err(e)) => proto::Status {
-                error: Some(e.to_string()),
-                ..Default::default()
-            },
-            Err(_) => proto::Status {
-                error: Some(format!("did not start within {timeout:?}")),
-                ..Default::default()
-            },
-        };
-        let pid = match (status.pid, status.error) {
-            (Some(pid), None) => pid,
-            (_, error) => {
-                let _ = pidfd_kill(&helper_pidfd, libc::SIGKILL);
-                let _ = child.wait();
-                let message = error.unwrap_or_else(|| "the helper exited early".to_string());
-                return Err(ExecError::Setup { id, message });
+        let started = match tokio::time::timeout(timeout, talk).await {
+            Ok(Ok(started)) => started,
+            Ok(Err(message)) => {
+                let _ = control.signal(command, libc::SIGKILL);
+                control.forget(command);
+                return Err(setup_err(message));
+            }
+            Err(_) => {
+                let _ = control.signal(command, libc::SIGKILL);
+                control.forget(command);
+                return Err(setup_err(format!("did not start within {timeout:?}")));
             }
         };
 
         let max_line = inner.config.max_line_bytes;
+        let reader = |fd: OwnedFd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd);
         let pumps = vec![
             tokio::spawn(output::pump(
-                tokio::process::ChildStdout::from_std(stdout).map_err(spawn_err)?,
+                reader(stdout_r).map_err(spawn_err)?,
                 OutputStream::Stdout,
                 output.clone(),
                 max_line,
             )),
             tokio::spawn(output::pump(
-                tokio::process::ChildStderr::from_std(stderr).map_err(spawn_err)?,
+                reader(stderr_r).map_err(spawn_err)?,
                 OutputStream::Stderr,
                 output,
                 max_line,
             )),
         ];
-        Process::new(
-            id.clone(),
-            pid,
-            child,
-            helper_pidfd,
+        Ok(Process::new(
+            command,
+            control,
+            started,
+            registered.exited,
             inner.cgroup.clone(),
             oom_before,
             pids_hits_before,
             req.timeout,
             req.kill_grace,
             pumps,
-        )
-        .map_err(spawn_err)
+        ))
     }
 
     /// Runs a command to its end (or its timeout): `spawn` then `wait`.
@@ -801,10 +1046,20 @@ impl Sandbox {
 
     async fn netns_socket(&self, port: u16) -> Result<socket2::Socket, NetError> {
         let request = {
-            let guard = lock(&self.inner.netns);
-            let sockets = guard.as_ref().ok_or_else(|| NetError::Destroyed {
-                id: self.inner.id.clone(),
-            })?;
+            let mut guard = lock(&self.inner.netns);
+            if matches!(*guard, Netns::Idle(_)) {
+                let Netns::Idle(fd) = std::mem::replace(&mut *guard, Netns::Gone) else {
+                    unreachable!("checked above")
+                };
+                *guard = Netns::Running(
+                    NetnsSockets::start(fd, &self.inner.id).map_err(self.net_err(port))?,
+                );
+            }
+            let Netns::Running(sockets) = &*guard else {
+                return Err(NetError::Destroyed {
+                    id: self.inner.id.clone(),
+                });
+            };
             sockets.request_socket().map_err(self.net_err(port))?
         };
         request

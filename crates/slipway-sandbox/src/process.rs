@@ -1,12 +1,16 @@
-//! A command running in a sandbox: wait, stop, exit status and why it ended.
+//! A command running in a sandbox (wait, stop, exit status and why it ended), and the driver's
+//! end of the sandbox's control socket, over which its init starts commands and reports them.
 
 use crate::privileged::cgroup::Cgroup;
+use crate::privileged::proto::{self, RawExit, Reply, Request};
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::ExitStatusExt;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 
@@ -103,12 +107,16 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// A command started by `Sandbox::spawn`. Dropping it kills the command.
 #[derive(Debug)]
 pub struct Process {
-    sandbox_id: String,
     /// Host pid of the workload; it leads its own session and process group.
     pid: i32,
-    /// The exec helper, which waits for the workload and exits the same way.
-    helper: std::process::Child,
-    helper_pidfd: AsyncFd<OwnedFd>,
+    /// The driver's number for the command on the control socket.
+    command: u64,
+    control: Arc<Control>,
+    /// A pidfd of the command's main process (a fallback way to kill it).
+    pidfd: Option<OwnedFd>,
+    /// Init's report of how the main process ended.
+    exit: oneshot::Receiver<RawExit>,
+    raw_exit: Option<RawExit>,
     cgroup: Cgroup,
     oom_before: u64,
     pids_hits_before: u64,
@@ -147,30 +155,33 @@ pub(crate) fn pidfd_kill(pidfd: &OwnedFd, signal: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// What `Process::new` needs besides the control socket.
+pub(crate) struct Started {
+    pub pid: i32,
+    pub pidfd: Option<OwnedFd>,
+}
+
 impl Process {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        sandbox_id: String,
-        pid: i32,
-        helper: std::process::Child,
-        helper_pidfd: OwnedFd,
+        command: u64,
+        control: Arc<Control>,
+        started: Started,
+        exit: oneshot::Receiver<RawExit>,
         cgroup: Cgroup,
         oom_before: u64,
         pids_hits_before: u64,
         timeout: Option<Duration>,
         grace: Duration,
         pumps: Vec<JoinHandle<()>>,
-    ) -> io::Result<Self> {
-        Ok(Self {
-            sandbox_id,
-            pid,
-            helper,
-            // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open and unchanged
-            // until the AsyncFd is dropped.
-            helper_pidfd: unsafe {
-                AsyncFd::register_with_interest(helper_pidfd, tokio::io::Interest::READABLE)
-            }
-            .map_err(|e| io::Error::other(e.to_string()))?,
+    ) -> Self {
+        Self {
+            pid: started.pid,
+            command,
+            control,
+            pidfd: started.pidfd,
+            exit,
+            raw_exit: None,
             cgroup,
             oom_before,
             pids_hits_before,
@@ -180,7 +191,7 @@ impl Process {
             stop_cause: None,
             forced: false,
             status: None,
-        })
+        }
     }
 
     /// Host pid of the workload (also its process group id).
@@ -188,31 +199,39 @@ impl Process {
         self.pid
     }
 
+    /// Signals the command's process group (and its main process). Init does it, inside the
+    /// sandbox's pid namespace, while it still holds the main process unreaped: a recycled pid
+    /// can never be hit. Should the request not go out, the main process alone is signalled
+    /// through its pidfd (init then kills the rest of the group when it exits).
     fn signal_group(&self, signal: i32) {
-        // SAFETY: kill(2) on the workload's process group, then on the workload itself in case
-        // it already left the group; errors (already gone) are irrelevant.
-        unsafe {
-            libc::kill(-self.pid, signal);
-            libc::kill(self.pid, signal);
+        if self.control.signal(self.command, signal).is_err() {
+            if let Some(pidfd) = &self.pidfd {
+                let _ = pidfd_kill(pidfd, signal);
+            }
         }
     }
 
-    /// Waits for the helper to exit. At `term_at` the group gets SIGTERM, `grace` later SIGKILL.
+    /// Waits for the main process to end. At `term_at` the group gets SIGTERM, `grace` later
+    /// SIGKILL.
     async fn wait_exit(
         &mut self,
         mut term_at: Option<(Instant, StopCause)>,
         grace: Duration,
-    ) -> io::Result<std::process::ExitStatus> {
+    ) -> RawExit {
+        if let Some(raw) = self.raw_exit {
+            return raw;
+        }
         let mut kill_at: Option<Instant> = None;
         loop {
-            if let Some(status) = self.helper.try_wait()? {
-                return Ok(status);
-            }
             let next = kill_at.or(term_at.map(|(t, _)| t));
             let far = Instant::now() + Duration::from_secs(86_400 * 365);
             tokio::select! {
-                ready = self.helper_pidfd.readable() => {
-                    ready?.clear_ready();
+                exit = &mut self.exit => {
+                    // No report means init is gone, and with it (SIGKILL) every process of
+                    // the sandbox.
+                    let raw = exit.unwrap_or(RawExit::Signal(libc::SIGKILL));
+                    self.raw_exit = Some(raw);
+                    return raw;
                 }
                 _ = sleep_until(next.unwrap_or(far)), if next.is_some() => {
                     if kill_at.take().is_some() {
@@ -231,7 +250,7 @@ impl Process {
     /// Waits for the command to end, stopping it if its timeout passes first.
     ///
     /// # Errors
-    /// Only if the helper process cannot be waited for.
+    /// None at present: a command whose sandbox is gone reports SIGKILL.
     pub async fn wait(&mut self) -> Result<ExitStatus, ExecError> {
         if let Some(status) = &self.status {
             return Ok(status.clone());
@@ -239,44 +258,26 @@ impl Process {
         let term_at = self
             .timeout
             .map(|(at, after)| (at, StopCause::Timeout(after)));
-        let raw = self
-            .wait_exit(term_at, self.grace)
-            .await
-            .map_err(|e| self.wait_err(e))?;
+        let raw = self.wait_exit(term_at, self.grace).await;
         Ok(self.finish(raw).await)
     }
 
     /// Stops the command: SIGTERM to its process group, SIGKILL after `grace`.
     ///
     /// # Errors
-    /// Only if the helper process cannot be waited for.
+    /// None at present: a command whose sandbox is gone reports SIGKILL.
     pub async fn kill(&mut self, grace: Duration) -> Result<ExitStatus, ExecError> {
         if let Some(status) = &self.status {
             return Ok(status.clone());
         }
         let raw = self
             .wait_exit(Some((Instant::now(), StopCause::Stop)), grace)
-            .await
-            .map_err(|e| self.wait_err(e))?;
+            .await;
         Ok(self.finish(raw).await)
     }
 
-    fn wait_err(&self, source: io::Error) -> ExecError {
-        ExecError::Wait {
-            id: self.sandbox_id.clone(),
-            source,
-        }
-    }
-
-    async fn finish(&mut self, raw: std::process::ExitStatus) -> ExitStatus {
-        // The command is over: whatever it left running in its process group goes too.
-        for _ in 0..1000 {
-            // SAFETY: kill(2) on the workload's process group.
-            if unsafe { libc::kill(-self.pid, libc::SIGKILL) } != 0 {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
+    async fn finish(&mut self, raw: RawExit) -> ExitStatus {
+        // Init already killed whatever the command left in its process group.
         for pump in std::mem::take(&mut self.pumps) {
             let abort = pump.abort_handle();
             if tokio::time::timeout(DRAIN_TIMEOUT, pump).await.is_err() {
@@ -284,8 +285,10 @@ impl Process {
                 abort.abort();
             }
         }
-        let code = raw.code();
-        let signal = raw.signal();
+        let (code, signal) = match raw {
+            RawExit::Code(c) => (Some(c), None),
+            RawExit::Signal(s) => (None, Some(s)),
+        };
         let failed = code != Some(0);
         let reason = match self.stop_cause {
             Some(StopCause::Timeout(after)) => Some(TerminationReason::Timeout { after }),
@@ -316,11 +319,205 @@ impl Drop for Process {
             return;
         }
         self.signal_group(libc::SIGKILL);
-        let _ = pidfd_kill(self.helper_pidfd.get_ref(), libc::SIGKILL);
-        // Reap the helper; it dies at once from SIGKILL, so this does not block for long.
-        let _ = self.helper.wait();
+        if let Some(pidfd) = &self.pidfd {
+            let _ = pidfd_kill(pidfd, libc::SIGKILL);
+        }
         for pump in &self.pumps {
             pump.abort();
+        }
+    }
+}
+
+/// A command the driver asked for and init has not finished reporting.
+#[derive(Debug, Default)]
+struct Pending {
+    started: Option<oneshot::Sender<Result<Started, String>>>,
+    exited: Option<oneshot::Sender<RawExit>>,
+}
+
+impl fmt::Debug for Started {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Started").field("pid", &self.pid).finish()
+    }
+}
+
+#[derive(Debug, Default)]
+struct ControlState {
+    next_id: u64,
+    /// Init hung up: no command can start, every pending one has been answered.
+    closed: bool,
+    pending: HashMap<u64, Pending>,
+}
+
+/// The driver's end of a sandbox's control socket. Requests go out from any task; one reader
+/// task hands init's replies to the command they are about.
+#[derive(Debug)]
+pub(crate) struct Control {
+    fd: AsyncFd<OwnedFd>,
+    state: Mutex<ControlState>,
+}
+
+/// What `Control::register` hands out for one command.
+pub(crate) struct Registered {
+    pub id: u64,
+    pub started: oneshot::Receiver<Result<Started, String>>,
+    pub exited: oneshot::Receiver<RawExit>,
+}
+
+fn lock(m: &Mutex<ControlState>) -> std::sync::MutexGuard<'_, ControlState> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Control {
+    /// Wraps the driver's end of the socket (made non-blocking here).
+    pub(crate) fn new(fd: OwnedFd) -> io::Result<Self> {
+        // SAFETY: F_GETFL/F_SETFL on a descriptor we own.
+        unsafe {
+            let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+            if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(Self {
+            // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open and unchanged
+            // until the AsyncFd is dropped.
+            fd: unsafe {
+                AsyncFd::register_with_interest(
+                    fd,
+                    tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
+                )
+            }
+            .map_err(|e| io::Error::other(e.to_string()))?,
+            state: Mutex::default(),
+        })
+    }
+
+    /// Receives one packet (length 0: init and the helper are gone).
+    pub(crate) async fn recv(&self, buf: &mut [u8]) -> io::Result<proto::Packet> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard
+                .try_io(|fd| proto::recv_packet(fd.get_ref().as_fd(), buf, libc::MSG_DONTWAIT))
+            {
+                Ok(result) => return result,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Sends one request with `fds` attached.
+    pub(crate) async fn send(&self, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+        loop {
+            let mut guard = self.fd.writable().await?;
+            match guard.try_io(|fd| {
+                proto::send_packet(fd.get_ref().as_fd(), data, fds, None, libc::MSG_DONTWAIT)
+            }) {
+                Ok(result) => return result,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Asks init to signal command `id`'s process group, without waiting (for `Drop` and
+    /// timers). Fails when the socket's queue is full or init is gone.
+    pub(crate) fn signal(&self, id: u64, signal: i32) -> io::Result<()> {
+        if lock(&self.state).closed {
+            return Err(io::Error::other("the sandbox's init is gone"));
+        }
+        let data = serde_json::to_vec(&Request::Signal { id, signal }).expect("request serializes");
+        proto::send_packet(
+            self.fd.get_ref().as_fd(),
+            &data,
+            &[],
+            None,
+            libc::MSG_DONTWAIT,
+        )
+    }
+
+    /// A number for a new command and the channels its reports arrive on; `None` once init is
+    /// gone.
+    pub(crate) fn register(&self) -> Option<Registered> {
+        let mut state = lock(&self.state);
+        if state.closed {
+            return None;
+        }
+        state.next_id += 1;
+        let id = state.next_id;
+        let (started_tx, started) = oneshot::channel();
+        let (exited_tx, exited) = oneshot::channel();
+        state.pending.insert(
+            id,
+            Pending {
+                started: Some(started_tx),
+                exited: Some(exited_tx),
+            },
+        );
+        Some(Registered {
+            id,
+            started,
+            exited,
+        })
+    }
+
+    /// Drops the bookkeeping of a command whose start failed.
+    pub(crate) fn forget(&self, id: u64) {
+        lock(&self.state).pending.remove(&id);
+    }
+
+    /// Starts the task that reads init's reports until init hangs up.
+    pub(crate) fn start_reader(self: &Arc<Self>) {
+        let control = self.clone();
+        tokio::spawn(async move { control.read_loop().await });
+    }
+
+    async fn read_loop(&self) {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let packet = match self.recv(&mut buf).await {
+                Ok(p) if p.len > 0 => p,
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => continue,
+                _ => break,
+            };
+            let Some(reply) = std::str::from_utf8(&buf[..packet.len])
+                .ok()
+                .and_then(proto::parse_reply)
+            else {
+                continue;
+            };
+            let mut state = lock(&self.state);
+            match reply {
+                Reply::Started { id } => {
+                    if let Some(tx) = state.pending.get_mut(&id).and_then(|p| p.started.take()) {
+                        let _ = tx.send(Ok(Started {
+                            pid: packet.pid.unwrap_or(-1),
+                            pidfd: packet.fds.into_iter().next(),
+                        }));
+                    }
+                }
+                Reply::Failed { id, message } => {
+                    if let Some(tx) = state.pending.remove(&id).and_then(|mut p| p.started.take()) {
+                        let _ = tx.send(Err(message));
+                    }
+                }
+                Reply::Exited { id, exit } => {
+                    if let Some(tx) = state.pending.remove(&id).and_then(|mut p| p.exited.take()) {
+                        let _ = tx.send(exit);
+                    }
+                }
+                Reply::Pid(_) | Reply::Ready | Reply::Error(_) => {}
+            }
+        }
+        // Init is gone, and with it every process of the sandbox (killed by SIGKILL).
+        let mut state = lock(&self.state);
+        state.closed = true;
+        for (_, pending) in state.pending.drain() {
+            if let Some(tx) = pending.started {
+                let _ = tx.send(Err("the sandbox's init is gone".into()));
+            }
+            if let Some(tx) = pending.exited {
+                let _ = tx.send(RawExit::Signal(libc::SIGKILL));
+            }
         }
     }
 }

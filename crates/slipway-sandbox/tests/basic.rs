@@ -27,6 +27,21 @@ async fn commands_run_as_the_unprivileged_workload_user_with_a_clean_environment
     );
     let usage = sb.usage().unwrap();
     assert!(usage.memory_bytes > 0 && usage.pids >= 1, "{usage:?}");
+    // The default CPU limit (one core) is in the cgroup: quota = period = 100 ms.
+    let dirs = cgroup_dirs(TEST_CGROUP_PARENT, sb.id());
+    let cpu = dirs.iter().find_map(|d| {
+        let v1 = (
+            std::fs::read_to_string(d.join("cpu.cfs_quota_us")),
+            std::fs::read_to_string(d.join("cpu.cfs_period_us")),
+        );
+        match v1 {
+            (Ok(q), Ok(p)) => Some(format!("{} {}", q.trim(), p.trim())),
+            _ => std::fs::read_to_string(d.join("cpu.max"))
+                .ok()
+                .map(|m| m.trim().to_string()),
+        }
+    });
+    assert_eq!(cpu.as_deref(), Some("100000 100000"), "{dirs:?}");
     assert!(usage.cpu_ns.is_some_and(|ns| ns > 0), "{usage:?}");
     sb.destroy().await.unwrap();
     assert!(sb.usage().is_err(), "the cgroup is gone after destroy");
@@ -237,6 +252,40 @@ async fn the_root_is_a_minimal_read_only_view() {
 }
 
 #[tokio::test]
+async fn device_nodes_work_for_the_workload_and_match_the_hosts() {
+    require_sandboxes!();
+    let fx = Fixture::new();
+    let sb = fx.sandbox().await;
+    let nodes = ["null", "zero", "full", "random", "urandom", "tty"];
+    let mut script = String::from(
+        "echo x > /dev/null && echo null-ok; head -c 8 /dev/zero | wc -c; \
+         head -c 8 /dev/urandom | wc -c; echo x > /dev/full || echo full-ok; ",
+    );
+    for node in nodes {
+        script.push_str(&format!("stat -c '%n %F %t:%T %a' /dev/{node}; "));
+    }
+    let ran = run(&sb, &script).await;
+    let lines: Vec<&str> = ran.stdout.lines().collect();
+    assert_eq!(&lines[..4], ["null-ok", "8", "8", "full-ok"], "{ran:#?}");
+    for node in nodes {
+        let host = std::process::Command::new("stat")
+            .args(["-c", "%n %F %t:%T %a"])
+            .arg(format!("/dev/{node}"))
+            .output()
+            .unwrap();
+        if !host.status.success() {
+            continue;
+        }
+        let host = String::from_utf8_lossy(&host.stdout).trim().to_string();
+        assert!(lines.contains(&host.as_str()), "{host:?} not in {ran:#?}");
+    }
+    // The workload cannot make device nodes of its own.
+    let ran = run(&sb, "mknod /tmp/mem c 1 1 && echo made").await;
+    assert!(!ran.stdout.contains("made"), "{ran:#?}");
+    sb.destroy().await.unwrap();
+}
+
+#[tokio::test]
 async fn the_workspace_is_a_writable_overlay_and_the_lower_dir_never_changes() {
     require_sandboxes!();
     let fx = Fixture::new();
@@ -338,13 +387,26 @@ async fn destroy_leaves_no_process_mount_cgroup_or_directory_behind() {
         Vec::<std::path::PathBuf>::new()
     );
     assert!(!state.exists(), "state dir removed");
-    let state_str = state.display().to_string();
+    // Any path under this fixture's state dir: a recycled state directory has a new name.
+    let state_str = fx.state_dir().display().to_string();
     assert!(
         eventually(Duration::from_secs(5), || processes_with_mount(&state_str)
             .is_empty())
         .await,
         "no mount namespace still holds the sandbox's mounts"
     );
+    // The next sandbox reuses the (empty, renamed) directory; ids stay exclusive.
+    let again = fx.sandbox().await;
+    let dup = fx
+        .driver
+        .create(slipway_sandbox::SandboxSpec::new(again.id(), fx.dir.path()))
+        .await;
+    assert!(
+        matches!(dup, Err(slipway_sandbox::CreateError::Exists { .. })),
+        "{dup:?}"
+    );
+    run(&again, "true").await.ok();
+    again.destroy().await.unwrap();
     // Destroy is idempotent, and a destroyed sandbox refuses work.
     sb.destroy().await.unwrap();
     assert!(matches!(

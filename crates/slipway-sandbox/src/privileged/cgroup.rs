@@ -40,6 +40,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
 
 const V2_MARKER: &str = "/sys/fs/cgroup/cgroup.controllers";
 const REQUIRED: [&str; 3] = ["memory", "pids", "cpu"];
+/// The CFS period: the kernel's default for a new cgroup, so it is never written on v1.
 const CPU_PERIOD_US: u64 = 100_000;
 
 /// Finds the cgroup layout: v2 when `/sys/fs/cgroup/cgroup.controllers` exists, else the v1
@@ -173,6 +174,7 @@ impl Cgroup {
     }
 
     /// The `cgroup.procs` files a process writes its pid into to join this cgroup.
+    #[cfg(test)]
     pub(crate) fn procs_files(&self) -> Vec<PathBuf> {
         self.dirs()
             .into_iter()
@@ -180,19 +182,23 @@ impl Cgroup {
             .collect()
     }
 
-    /// Creates the directories and writes the limits.
-    pub(crate) fn create(
-        layout: &Layout,
-        parent: &str,
-        id: &str,
-        limits: CgroupLimits,
-    ) -> Result<Self, CgroupError> {
-        let cg = Self::at(layout, parent, id);
+    /// Creates the parent directories (one per hierarchy; on v2 with the controllers enabled
+    /// for its children) and returns them. Cheap when they exist.
+    pub(crate) fn parent_dirs(layout: &Layout, parent: &str) -> Result<Vec<PathBuf>, CgroupError> {
+        let cg = Self::at(layout, parent, "x");
+        let dirs: Vec<PathBuf> = cg
+            .dirs()
+            .into_iter()
+            .map(|d| d.parent().expect("cgroup dir has a parent").to_path_buf())
+            .collect();
+        for dir in &dirs {
+            if !dir.is_dir() {
+                fs::create_dir_all(dir).map_err(io_err(dir))?;
+            }
+        }
         if let Layout::V2 { root } = layout {
             // Controllers must be enabled on every level above the sandbox's directory.
-            let parent_dir = root.join(parent);
-            fs::create_dir_all(&parent_dir).map_err(io_err(&parent_dir))?;
-            for dir in [root.as_path(), parent_dir.as_path()] {
+            for dir in [root.as_path(), dirs[0].as_path()] {
                 let file = dir.join("cgroup.subtree_control");
                 let current = fs::read_to_string(&file).unwrap_or_default();
                 let missing: Vec<String> = REQUIRED
@@ -205,11 +211,15 @@ impl Cgroup {
                 }
             }
         }
-        for dir in cg.dirs() {
-            fs::create_dir_all(dir).map_err(io_err(dir))?;
+        Ok(dirs)
+    }
+
+    /// Creates this cgroup's directories (the parents must exist) and writes the limits.
+    pub(crate) fn make(&self, limits: CgroupLimits) -> Result<(), CgroupError> {
+        for dir in self.dirs() {
+            fs::create_dir(dir).map_err(io_err(dir))?;
         }
-        cg.write_limits(limits)?;
-        Ok(cg)
+        self.write_limits(limits)
     }
 
     fn write(&self, dir: &Path, file: &str, value: &str) -> Result<(), CgroupError> {
@@ -229,7 +239,8 @@ impl Cgroup {
                 }
                 self.write(&self.pids, "pids.max", &limits.pids_max.to_string())?;
                 if let Some(millis) = limits.cpu_millis {
-                    self.write(&self.cpu, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
+                    // A new cgroup's period is the kernel's default, 100 ms (CPU_PERIOD_US):
+                    // only the quota is written (each write recomputes the bandwidth).
                     let quota = (millis * CPU_PERIOD_US / 1000).max(1000);
                     self.write(&self.cpu, "cpu.cfs_quota_us", &quota.to_string())?;
                 }
@@ -438,6 +449,73 @@ mod tests {
             Some("/sys/fs/cgroup/my pids".into())
         );
         assert_eq!(v1_mount(MOUNTINFO, "freezer"), None);
+    }
+
+    /// Mount point of a cgroup v2 hierarchy on this host, if any.
+    fn v2_mount() -> Option<PathBuf> {
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+        mountinfo.lines().find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            (right.split(' ').next()? == "cgroup2")
+                .then(|| {
+                    left.split(' ')
+                        .nth(4)
+                        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+                })
+                .flatten()
+        })
+    }
+
+    /// The v2 paths for real, on whatever v2 hierarchy the host has (on this hybrid CI host,
+    /// /sys/fs/cgroup/unified, without controllers: limits and usage cannot be tested there,
+    /// membership, kill and removal can).
+    #[test]
+    fn v2_cgroup_takes_a_process_kills_it_and_is_removed() {
+        let Some(root) = v2_mount() else {
+            eprintln!("SKIPPED: no cgroup v2 hierarchy mounted");
+            return;
+        };
+        if !nix::unistd::Uid::effective().is_root() {
+            if std::env::var_os("CI").is_some() {
+                panic!("CI is set but this test needs root");
+            }
+            eprintln!("SKIPPED: needs root");
+            return;
+        }
+        let layout = Layout::V2 { root: root.clone() };
+        let parent = format!("slipway-v2test-{}", std::process::id());
+        let cg = Cgroup::at(&layout, &parent, "sb1");
+        assert_eq!(cg.dirs(), vec![root.join(&parent).join("sb1").as_path()]);
+        fs::create_dir_all(cg.dirs()[0]).unwrap();
+
+        let mut child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        for file in cg.procs_files() {
+            fs::write(file, pid.to_string()).unwrap();
+        }
+        assert_eq!(cg.pids(), vec![pid]);
+        let in_cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        assert!(
+            in_cgroup.contains(&format!("0::/{parent}/sb1")),
+            "{in_cgroup}"
+        );
+        assert_eq!(list(&layout, &parent), vec!["sb1".to_string()]);
+
+        // cgroup.kill where the kernel has it (5.14+), per pid otherwise.
+        cg.kill_all(Duration::from_secs(5)).unwrap();
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        assert!(cg.pids().is_empty());
+        cg.remove(Duration::from_secs(5)).unwrap();
+        assert!(!cg.dirs()[0].exists());
+        assert!(list(&layout, &parent).is_empty());
+        // Removing again is fine (already gone).
+        cg.remove(Duration::from_secs(1)).unwrap();
+        fs::remove_dir(root.join(&parent)).unwrap();
     }
 
     #[test]

@@ -4,35 +4,35 @@
 //! capabilities, installs seccomp filters or writes cgroup files. The steps run in a small,
 //! single-threaded helper process (the `slipway` binary re-executed with a hidden subcommand),
 //! never in the multi-threaded async server: `docs/sandbox.md` lists them in order and explains
-//! why. The helper has two entry points:
+//! why.
 //!
-//! - `__sandbox-init` (`init_main`): joins the sandbox's cgroups, unshares the namespaces, forks
-//!   the sandbox's pid 1, builds its root (`rootfs`), brings `lo` up and then reaps zombies until
-//!   it is killed.
-//! - `__sandbox-exec` (`exec_main`): joins the cgroups and namespaces of a running sandbox,
-//!   forks into its pid namespace, drops every privilege and `execve`s the workload.
+//! `__sandbox-init` (`init_main`) joins the sandbox's cgroups, unshares the namespaces and forks
+//! the sandbox's pid 1, which builds its root (`rootfs`), brings `lo` up and then serves the
+//! driver (`forkserver`): for each command it forks a child that drops every privilege and
+//! `execve`s the workload, reports its exit, and reaps orphans until the sandbox is destroyed.
 
 pub(crate) mod cgroup;
+mod forkserver;
 pub(crate) mod netns;
 pub(crate) mod proto;
 mod rootfs;
 mod seccomp;
 
 use nix::errno::Errno;
-use nix::fcntl::{fcntl, open, FcntlArg, FdFlag, OFlag};
-use nix::sched::{setns, unshare, CloneFlags};
+use nix::fcntl::{open, OFlag};
+use nix::sched::{unshare, CloneFlags};
 use nix::sys::prctl;
-use nix::sys::signal::{self, SigSet, SigmaskHow, Signal};
-use nix::sys::stat::{fstat, Mode};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::{self, fork, ForkResult, Gid, Pid, Uid};
+use nix::sys::signal::Signal;
+use nix::sys::stat::Mode;
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{self, fork, ForkResult, Pid};
 use std::ffi::CString;
 use std::fmt;
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
-use proto::{ExecConfig, InitConfig, EXEC_STATUS_FD};
+use proto::{InitConfig, CONTROL_FD};
 
 /// The workspace and its layers, relative to the sandbox root.
 pub(crate) use rootfs::{
@@ -41,7 +41,8 @@ pub(crate) use rootfs::{
 
 /// Hidden subcommand that builds a sandbox and becomes (the parent of) its init.
 pub const INIT_SUBCOMMAND: &str = "__sandbox-init";
-/// Hidden subcommand that runs one workload command inside a running sandbox.
+/// Former hidden subcommand that ran one command in a running sandbox. Commands are now forked
+/// by the sandbox's init; the name is still recognised so that an old driver gets a clear error.
 pub const EXEC_SUBCOMMAND: &str = "__sandbox-exec";
 
 /// A privileged step that failed, named so the driver's error says which one.
@@ -80,11 +81,15 @@ impl<T, E: fmt::Display> Step<T> for Result<T, E> {
 /// Entry point of the hidden helper subcommands. `args[0]` is the subcommand.
 ///
 /// Call it first thing in `main`, before any thread or async runtime exists: the helper relies
-/// on being single-threaded (`setns` into a mount namespace and `fork` require it).
+/// on being single-threaded (`unshare` of a pid namespace followed by `fork`, and the forks of
+/// the fork server, require it).
 pub fn helper_main(args: &[String]) -> ! {
     let code = match args.first().map(String::as_str) {
         Some(INIT_SUBCOMMAND) => init_main(),
-        Some(EXEC_SUBCOMMAND) => exec_main(),
+        Some(EXEC_SUBCOMMAND) => {
+            eprintln!("slipway sandbox helper: {EXEC_SUBCOMMAND} is retired (init forks commands)");
+            2
+        }
         other => {
             eprintln!("slipway sandbox helper: unknown subcommand {other:?}");
             2
@@ -98,9 +103,15 @@ pub fn is_helper_subcommand(subcommand: &str) -> bool {
     subcommand == INIT_SUBCOMMAND || subcommand == EXEC_SUBCOMMAND
 }
 
-fn write_status(fd: BorrowedFd<'_>, line: &str) {
-    // Best effort: if the driver is gone there is nobody left to tell.
-    let mut buf = line.as_bytes();
+/// Sends one text message to the driver. Best effort: if the driver is gone there is nobody
+/// left to tell.
+fn tell(control: BorrowedFd<'_>, line: &str) {
+    let _ = proto::send_packet(control, line.as_bytes(), &[], None, 0);
+}
+
+/// Writes `data` to a pipe, best effort (a reader that is gone has nothing left to learn).
+fn write_all(fd: BorrowedFd<'_>, data: impl AsRef<[u8]>) {
+    let mut buf = data.as_ref();
     while !buf.is_empty() {
         match unistd::write(fd, buf) {
             Ok(n) => buf = &buf[n..],
@@ -114,7 +125,7 @@ fn write_status(fd: BorrowedFd<'_>, line: &str) {
 /// had open without close-on-exec (slipway does not control everything it inherits); none of it
 /// may reach the sandbox.
 fn close_fds_from(first: u32) -> Result<(), StepError> {
-    // SAFETY: close_range only closes descriptors; nothing in this single-threaded helper
+    // SAFETY: close_range only closes descriptors; nothing in this single-threaded process
     // holds one of them at this point.
     if unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32) } != 0 {
         return Err(StepError::new("close inherited descriptors", Errno::last()));
@@ -122,13 +133,37 @@ fn close_fds_from(first: u32) -> Result<(), StepError> {
     Ok(())
 }
 
-fn read_config<T: serde::de::DeserializeOwned>() -> Result<T, StepError> {
-    let mut raw = Vec::new();
-    std::io::stdin()
-        .lock()
-        .read_to_end(&mut raw)
-        .step(|| "read config from stdin".into())?;
-    serde_json::from_slice(&raw).step(|| "parse config".into())
+/// Reads the init config: the first packet on the control socket.
+fn read_config(control: BorrowedFd<'_>) -> Result<Vec<u8>, StepError> {
+    let mut buf = vec![0u8; 1 << 20];
+    let packet =
+        proto::recv_packet(control, &mut buf, 0).step(|| "read config from the driver".into())?;
+    if packet.len == 0 {
+        return Err(StepError::new(
+            "read config from the driver",
+            "the driver hung up",
+        ));
+    }
+    buf.truncate(packet.len);
+    Ok(buf)
+}
+
+/// Waits for the driver's word that the sandbox's cgroups exist.
+fn wait_for_cgroups(control: BorrowedFd<'_>) -> Result<(), StepError> {
+    let mut buf = [0u8; 64];
+    let packet = proto::recv_packet(control, &mut buf, 0)
+        .step(|| "wait for the sandbox's cgroups".into())?;
+    if &buf[..packet.len] != proto::MSG_CGROUPS.as_bytes() {
+        return Err(StepError::new(
+            "wait for the sandbox's cgroups",
+            "the driver hung up",
+        ));
+    }
+    Ok(())
+}
+
+fn parse_config(raw: &[u8]) -> Result<InitConfig, StepError> {
+    serde_json::from_slice(raw).step(|| "parse config".into())
 }
 
 fn check_parent(expected: i32) -> Result<(), StepError> {
@@ -153,10 +188,38 @@ fn protect_from_oom() {
     let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
 }
 
-fn join_cgroups(procs: &[std::path::PathBuf]) -> Result<(), StepError> {
-    let pid = unistd::getpid().to_string();
-    for file in procs {
-        std::fs::write(file, &pid).step(|| format!("join cgroup {}", file.display()))?;
+/// Opens the sandbox cgroup's parent directories (`O_PATH`), which stay usable after init's
+/// `pivot_root` has taken the host's /sys out of this mount namespace.
+fn open_cgroup_parents(paths: &[std::path::PathBuf]) -> Result<Vec<OwnedFd>, StepError> {
+    paths
+        .iter()
+        .map(|path| {
+            open(
+                path.as_path(),
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .step(|| format!("open {}", path.display()))
+        })
+        .collect()
+}
+
+/// Moves process `pid` into cgroup `name` under each parent.
+fn join_cgroups(parents: &[OwnedFd], name: &str, pid: i32) -> Result<(), StepError> {
+    let file = format!("{name}/cgroup.procs");
+    let pid = pid.to_string();
+    for parent in parents {
+        let fd = nix::fcntl::openat(
+            parent,
+            file.as_str(),
+            OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .step(|| format!("open cgroup {file}"))?;
+        let written = unistd::write(&fd, pid.as_bytes()).step(|| format!("join cgroup {file}"))?;
+        if written != pid.len() {
+            return Err(StepError::new(format!("join cgroup {file}"), "short write"));
+        }
     }
     Ok(())
 }
@@ -170,7 +233,7 @@ fn stdio_to_null(fds: &[i32]) {
     }
 }
 
-/// Waits for `child` and returns the exit code to mirror it with.
+/// Waits for `child` to end.
 fn wait_child(child: Pid) -> Result<WaitStatus, StepError> {
     loop {
         match waitpid(child, None) {
@@ -185,55 +248,86 @@ fn wait_child(child: Pid) -> Result<WaitStatus, StepError> {
 // __sandbox-init
 
 fn init_main() -> i32 {
-    // SAFETY: fd 1 is the status pipe the driver gave us; it outlives this function.
-    let status = unsafe { BorrowedFd::borrow_raw(1) };
-    match init_outer(status) {
+    // SAFETY: the driver put its control socket on fd 3; this process owns it from here on.
+    // Everything below runs before any other descriptor above 2 is opened.
+    let mut control = Some(unsafe { OwnedFd::from_raw_fd(CONTROL_FD) });
+    match init_outer(&mut control) {
         Ok(code) => code,
         Err(e) => {
-            write_status(status, &format!("{}{e}\n", proto::STATUS_ERROR));
+            if let Some(control) = &control {
+                tell(control.as_fd(), &format!("{}{e}", proto::MSG_ERROR));
+            }
             1
         }
     }
 }
 
-/// Steps 1–5 of `docs/sandbox.md`, in the host's namespaces.
-fn init_outer(status: BorrowedFd<'_>) -> Result<i32, StepError> {
+/// Steps 1–9 of `docs/sandbox.md`, in the host's namespaces.
+///
+/// Everything up to the fork of init happens before the config arrives: the driver starts the
+/// helper ahead of time (a spare), so that creating a sandbox only waits for the steps that
+/// depend on it. The namespaces are still new for every sandbox; they are just made early.
+fn init_outer(control_slot: &mut Option<OwnedFd>) -> Result<i32, StepError> {
+    let control = control_slot.as_ref().expect("control socket").as_fd();
     prctl::set_pdeathsig(Signal::SIGKILL).step(|| "set parent-death signal".into())?;
-    close_fds_from(3)?;
-    let cfg: InitConfig = read_config()?;
-    check_parent(cfg.parent_pid)?;
+    close_fds_from(CONTROL_FD as u32 + 1)?;
     protect_from_oom();
-    // Join the cgroups before anything else so no process of the sandbox ever runs unlimited.
-    join_cgroups(&cfg.cgroup_procs)?;
+    // The cgroup namespace is unshared by init itself, once it is in the sandbox's cgroups,
+    // so that those are the root of its view.
     unshare(
         CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWPID
             | CloneFlags::CLONE_NEWNET
             | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWCGROUP,
+            | CloneFlags::CLONE_NEWUTS,
     )
     .step(|| "unshare namespaces".into())?;
-    // Init learns that this process died (and with it the driver) by this pipe hanging up.
+    // The config reaches init through this pipe, once the driver has sent it.
+    let (config_r, config_w) = unistd::pipe2(OFlag::O_CLOEXEC).step(|| "create pipe".into())?;
+    // One byte on this pipe tells init it is in the sandbox's cgroups; the pipe hanging up
+    // tells it that this process died (and with it the driver).
     let (alive_r, alive_w) = unistd::pipe2(OFlag::O_CLOEXEC).step(|| "create pipe".into())?;
     // SAFETY: this helper process is single-threaded, so the child may allocate freely.
     match unsafe { fork() }.step(|| "fork init".into())? {
         ForkResult::Child => {
             drop(alive_w);
-            let err = match init_inner(&cfg, status, alive_r) {
+            drop(config_w);
+            let err = match init_inner(control, alive_r, config_r) {
                 Ok(never) => match never {},
                 Err(e) => e,
             };
-            write_status(status, &format!("{}{err}\n", proto::STATUS_ERROR));
+            tell(control, &format!("{}{err}", proto::MSG_ERROR));
             std::process::exit(1)
         }
         ForkResult::Parent { child } => {
             drop(alive_r);
-            write_status(
-                status,
-                &format!("{}{}\n", proto::STATUS_PID, child.as_raw()),
-            );
-            // The driver reads the status pipe to its end: only init may hold it open now.
+            drop(config_r);
+            // Init dies with this process (its parent-death signal); kill it at once on error.
+            let fail = |e: StepError| {
+                let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                e
+            };
+            let raw = read_config(control).map_err(fail)?;
+            let cfg = parse_config(&raw).map_err(fail)?;
+            check_parent(cfg.parent_pid).map_err(fail)?;
+            // Opened before init can pivot its root: this process shares its mount namespace,
+            // so its root moves too, and the host's /sys is out of reach by path after that.
+            let parents = open_cgroup_parents(&cfg.cgroup_parents).map_err(fail)?;
+            write_all(config_w.as_fd(), &raw);
+            drop(config_w);
+            // While init builds the root, the driver creates the sandbox's cgroups; then this
+            // process moves init into them. Both run in parallel with the mounts instead of
+            // before them (migrating a process waits for an RCU grace period on cgroup v1).
+            // Init runs nothing but this module's code until it has the byte below, and
+            // starts no command before the driver has its "ready" (sent after that byte).
+            wait_for_cgroups(control).map_err(fail)?;
+            join_cgroups(&parents, &cfg.cgroup_name, child.as_raw()).map_err(fail)?;
+            drop(parents);
+            write_all(alive_w.as_fd(), "j");
+            tell(control, &format!("{}{}", proto::MSG_PID, child.as_raw()));
+            // Only init may hold the control socket from now on: when init is gone, the
+            // driver sees the socket hang up.
+            drop(control_slot.take());
             stdio_to_null(&[0, 1]);
             let result = wait_child(child);
             drop(alive_w);
@@ -246,22 +340,44 @@ fn init_outer(status: BorrowedFd<'_>) -> Result<i32, StepError> {
     }
 }
 
-/// Steps 6–11: pid 1 of the new pid namespace.
+/// Steps 10–18: pid 1 of the new pid namespace.
 fn init_inner(
-    cfg: &InitConfig,
-    status: BorrowedFd<'_>,
+    control: BorrowedFd<'_>,
     alive: OwnedFd,
+    config: OwnedFd,
 ) -> Result<std::convert::Infallible, StepError> {
     prctl::set_pdeathsig(Signal::SIGKILL).step(|| "set parent-death signal".into())?;
     if parent_gone(&alive) {
         std::process::exit(1);
     }
-    rootfs::build(cfg)?;
+    rootfs::make_private()?;
+    // Wait for the config (end-of-file without one: the outer helper failed and said why).
+    let mut raw = Vec::new();
+    std::fs::File::from(config)
+        .read_to_end(&mut raw)
+        .step(|| "read config".into())?;
+    if raw.is_empty() {
+        std::process::exit(1);
+    }
+    let cfg = parse_config(&raw)?;
+    rootfs::build(&cfg)?;
     loopback_up()?;
     unistd::sethostname(&cfg.hostname).step(|| "set hostname".into())?;
-    write_status(status, &format!("{}\n", proto::STATUS_READY));
+    // Wait until the outer helper has moved this process into the sandbox's cgroups.
+    let mut byte = [0u8; 1];
+    loop {
+        match unistd::read(&alive, &mut byte) {
+            Ok(1) => break,
+            Err(Errno::EINTR) => continue,
+            // The outer helper failed (and said why) or died.
+            _ => std::process::exit(1),
+        }
+    }
+    unshare(CloneFlags::CLONE_NEWCGROUP).step(|| "unshare cgroup namespace".into())?;
+    let server = forkserver::ForkServer::new(&cfg, control)?;
+    tell(control, proto::MSG_READY);
     stdio_to_null(&[0, 1, 2]);
-    reap_forever()
+    server.serve()
 }
 
 fn parent_gone(alive: &OwnedFd) -> bool {
@@ -271,8 +387,12 @@ fn parent_gone(alive: &OwnedFd) -> bool {
     )];
     match nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO) {
         Ok(0) => false,
-        // Readable or hung up: the writer (the outer helper) is gone.
-        _ => true,
+        // Hung up: the writer (the outer helper) is gone. (Readable alone is the outer
+        // helper's "in the cgroups" byte, which may already be there.)
+        Ok(_) => fds[0].revents().is_none_or(|r| {
+            r.intersects(nix::poll::PollFlags::POLLHUP | nix::poll::PollFlags::POLLERR)
+        }),
+        Err(_) => true,
     }
 }
 
@@ -302,209 +422,6 @@ fn loopback_up() -> Result<(), StepError> {
         return Err(StepError::new("bring lo up", Errno::last()));
     }
     Ok(())
-}
-
-/// Pid 1's only job once the sandbox is built: reap orphans until told to stop.
-fn reap_forever() -> ! {
-    let mut set = SigSet::empty();
-    for sig in [
-        Signal::SIGCHLD,
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-    ] {
-        set.add(sig);
-    }
-    let _ = signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None);
-    loop {
-        let sig = set.wait().unwrap_or(Signal::SIGCHLD);
-        loop {
-            match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(_) => break,
-                Ok(_) => continue,
-            }
-        }
-        if sig != Signal::SIGCHLD {
-            std::process::exit(0);
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// __sandbox-exec
-
-fn exec_main() -> i32 {
-    // The driver put the status pipe on fd 3. Close-on-exec: the workload must not inherit it,
-    // and its closing on a successful execve is how the driver learns the command started.
-    if fcntl(
-        // SAFETY: fd 3 is only borrowed for this call.
-        unsafe { BorrowedFd::borrow_raw(EXEC_STATUS_FD) },
-        FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC),
-    )
-    .is_err()
-    {
-        eprintln!("slipway sandbox helper: no status channel on fd {EXEC_STATUS_FD}");
-        return 125;
-    }
-    // SAFETY: fd 3 is open (checked above) and nothing else in this process owns it.
-    let mut status = Some(unsafe { OwnedFd::from_raw_fd(EXEC_STATUS_FD) });
-    match exec_outer(&mut status) {
-        Ok(code) => code,
-        Err(e) => {
-            if let Some(fd) = &status {
-                write_status(fd.as_fd(), &format!("{}{e}\n", proto::STATUS_ERROR));
-            }
-            125
-        }
-    }
-}
-
-const JOINED_NAMESPACES: [(&str, CloneFlags); 5] = [
-    ("cgroup", CloneFlags::CLONE_NEWCGROUP),
-    ("ipc", CloneFlags::CLONE_NEWIPC),
-    ("uts", CloneFlags::CLONE_NEWUTS),
-    ("net", CloneFlags::CLONE_NEWNET),
-    ("pid", CloneFlags::CLONE_NEWPID),
-];
-
-fn open_ns(pid: i32, name: &str) -> Result<OwnedFd, StepError> {
-    let path = format!("/proc/{pid}/ns/{name}");
-    open(
-        path.as_str(),
-        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .step(|| format!("open {path}"))
-}
-
-/// Exec steps 1–4 of `docs/sandbox.md`, in the host's pid namespace.
-fn exec_outer(status: &mut Option<OwnedFd>) -> Result<i32, StepError> {
-    prctl::set_pdeathsig(Signal::SIGKILL).step(|| "set parent-death signal".into())?;
-    close_fds_from(EXEC_STATUS_FD as u32 + 1)?;
-    let cfg: ExecConfig = read_config()?;
-    check_parent(cfg.parent_pid)?;
-    stdio_to_null(&[0]);
-    protect_from_oom();
-
-    // Open everything first: once inside the mount namespace the host's /proc is out of reach.
-    let mut namespaces = Vec::with_capacity(JOINED_NAMESPACES.len());
-    for (name, flag) in JOINED_NAMESPACES {
-        namespaces.push((open_ns(cfg.init_pid, name)?, flag, name));
-    }
-    let mnt = open_ns(cfg.init_pid, "mnt")?;
-    let st = fstat(mnt.as_fd()).step(|| "stat mount namespace".into())?;
-    if (st.st_dev, st.st_ino) != cfg.mnt_ns {
-        return Err(StepError::new(
-            "check sandbox init",
-            "the sandbox's init is gone",
-        ));
-    }
-    let root_path = format!("/proc/{}/root", cfg.init_pid);
-    let root = open(
-        root_path.as_str(),
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .step(|| format!("open {root_path}"))?;
-
-    join_cgroups(&cfg.cgroup_procs)?;
-    for (fd, flag, name) in &namespaces {
-        setns(fd, *flag).step(|| format!("join {name} namespace"))?;
-    }
-    drop(namespaces);
-
-    // SAFETY: single-threaded helper; the child may allocate.
-    match unsafe { fork() }.step(|| "fork workload".into())? {
-        ForkResult::Child => {
-            let err = match exec_workload(&cfg, mnt, root) {
-                Ok(never) => match never {},
-                Err(e) => e,
-            };
-            if let Some(fd) = status {
-                write_status(fd.as_fd(), &format!("{}{err}\n", proto::STATUS_ERROR));
-            }
-            std::process::exit(127)
-        }
-        ForkResult::Parent { child } => {
-            if let Some(fd) = status.take() {
-                write_status(
-                    fd.as_fd(),
-                    &format!("{}{}\n", proto::STATUS_PID, child.as_raw()),
-                );
-                // The workload keeps its copy open until its execve; dropping ours is what
-                // lets the driver see end-of-file exactly then.
-                drop(fd);
-            }
-            drop(mnt);
-            drop(root);
-            mirror_exit(wait_child(child)?)
-        }
-    }
-}
-
-/// Exits the way the workload exited, so the driver sees its status on this helper.
-fn mirror_exit(status: WaitStatus) -> Result<i32, StepError> {
-    match status {
-        WaitStatus::Exited(_, code) => Ok(code),
-        WaitStatus::Signaled(_, sig, _) => {
-            let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
-            // SAFETY: restoring the default disposition of a signal has no preconditions.
-            let _ = unsafe { signal::signal(sig, signal::SigHandler::SigDfl) };
-            let mut set = SigSet::empty();
-            set.add(sig);
-            let _ = signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&set), None);
-            let _ = signal::raise(sig);
-            Ok(128 + sig as i32)
-        }
-        _ => Ok(1),
-    }
-}
-
-/// Exec steps 5–13: the workload process, already in the sandbox's pid namespace.
-fn exec_workload(
-    cfg: &ExecConfig,
-    mnt: OwnedFd,
-    root: OwnedFd,
-) -> Result<std::convert::Infallible, StepError> {
-    // Its own session and process group, so stop/timeout can signal the whole command tree.
-    unistd::setsid().step(|| "create session".into())?;
-    write_file("/proc/self/oom_score_adj", "0")?;
-
-    setns(&mnt, CloneFlags::CLONE_NEWNS).step(|| "join mount namespace".into())?;
-    unistd::fchdir(&root).step(|| "enter sandbox root".into())?;
-    unistd::chroot(".").step(|| "chroot into sandbox root".into())?;
-    unistd::chdir("/").step(|| "chdir /".into())?;
-    drop(mnt);
-    drop(root);
-
-    prctl::set_no_new_privs().step(|| "set no_new_privs".into())?;
-    // The bounding set can only be emptied while CAP_SETPCAP is still held, i.e. as root.
-    caps::clear(None, caps::CapSet::Bounding).step(|| "drop bounding capabilities".into())?;
-    caps::clear(None, caps::CapSet::Ambient).step(|| "drop ambient capabilities".into())?;
-    unistd::setgroups(&[]).step(|| "drop supplementary groups".into())?;
-    let (uid, gid) = (Uid::from_raw(cfg.uid), Gid::from_raw(cfg.gid));
-    unistd::setresgid(gid, gid, gid).step(|| format!("setresgid {}", cfg.gid))?;
-    unistd::setresuid(uid, uid, uid).step(|| format!("setresuid {}", cfg.uid))?;
-    for set in [
-        caps::CapSet::Effective,
-        caps::CapSet::Permitted,
-        caps::CapSet::Inheritable,
-    ] {
-        caps::clear(None, set).step(|| format!("drop {set:?} capabilities"))?;
-    }
-    // Changing uids cleared the parent-death signal; set it again.
-    prctl::set_pdeathsig(Signal::SIGKILL).step(|| "set parent-death signal".into())?;
-    unistd::chdir(&cfg.cwd).step(|| format!("chdir {}", cfg.cwd.display()))?;
-
-    let argv = cstrings(&cfg.argv, "argv")?;
-    let env = cstrings(&cfg.env, "environment")?;
-    let program = argv
-        .first()
-        .ok_or_else(|| StepError::new("exec", "empty argv"))?
-        .clone();
-    seccomp::install()?;
-    let err = unistd::execve(&program, &argv, &env).unwrap_err();
-    Err(StepError::new(format!("exec {}", cfg.argv[0]), err))
 }
 
 fn cstrings(items: &[String], what: &str) -> Result<Vec<CString>, StepError> {

@@ -1,11 +1,11 @@
-//! The sandbox's filesystem view, built by its init before `pivot_root` (init steps 6–10).
+//! The sandbox's filesystem view, built by its init before `pivot_root`.
 
 use super::proto::InitConfig;
 use super::{Step, StepError};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::unistd::{self, Gid, Uid};
 use std::fs::{self, DirBuilder};
-use std::os::unix::fs::{symlink, DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{symlink, DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Top-level host directories that hold the toolchain. On merged-/usr systems most are symlinks
@@ -62,7 +62,7 @@ const PROC_MASKED: [&str; 9] = [
 /// /proc entries made read-only.
 const PROC_READ_ONLY: [&str; 5] = ["sys", "sysrq-trigger", "irq", "bus", "fs"];
 
-/// Host device nodes bound into the sandbox's /dev.
+/// Host character devices recreated (same major:minor and mode) in the sandbox's /dev.
 const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
 /// Where the workspace's overlay layers live inside the sandbox (mode 0700, root only).
@@ -139,26 +139,28 @@ fn inside(root: &Path, path: &Path) -> PathBuf {
     root.join(path.strip_prefix("/").unwrap_or(path))
 }
 
-pub(super) fn build(cfg: &InitConfig) -> Result<(), StepError> {
-    let root = cfg.root_dir.as_path();
-
-    // Step 6: nothing mounted from here on may propagate back to the host.
+/// Nothing mounted from here on may propagate back to the host (`mount --make-rprivate /`).
+pub(super) fn make_private() -> Result<(), StepError> {
     mnt(
         None,
         Path::new("/"),
         None,
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None,
-    )?;
+    )
+}
 
-    // Step 7: a fresh, empty root.
+pub(super) fn build(cfg: &InitConfig) -> Result<(), StepError> {
+    let root = cfg.root_dir.as_path();
+
+    // A fresh, empty root.
     tmpfs(
         root,
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         "mode=0755,size=16m,nr_inodes=16384",
     )?;
 
-    // Step 8: the view.
+    // The view.
     toolchain(root, cfg)?;
     etc(root, cfg)?;
     dev(root, cfg)?;
@@ -166,13 +168,13 @@ pub(super) fn build(cfg: &InitConfig) -> Result<(), StepError> {
     private_dirs(root, cfg)?;
     workspace(root, cfg)?;
 
-    // Step 9: switch to the new root and drop every reference to the host's mount tree.
+    // Switch to the new root and drop every reference to the host's mount tree.
     unistd::chdir(root).step(|| format!("chdir {}", root.display()))?;
     nix::unistd::pivot_root(".", ".").step(|| "pivot_root".into())?;
     umount2(".", MntFlags::MNT_DETACH).step(|| "detach old root".into())?;
     unistd::chdir("/").step(|| "chdir /".into())?;
 
-    // Step 10: the root itself (and so /etc) is read-only from now on.
+    // The root itself (and so /etc) is read-only from now on.
     mnt(
         None,
         Path::new("/"),
@@ -316,14 +318,28 @@ fn dev(root: &Path, cfg: &InitConfig) -> Result<(), StepError> {
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_STRICTATIME,
         "mode=0755,size=64k,nr_inodes=64",
     )?;
+    // The same character devices as the host's (major:minor and mode), made with mknod rather
+    // than bound one by one: init is root in the initial user namespace, and this tmpfs is the
+    // only place in the sandbox that allows device nodes.
     for name in DEVICES {
         let host = Path::new("/dev").join(name);
-        if !host.exists() {
+        let Ok(meta) = fs::metadata(&host) else {
+            continue;
+        };
+        if !meta.file_type().is_char_device() {
             continue;
         }
         let target = dev.join(name);
-        touch(&target)?;
-        mnt(Some(&host), &target, None, MsFlags::MS_BIND, None)?;
+        nix::sys::stat::mknod(
+            &target,
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(meta.mode() & 0o777),
+            meta.rdev(),
+        )
+        .step(|| format!("mknod {}", target.display()))?;
+        // mknod applies the umask; the mode must be the host's.
+        fs::set_permissions(&target, fs::Permissions::from_mode(meta.mode() & 0o777))
+            .step(|| format!("chmod {}", target.display()))?;
     }
     for (name, dest) in [
         ("fd", "/proc/self/fd"),

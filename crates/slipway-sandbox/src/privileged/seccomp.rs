@@ -1,5 +1,6 @@
-//! The workload's seccomp filter (exec step 12): default allow, and deny what container
-//! runtimes deny by default. Installed last, just before `execve`, with no_new_privs set.
+//! The workload's seccomp filter: default allow, and deny what container runtimes deny by
+//! default. Compiled once per sandbox by init; installed by each command's process as the last
+//! step before `execve`, with no_new_privs set.
 
 use super::StepError;
 
@@ -169,9 +170,10 @@ pub(crate) fn programs() -> Result<[BpfProgram; 2], StepError> {
     ])
 }
 
-pub(super) fn install() -> Result<(), StepError> {
-    for program in programs()? {
-        seccompiler::apply_filter(&program)
+/// Installs both programs on the calling thread (no_new_privs must be set already).
+pub(super) fn apply(programs: &[BpfProgram; 2]) -> Result<(), StepError> {
+    for program in programs {
+        seccompiler::apply_filter(program)
             .map_err(|e| StepError::new("install seccomp filter", e))?;
     }
     Ok(())
