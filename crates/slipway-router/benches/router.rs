@@ -54,6 +54,9 @@ fn main() {
         .collect();
     let page = format!("<!doctype html><title>bench</title>\n{page}");
     std::fs::write(site.join("index.html"), &page).unwrap();
+    // Over the memory cache's per-file limit: streamed from disk on every request.
+    let large: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
+    std::fs::write(site.join("large.bin"), &large).unwrap();
 
     // The app gets its own runtime so its threads are the same in every scenario.
     let app_rt = runtime(1, "bench-app");
@@ -125,7 +128,31 @@ fn main() {
             format!("http://127.0.0.1:{nginx_static_port}/index.html"),
             STATIC_HOST,
         ),
+        (
+            "slipway static 1 MiB",
+            format!("http://{router_addr}/large.bin"),
+            STATIC_HOST,
+        ),
+        (
+            "nginx static 1 MiB",
+            format!("http://127.0.0.1:{nginx_static_port}/large.bin"),
+            STATIC_HOST,
+        ),
     ];
+    // Whose CPU time a scenario is charged: the proxy's threads or processes (CPU time per
+    // request is far less noisy than requests/s on a shared machine).
+    let nginx_pid = nginx.id();
+    let cpu_of = |name: &str| -> f64 {
+        if name.starts_with("nginx") {
+            nginx_workers_cpu(nginx_pid)
+        } else if name.contains("shared") {
+            threads_cpu("slipway-shared")
+        } else if name.starts_with("slipway") {
+            threads_cpu("slipway-router")
+        } else {
+            threads_cpu("bench-app")
+        }
+    };
     let only = std::env::var("BENCH_ONLY").ok();
     let mut results = Vec::new();
     for (name, url, host) in &scenarios {
@@ -134,10 +161,12 @@ fn main() {
         }
         check_responds(url, host);
         wrk.run(url, host, "1s", &connections); // warm-up: connections, pools, page cache
-        let result = wrk.run(url, host, &duration, &connections);
+        let cpu_before = cpu_of(name);
+        let mut result = wrk.run(url, host, &duration, &connections);
+        result.cpu_us = (cpu_of(name) - cpu_before) * 1e6 / result.requests.max(1.0);
         eprintln!(
-            "{name:>30}: {:>8.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms",
-            result.rps, result.p50_ms, result.p99_ms
+            "{name:>30}: {:>8.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  {:>6.1} us CPU/req",
+            result.rps, result.p50_ms, result.p99_ms, result.cpu_us
         );
         results.push((*name, result));
     }
@@ -181,19 +210,23 @@ fn main() {
     );
 
     let mut table = String::new();
-    writeln!(table, "| scenario (wrk -t{threads} -c{connections} -d{duration}) | req/s | p50 ms | p99 ms | vs nginx |").unwrap();
-    writeln!(table, "|---|---:|---:|---:|---:|").unwrap();
+    writeln!(table, "| scenario (wrk -t{threads} -c{connections} -d{duration}) | req/s | p50 ms | p99 ms | vs nginx | CPU us/req |").unwrap();
+    writeln!(table, "|---|---:|---:|---:|---:|---:|").unwrap();
     for (name, result) in &results {
         let ratio = match *name {
             "slipway proxy" => format!("{:.2}x", proxy.rps / nginx_proxy.rps),
             "slipway proxy, shared runtime" => format!("{:.2}x", shared.rps / nginx_proxy.rps),
             "slipway static" => format!("{:.2}x", static_slipway.rps / static_nginx.rps),
+            "slipway static 1 MiB" => format!(
+                "{:.2}x",
+                result.rps / get(&results, "nginx static 1 MiB").rps
+            ),
             _ => String::new(),
         };
         writeln!(
             table,
-            "| {name} | {:.0} | {:.3} | {:.3} | {ratio} |",
-            result.rps, result.p50_ms, result.p99_ms
+            "| {name} | {:.0} | {:.3} | {:.3} | {ratio} | {:.1} |",
+            result.rps, result.p50_ms, result.p99_ms, result.cpu_us
         )
         .unwrap();
     }
@@ -335,8 +368,9 @@ fn check_responds(url: &str, host: &str) {
                 "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
             )
             .unwrap();
-            let mut response = String::new();
-            let _ = stream.read_to_string(&mut response);
+            let mut response = Vec::new();
+            let _ = stream.read_to_end(&mut response);
+            let response = String::from_utf8_lossy(&response[..response.len().min(200)]);
             assert!(
                 response.starts_with("HTTP/1.1 200"),
                 "{url} (Host {host}) answered: {response}"
@@ -354,8 +388,67 @@ fn check_responds(url: &str, host: &str) {
 #[derive(Clone, Debug)]
 struct WrkResult {
     rps: f64,
+    requests: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// CPU time (user + system) of the server under test per request, in microseconds.
+    cpu_us: f64,
+}
+
+/// Seconds of CPU time (user + system) used so far by this process's threads named `prefix…`.
+fn threads_cpu(prefix: &str) -> f64 {
+    let mut total = 0.0;
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end().starts_with(prefix) {
+            total += stat_cpu(&task.path().join("stat"));
+        }
+    }
+    total
+}
+
+/// Seconds of CPU time used so far by the worker processes of the nginx master `pid`.
+fn nginx_workers_cpu(pid: u32) -> f64 {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    children
+        .split_whitespace()
+        .map(|child| stat_cpu(Path::new(&format!("/proc/{child}/stat"))))
+        .sum()
+}
+
+/// utime + stime of a `/proc/.../stat` file, in seconds.
+fn stat_cpu(path: &Path) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let hz = libc_sysconf_clk_tck();
+    (ticks(11) + ticks(12)) / hz
+}
+
+fn libc_sysconf_clk_tck() -> f64 {
+    extern "C" {
+        fn sysconf(name: i32) -> i64;
+    }
+    const SC_CLK_TCK: i32 = 2;
+    // SAFETY: sysconf only reads a constant.
+    let hz = unsafe { sysconf(SC_CLK_TCK) };
+    if hz > 0 {
+        hz as f64
+    } else {
+        100.0
+    }
 }
 
 struct Wrk {
@@ -401,10 +494,17 @@ impl Wrk {
                 .map(|v| v.trim().to_owned())
                 .unwrap_or_else(|| panic!("no {prefix:?} in wrk output:\n{text}"))
         };
+        let requests = text
+            .lines()
+            .find_map(|l| l.trim().split_once(" requests in "))
+            .and_then(|(n, _)| n.trim().parse().ok())
+            .unwrap_or(0.0);
         WrkResult {
             rps: field("Requests/sec:").parse().expect("requests/sec"),
+            requests,
             p50_ms: latency_ms(&field("50%")),
             p99_ms: latency_ms(&field("99%")),
+            cpu_us: 0.0,
         }
     }
 }
@@ -428,6 +528,12 @@ fn latency_ms(value: &str) -> f64 {
 
 struct Nginx {
     child: Child,
+}
+
+impl Nginx {
+    fn id(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Nginx {

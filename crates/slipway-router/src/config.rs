@@ -12,12 +12,22 @@ pub struct RouterConfig {
     /// refused with 413 before any byte of the body is read; a streamed body is cut off when it
     /// crosses it.
     pub max_request_body: u64,
+    /// After answering 413, up to this many bytes of the refused body are still read and
+    /// discarded before the connection is closed. Closing a socket with unread data makes the
+    /// kernel send a reset, and a client still writing its body would then see `EPIPE` or a
+    /// reset instead of the 413 (nginx's "lingering close").
+    pub rejected_body_drain: u64,
+    /// How long that draining may take in total.
+    pub rejected_body_drain_timeout: Duration,
     /// How long opening a connection to an app may take before the request fails with 504.
     pub connect_timeout: Duration,
     /// How long the app may take to send its response headers before the request fails with
     /// 504. Bodies are not bounded: long downloads and event streams are legitimate.
     pub response_header_timeout: Duration,
-    /// How long an idle keep-alive connection to an app is kept for reuse.
+    /// How long an idle keep-alive connection to an app is kept for reuse. Shorter than the
+    /// apps' own idle timeouts (Node's `keepAliveTimeout` defaults to 5 s), so the router does
+    /// not send a request on a connection the app is closing at that moment (which would
+    /// answer 502).
     pub pool_idle_timeout: Duration,
     /// Idle keep-alive connections kept per route and I/O thread; more concurrent requests
     /// open more connections, but only this many stay open once idle.
@@ -40,9 +50,11 @@ impl Default for RouterConfig {
     fn default() -> Self {
         Self {
             max_request_body: 100 * 1024 * 1024,
+            rejected_body_drain: 16 * 1024 * 1024,
+            rejected_body_drain_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             response_header_timeout: Duration::from_secs(60),
-            pool_idle_timeout: Duration::from_secs(30),
+            pool_idle_timeout: Duration::from_secs(4),
             pool_max_idle_per_upstream: 32,
             header_read_timeout: Duration::from_secs(10),
             max_connections: 10_000,

@@ -16,7 +16,16 @@
 //!
 //! Status codes: unknown host 404, malformed host 400, stopped 410, failed deploy 503
 //! (`deploy_failed`), not ready 503 + `Retry-After`, app refusing connections or answering
-//! garbage 502, connect or response-header timeout 504, body over the limit 413.
+//! garbage 502, connect or response-header timeout 504, body over the limit 413. After a 413
+//! the rest of the refused body is read and discarded (bounded by
+//! [`RouterConfig::rejected_body_drain`] and its timeout) before the connection closes, so a
+//! client still sending receives the 413 instead of a reset.
+//!
+//! Threads: one acceptor hands each connection to the least-loaded of
+//! [`RouterConfig::io_threads`] threads, each a single-threaded runtime that then owns the
+//! connection and the upstream connections it uses. Per-request deadlines (hyper's header
+//! read timeout, the response-header timeout) use a coarse timer (50 ms ticks) that re-arms
+//! with an atomic store instead of a tokio timer registration.
 //!
 //! Proxying: HTTP/1.1 and HTTP/2 (prior knowledge) from clients, HTTP/1.1 with keep-alive to
 //! apps, one small connection pool per upstream route (and I/O thread); hop-by-hop headers are
@@ -28,7 +37,10 @@
 //! `Last-Modified`, conditional requests, single byte ranges, precompressed `.br`/`.gz`
 //! siblings, `/dir` → 308 `/dir/` → `dir/index.html`, optional SPA fallback, no listings, no
 //! dotfiles (except `.well-known`), nothing outside the root (`openat2` + `RESOLVE_BENEATH`;
-//! absolute symlinks are refused), HTML `no-cache`, other files `public, max-age=300`.
+//! absolute symlinks are refused), HTML `no-cache`, other files `public, max-age=300`. Files up
+//! to 256 KiB are served from a per-site memory cache after their first request (with their
+//! precompressed siblings and prebuilt headers; release trees are immutable), bounded by
+//! [`StaticSite::with_cache_limit`].
 
 mod body;
 mod config;
@@ -38,6 +50,7 @@ mod proxy;
 mod server;
 mod static_files;
 mod table;
+mod timer;
 
 pub use body::{BoxError, RouterBody};
 pub use config::RouterConfig;

@@ -2,7 +2,7 @@
 //! bodies both ways, and HTTP Upgrade (WebSocket) splicing.
 
 use std::error::Error as _;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use hyper::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
-use crate::body::{BodyTooLarge, LimitedBody, RouterBody};
+use crate::body::{BodyTooLarge, LimitedBody, Overflow, RouterBody};
 use crate::config::RouterConfig;
 use crate::error_page::{error_response, ErrorCode};
 use crate::table::{InFlightGuard, Upstream};
@@ -231,7 +231,13 @@ pub(crate) async fn forward(
     json: bool,
 ) -> Response<RouterBody> {
     if req.body().size_hint().lower() > config.max_request_body {
-        return error_response(ErrorCode::BodyTooLarge, json);
+        let version = req.version();
+        // A client that waits for `100 Continue` has not sent its body and will not.
+        let waits = req.headers().contains_key(EXPECT);
+        if !waits {
+            drain_rejected(req.into_body(), config);
+        }
+        return body_too_large(version, json);
     }
     let upgrade = upgrade_protocol(&req);
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
@@ -252,24 +258,30 @@ pub(crate) async fn forward(
             .insert(CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(UPGRADE, protocol.clone());
     }
+    let version = parts.version;
     parts.uri = upstream_uri(&parts.uri);
     parts.version = Version::HTTP_11;
 
-    let exceeded = Arc::new(AtomicBool::new(false));
-    let body = LimitedBody::new(body, config.max_request_body, Arc::clone(&exceeded));
+    let overflow = Arc::new(Overflow::default());
+    let body = LimitedBody::new(body, config.max_request_body, Arc::clone(&overflow));
     let request = Request::from_parts(parts, body);
 
-    let result = tokio::time::timeout(config.response_header_timeout, pool.send(request)).await;
+    // The coarse timer: this deadline is armed on every request (see `timer.rs`).
+    let result = crate::timer::timeout(config.response_header_timeout, pool.send(request)).await;
     let (mut response, checkin) = match result {
         Err(_) => {
             warn!(upstream = %pool.inner.name, "upstream response headers timed out");
             return error_response(ErrorCode::UpstreamTimeout, json);
         }
         Ok(Err(err)) => {
-            let code = classify(&err, exceeded.load(Ordering::Acquire));
-            if code != ErrorCode::BodyTooLarge {
-                warn!(upstream = %pool.inner.name, error = %error_chain(&err), "proxying to upstream failed");
+            let code = classify(&err, overflow.exceeded());
+            if code == ErrorCode::BodyTooLarge {
+                if let Some(rest) = overflow.take_rest() {
+                    drain_rejected(rest, config);
+                }
+                return body_too_large(version, json);
             }
+            warn!(upstream = %pool.inner.name, error = %error_chain(&err), "proxying to upstream failed");
             return error_response(code, json);
         }
         Ok(Ok(exchange)) => exchange,
@@ -313,6 +325,48 @@ pub(crate) async fn forward(
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, RouterBody::proxied(body, checkin, guard))
+}
+
+/// The 413 page; over HTTP/1 it also says the connection closes once the refused body has been
+/// drained, so the client does not reuse a connection the router is about to close.
+fn body_too_large(version: Version, json: bool) -> Response<RouterBody> {
+    let mut response = error_response(ErrorCode::BodyTooLarge, json);
+    if version < Version::HTTP_2 {
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// Reads and discards the rest of a refused request body, bounded in bytes
+/// ([`RouterConfig::rejected_body_drain`]) and time, while the 413 goes out. Holding the body
+/// keeps hyper reading the connection; once it is dropped, hyper closes it. Closing at once
+/// would leave the client's bytes unread, and the kernel would answer them with a reset that
+/// can reach the client before it has read the 413.
+fn drain_rejected(mut body: Incoming, config: &RouterConfig) {
+    use http_body_util::BodyExt as _;
+    let (cap, timeout) = (
+        config.rejected_body_drain,
+        config.rejected_body_drain_timeout,
+    );
+    if cap == 0 || body.is_end_stream() {
+        return;
+    }
+    tokio::spawn(async move {
+        let drained = tokio::time::timeout(timeout, async {
+            let mut read = 0u64;
+            while let Some(Ok(frame)) = body.frame().await {
+                read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if read > cap {
+                    return read;
+                }
+            }
+            read
+        })
+        .await;
+        debug!(?drained, "drained a refused request body");
+    });
 }
 
 /// The protocol a client asks to upgrade to, when it does so properly (HTTP/1.1,

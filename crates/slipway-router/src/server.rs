@@ -4,6 +4,8 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,17 +13,18 @@ use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::body::RouterBody;
 use crate::error_page::{error_response, error_response_with, wants_json, ErrorCode};
 use crate::host::request_host;
 use crate::table::{Route, Router};
+use crate::timer::{self, CoarseTimer};
 use crate::{proxy, static_files};
 
 /// Pause after a failed `accept` (typically out of file descriptors) before trying again.
@@ -31,9 +34,13 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// in-flight requests finish for up to [`crate::RouterConfig::shutdown_grace`] and returns.
 ///
 /// With [`crate::RouterConfig::io_threads`] = 0 everything runs on the caller's runtime.
-/// Otherwise the listener is served by that many dedicated threads, each running a
-/// single-threaded runtime that owns its connections from accept to close (the model of
-/// nginx's workers: no cross-thread hand-off on the request path).
+/// Otherwise the caller's runtime accepts and hands each connection to the dedicated I/O
+/// thread serving the fewest connections; each thread runs a single-threaded runtime that owns
+/// its connections from then on, and the upstream connections they use (the model of nginx's
+/// workers: no cross-thread hand-off on the request path). Handing connections out, rather
+/// than every thread accepting on the shared socket, keeps the threads evenly loaded: with
+/// competing `accept`s, 32 connections opened at once were split as unevenly as 26 to 6, and
+/// the busier thread capped the throughput.
 ///
 /// Upgraded connections (WebSockets) are not waited for: they belong to their route's
 /// [`crate::Drain`], not to the listener.
@@ -41,96 +48,212 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: impl Fu
     let permits = Arc::new(Semaphore::new(router.config().max_connections.max(1)));
     let threads = router.config().io_threads;
     if threads == 0 {
-        return serve_on(listener, router, permits, shutdown).await;
+        return serve_on(Connections::Listener(listener, permits), router, shutdown).await;
     }
-    let listener = match listener.into_std() {
-        Ok(listener) => listener,
-        Err(err) => {
-            warn!(error = %err, "cannot hand the app-traffic listener to I/O threads");
-            return;
-        }
-    };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut workers = Vec::with_capacity(threads);
     let mut stopped = Vec::with_capacity(threads);
     for index in 0..threads {
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-        let spawned = listener.try_clone().and_then(|listener| {
-            let (router, permits, mut stop) = (Arc::clone(&router), Arc::clone(&permits), stop_rx.clone());
-            std::thread::Builder::new().name(format!("slipway-router-{index}")).spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        let (handoff_tx, handoff_rx) = tokio::sync::mpsc::unbounded_channel::<Handoff>();
+        let router = Arc::clone(&router);
+        let spawned = std::thread::Builder::new()
+            .name(format!("slipway-router-{index}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
                     Ok(runtime) => runtime,
-                    Err(err) => return warn!(error = %err, "cannot start an app-traffic I/O thread"),
+                    Err(err) => {
+                        return warn!(error = %err, "cannot start an app-traffic I/O thread")
+                    }
                 };
-                runtime.block_on(async move {
-                    let listener = match TcpListener::from_std(listener) {
-                        Ok(listener) => listener,
-                        Err(err) => return warn!(error = %err, "cannot register the app-traffic listener"),
-                    };
-                    let shutdown = async move {
-                        let _ = stop.wait_for(|stop| *stop).await;
-                    };
-                    serve_on(listener, router, permits, shutdown).await;
-                });
+                // Ends when the acceptor drops its sender (shutdown).
+                runtime.block_on(serve_on(
+                    Connections::Handed(handoff_rx),
+                    router,
+                    std::future::pending(),
+                ));
                 drop(done_tx);
-            })
-        });
+            });
         match spawned {
-            Ok(_thread) => stopped.push(done_rx),
+            Ok(_thread) => {
+                workers.push((handoff_tx, Arc::new(AtomicUsize::new(0))));
+                stopped.push(done_rx);
+            }
             Err(err) => warn!(error = %err, "cannot start an app-traffic I/O thread"),
         }
     }
+    if workers.is_empty() {
+        return serve_on(Connections::Listener(listener, permits), router, shutdown).await;
+    }
+    accept_and_hand_out(&listener, &permits, &workers, shutdown).await;
     drop(listener);
-    shutdown.await;
-    let _ = stop_tx.send(true);
+    drop(workers);
     for done in stopped {
         // Resolves (with an error) when the thread drops its sender, i.e. has finished.
         let _ = done.await;
     }
 }
 
-/// The accept loop of one runtime.
+/// One accepted connection on its way to an I/O thread.
+struct Handoff {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    load: LoadGuard,
+}
+
+/// Counts a connection against its I/O thread until the connection ends.
+struct LoadGuard(Arc<AtomicUsize>);
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+type Worker = (
+    tokio::sync::mpsc::UnboundedSender<Handoff>,
+    Arc<AtomicUsize>,
+);
+
+/// The acceptor of the I/O-thread mode: every connection goes to the least loaded thread.
+async fn accept_and_hand_out(
+    listener: &TcpListener,
+    permits: &Arc<Semaphore>,
+    workers: &[Worker],
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let Some((stream, peer, permit)) = accept(listener, permits, &mut shutdown).await else {
+            return;
+        };
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(err) => {
+                debug!(%peer, error = %err, "cannot hand over an app-traffic connection");
+                continue;
+            }
+        };
+        let mut handoff = Some(Handoff {
+            stream,
+            peer,
+            permit,
+            load: LoadGuard(Arc::new(AtomicUsize::new(0))),
+        });
+        // Least loaded first; a thread that has died (its receiver gone) is skipped.
+        let mut order: Vec<&Worker> = workers.iter().collect();
+        order.sort_by_key(|(_, load)| load.load(Ordering::Relaxed));
+        for (sender, load) in order {
+            let Some(mut next) = handoff.take() else {
+                break;
+            };
+            load.fetch_add(1, Ordering::Relaxed);
+            next.load = LoadGuard(Arc::clone(load));
+            if let Err(returned) = sender.send(next) {
+                handoff = Some(returned.0);
+            }
+        }
+        if handoff.is_some() {
+            warn!(%peer, "no app-traffic I/O thread is left to serve a connection");
+        }
+    }
+}
+
+/// Waits for a connection slot and a connection; `None` once `shutdown` resolved.
+async fn accept(
+    listener: &TcpListener,
+    permits: &Arc<Semaphore>,
+    shutdown: &mut Pin<&mut impl Future<Output = ()>>,
+) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                // The semaphore is never closed.
+                Err(_) => return None,
+            },
+            () = shutdown.as_mut() => return None,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.as_mut() => return None,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                return Some((stream, peer, permit));
+            }
+            Err(err) => {
+                warn!(error = %err, "accepting an app-traffic connection failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// Where one runtime's connections come from.
+enum Connections {
+    /// It accepts them itself (`io_threads` = 0).
+    Listener(TcpListener, Arc<Semaphore>),
+    /// The acceptor hands them over (an I/O thread).
+    Handed(tokio::sync::mpsc::UnboundedReceiver<Handoff>),
+}
+
+/// Serves the connections of one runtime.
 async fn serve_on(
-    listener: TcpListener,
+    mut connections: Connections,
     router: Arc<Router>,
-    permits: Arc<Semaphore>,
     shutdown: impl Future<Output = ()>,
 ) {
     let config = router.config().clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The coarse timer: hyper re-arms the header read deadline on every request, which with
+    // tokio's timer cost an eventfd write per request (see `timer.rs`).
+    let (ticker_stop, ticker_stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(timer::run_ticker(async {
+        let _ = ticker_stopped.await;
+    }));
     builder
         .http1()
-        .timer(TokioTimer::new())
+        .timer(CoarseTimer)
         .header_read_timeout(config.header_read_timeout)
         .keep_alive(true);
     builder
         .http2()
-        .timer(TokioTimer::new())
+        .timer(CoarseTimer)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10));
 
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            permit = Arc::clone(&permits).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                // The semaphore is never closed.
-                Err(_) => break,
-            },
-            () = &mut shutdown => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    warn!(error = %err, "accepting an app-traffic connection failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
+        let (stream, peer, permit, load) = match &mut connections {
+            Connections::Listener(listener, permits) => {
+                match accept(listener, permits, &mut shutdown).await {
+                    Some((stream, peer, permit)) => (stream, peer, permit, None),
+                    None => break,
                 }
-            },
-            () = &mut shutdown => break,
+            }
+            Connections::Handed(handed) => {
+                let handoff = tokio::select! {
+                    handoff = handed.recv() => handoff,
+                    () = &mut shutdown => None,
+                };
+                let Some(handoff) = handoff else {
+                    break;
+                };
+                match TcpStream::from_std(handoff.stream) {
+                    Ok(stream) => (stream, handoff.peer, handoff.permit, Some(handoff.load)),
+                    Err(err) => {
+                        debug!(peer = %handoff.peer, error = %err, "cannot register an app-traffic connection");
+                        continue;
+                    }
+                }
+            }
         };
-        let _ = stream.set_nodelay(true);
         let router = Arc::clone(&router);
         // Formatted once per connection, not per request.
         let client_ip = client_ip_header(peer);
@@ -145,12 +268,13 @@ async fn serve_on(
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             let _permit = permit;
+            let _load = load;
             if let Err(err) = connection.await {
                 debug!(%peer, error = %err, "app-traffic connection ended with an error");
             }
         });
     }
-    drop(listener);
+    drop(connections);
     info!(
         connections = graceful.count(),
         "app-traffic listener stopping"
@@ -161,6 +285,7 @@ async fn serve_on(
             warn!("app-traffic connections still open after the shutdown grace period");
         }
     }
+    drop(ticker_stop);
 }
 
 fn client_ip_header(peer: SocketAddr) -> HeaderValue {

@@ -12,7 +12,13 @@
 //!   symlink resolving outside the root is answered like a missing file (404).
 //! - Cache-Control: HTML files `no-cache` (always revalidated, so a new deploy shows at once);
 //!   other files `public, max-age=300` unless the site sets another value.
+//! - Files up to [`CACHE_MAX_FILE`] are kept in memory after their first request, together with
+//!   their `.br`/`.gz` siblings and the prebuilt headers of every form, up to a byte budget per
+//!   site ([`StaticSite::with_cache_limit`]). Release trees are immutable and content-addressed,
+//!   so an entry never goes stale: a new release is a new [`StaticSite`] with an empty cache,
+//!   and the old one's memory goes with its route. A hit costs no system call.
 
+use std::collections::HashMap;
 use std::fs::{File, Metadata};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::{Seek, SeekFrom};
@@ -20,7 +26,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -41,6 +47,12 @@ use crate::error_page::{error_response, ErrorCode};
 /// Files up to this size are read in one go on the I/O thread and sent from memory; larger
 /// ones are streamed through `tokio::fs` (its blocking pool).
 const SMALL_FILE: u64 = 64 * 1024;
+/// Largest file (and precompressed sibling) kept in a site's memory cache.
+pub(crate) const CACHE_MAX_FILE: u64 = 256 * 1024;
+/// Default memory budget of one site's cache.
+const DEFAULT_CACHE_LIMIT: u64 = 32 * 1024 * 1024;
+/// Bytes charged per cache entry on top of its contents: key, maps, prebuilt headers.
+const CACHE_ENTRY_OVERHEAD: u64 = 512;
 const DEFAULT_ASSET_CACHE_CONTROL: &str = "public, max-age=300";
 
 /// A static release served by the router.
@@ -57,6 +69,9 @@ struct SiteInner {
     root_fd: Arc<OwnedFd>,
     spa_fallback: bool,
     asset_cache_control: HeaderValue,
+    /// Memory budget of `cache`, in bytes; 0 turns caching off.
+    cache_limit: u64,
+    cache: FileCache,
 }
 
 impl PartialEq for SiteInner {
@@ -64,6 +79,7 @@ impl PartialEq for SiteInner {
         self.root == other.root
             && self.spa_fallback == other.spa_fallback
             && self.asset_cache_control == other.asset_cache_control
+            && self.cache_limit == other.cache_limit
     }
 }
 
@@ -111,6 +127,8 @@ impl StaticSite {
                 root_fd: Arc::new(root_fd.into()),
                 spa_fallback: false,
                 asset_cache_control: HeaderValue::from_static(DEFAULT_ASSET_CACHE_CONTROL),
+                cache_limit: DEFAULT_CACHE_LIMIT,
+                cache: FileCache::default(),
             }),
         })
     }
@@ -132,6 +150,21 @@ impl StaticSite {
         Ok(self.map(|inner| inner.asset_cache_control = value))
     }
 
+    /// Sets the memory budget of the site's file cache (default 32 MiB); 0 turns it off.
+    ///
+    /// Files up to 256 KiB are kept in memory from their first request on, with their
+    /// precompressed siblings and prebuilt headers, and never read again. Only for trees that
+    /// do not change while served, such as static releases; a file changed in place would keep
+    /// being served as it was.
+    pub fn with_cache_limit(self, bytes: u64) -> Self {
+        self.map(|inner| inner.cache_limit = bytes)
+    }
+
+    /// Bytes the file cache currently holds (contents plus bookkeeping).
+    pub fn cached_bytes(&self) -> u64 {
+        self.inner.cache.read().bytes
+    }
+
     /// The canonical root directory.
     pub fn root(&self) -> &Path {
         &self.inner.root
@@ -148,6 +181,8 @@ impl StaticSite {
             root_fd: Arc::clone(&shared.root_fd),
             spa_fallback: shared.spa_fallback,
             asset_cache_control: shared.asset_cache_control.clone(),
+            cache_limit: shared.cache_limit,
+            cache: FileCache::default(),
         });
         f(&mut inner);
         Self {
@@ -156,20 +191,49 @@ impl StaticSite {
     }
 }
 
-/// What the blocking part needs from the request.
-struct FileRequest {
-    segments: Vec<String>,
-    trailing_slash: bool,
-    query: Option<String>,
+/// What decides how a file is answered, borrowed from the request.
+struct Conditions<'a> {
     head: bool,
     json: bool,
-    if_none_match: Option<String>,
+    if_none_match: Option<&'a str>,
     if_modified_since: Option<SystemTime>,
-    range: Option<String>,
-    if_range: Option<String>,
+    range: Option<&'a str>,
+    if_range: Option<&'a str>,
     accepts_br: bool,
     accepts_gzip: bool,
+}
+
+impl<'a> Conditions<'a> {
+    fn new(headers: &'a HeaderMap, head: bool, json: bool) -> Self {
+        let text = |name| {
+            headers
+                .get(name)
+                .and_then(|v: &HeaderValue| v.to_str().ok())
+        };
+        let (accepts_br, accepts_gzip) = accepted_encodings(headers);
+        Self {
+            head,
+            json,
+            if_none_match: text(&IF_NONE_MATCH),
+            if_modified_since: text(&IF_MODIFIED_SINCE)
+                .and_then(|v| httpdate::parse_http_date(v).ok()),
+            range: text(&RANGE),
+            if_range: text(&IF_RANGE),
+            accepts_br,
+            accepts_gzip,
+        }
+    }
+}
+
+/// A request that missed the cache, decoded.
+struct FileRequest<'a> {
+    /// The raw request path, the cache key.
+    path: &'a str,
+    segments: Vec<String>,
+    trailing_slash: bool,
+    query: Option<&'a str>,
     accepts_html: bool,
+    cond: Conditions<'a>,
 }
 
 /// Answers `req` from `site`.
@@ -186,30 +250,27 @@ pub(crate) fn serve<B>(site: &StaticSite, req: &Request<B>, json: bool) -> Respo
         }
     };
     let path = req.uri().path();
+    let headers = req.headers();
+    let cond = Conditions::new(headers, head, json);
+    // The raw path is the key: it was validated and resolved when the entry was made.
+    if let Some(response) = site.inner.cache.answer(path, &cond) {
+        return response;
+    }
     let segments = match decode_path(path) {
         Ok(segments) => segments,
         Err(PathError::Invalid) => return error_response(ErrorCode::BadPath, json),
         Err(PathError::Hidden) => return error_response(ErrorCode::NotFound, json),
     };
-    let headers = req.headers();
-    let (accepts_br, accepts_gzip) = accepted_encodings(headers);
     let request = FileRequest {
+        path,
         segments,
         trailing_slash: path.ends_with('/'),
-        query: req.uri().query().map(str::to_owned),
-        head,
-        json,
-        if_none_match: header_string(headers, &IF_NONE_MATCH),
-        if_modified_since: header_string(headers, &IF_MODIFIED_SINCE)
-            .and_then(|v| httpdate::parse_http_date(&v).ok()),
-        range: header_string(headers, &RANGE),
-        if_range: header_string(headers, &IF_RANGE),
-        accepts_br,
-        accepts_gzip,
+        query: req.uri().query(),
         accepts_html: headers
             .get_all(ACCEPT)
             .iter()
             .any(|v| v.to_str().is_ok_and(|s| s.contains("text/html"))),
+        cond,
     };
     // Resolving, opening and reading a small file happen right here, on the I/O thread, as
     // nginx does without `aio threads`: release trees sit on local disk, mostly in the page
@@ -222,14 +283,16 @@ fn respond(site: &StaticSite, req: &FileRequest) -> Response<RouterBody> {
     let relative: PathBuf = req.segments.iter().collect();
     match open_within(site, &relative) {
         Some(Opened::File(path, file, meta)) if !req.trailing_slash => {
-            serve_file(site, req, &path, file, meta)
+            serve_file(site, req, &path, file, meta, true)
         }
         Some(Opened::Dir(dir)) => {
             if !req.trailing_slash {
                 return redirect_to_dir(req);
             }
             match open_within(site, &dir.join("index.html")) {
-                Some(Opened::File(path, file, meta)) => serve_file(site, req, &path, file, meta),
+                Some(Opened::File(path, file, meta)) => {
+                    serve_file(site, req, &path, file, meta, true)
+                }
                 _ => not_found(site, req),
             }
         }
@@ -305,10 +368,11 @@ fn not_found(site: &StaticSite, req: &FileRequest) -> Response<RouterBody> {
     let extensionless = req.segments.last().is_none_or(|last| !last.contains('.'));
     if site.inner.spa_fallback && extensionless && req.accepts_html {
         if let Some(Opened::File(path, file, meta)) = open_within(site, Path::new("index.html")) {
-            return serve_file(site, req, &path, file, meta);
+            // Not cached under this path: the answer depends on `Accept`.
+            return serve_file(site, req, &path, file, meta, false);
         }
     }
-    error_response(ErrorCode::NotFound, req.json)
+    error_response(ErrorCode::NotFound, req.cond.json)
 }
 
 fn redirect_to_dir(req: &FileRequest) -> Response<RouterBody> {
@@ -319,7 +383,7 @@ fn redirect_to_dir(req: &FileRequest) -> Response<RouterBody> {
         location.extend(utf8_percent_encode(segment, PATH_SEGMENT));
         location.push('/');
     }
-    if let Some(query) = &req.query {
+    if let Some(query) = req.query {
         location.push('?');
         location.push_str(query);
     }
@@ -345,79 +409,31 @@ const PATH_SEGMENT: &AsciiSet = &CONTROLS
     .add(b'{')
     .add(b'}');
 
+/// Answers with the file at `path` (relative to the root), from the cache when `cacheable`
+/// (the answer does not depend on more than the raw path) and the file fits.
 fn serve_file(
     site: &StaticSite,
     req: &FileRequest,
     path: &Path,
     file: File,
     meta: Metadata,
+    cacheable: bool,
 ) -> Response<RouterBody> {
-    let content_type = content_type(path);
-    let is_html = content_type.starts_with("text/html");
-    let (file, meta, encoding) =
-        precompressed(site, req, path).map_or((file, meta, None), |(f, m, e)| (f, m, Some(e)));
-
-    let etag = etag(&meta);
-    let modified = meta.modified().ok();
-    let mut response = Response::new(RouterBody::empty());
-    let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, header_value(&content_type));
-    headers.insert(ETAG, header_value(&etag));
-    if let Some(modified) = modified {
-        headers.insert(
-            LAST_MODIFIED,
-            header_value(&httpdate::fmt_http_date(modified)),
-        );
-    }
-    headers.insert(
-        CACHE_CONTROL,
-        if is_html {
-            HeaderValue::from_static("no-cache")
-        } else {
-            site.inner.asset_cache_control.clone()
-        },
-    );
-    headers.insert(VARY, HeaderValue::from_static("accept-encoding"));
-    headers.insert(
-        "x-content-type-options",
-        HeaderValue::from_static("nosniff"),
-    );
-    if let Some(encoding) = encoding {
-        headers.insert(CONTENT_ENCODING, HeaderValue::from_static(encoding));
-    }
-
-    if not_modified(req, &etag, modified) {
-        *response.status_mut() = StatusCode::NOT_MODIFIED;
-        response.headers_mut().remove(CONTENT_TYPE);
-        return response;
-    }
-
-    let size = meta.len();
-    let (start, len) = match requested_range(req, &etag, modified, size) {
-        RangeRequest::Full => (0, size),
-        RangeRequest::Single { start, end } => {
-            *response.status_mut() = StatusCode::PARTIAL_CONTENT;
-            let value = format!("bytes {start}-{end}/{size}");
-            response
-                .headers_mut()
-                .insert(CONTENT_RANGE, header_value(&value));
-            (start, end - start + 1)
+    if cacheable {
+        if let Some(entry) = cache_fill(site, req.path, path, &file, &meta) {
+            return entry.respond(&req.cond);
         }
-        RangeRequest::Unsatisfiable => {
-            let mut response = error_response(ErrorCode::RangeNotSatisfiable, req.json);
-            response
-                .headers_mut()
-                .insert(CONTENT_RANGE, header_value(&format!("bytes */{size}")));
-            return response;
-        }
+    }
+    let content_type = header_value(&content_type(path));
+    let cache_control = cache_control_for(site, &content_type);
+    let (file, meta, encoding) = precompressed(site, &req.cond, path)
+        .map_or((file, meta, None), |(f, m, e)| (f, m, Some(e)));
+    let representation = Representation::new(&content_type, &cache_control, &meta, encoding);
+    let (mut response, start, len) = match representation.answer(&req.cond) {
+        Answer::Send(response, start, len) => (response, start, len),
+        Answer::Done(response) => return response,
     };
-    response
-        .headers_mut()
-        .insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    response
-        .headers_mut()
-        .insert(CONTENT_LENGTH, HeaderValue::from(len));
-    if req.head || len == 0 {
+    if req.cond.head || len == 0 {
         return response;
     }
     let body = if len <= SMALL_FILE {
@@ -426,14 +442,14 @@ fn serve_file(
             Ok(()) => RouterBody::full(Bytes::from(buf)),
             Err(err) => {
                 debug!(path = %path.display(), error = %err, "reading static file failed");
-                return error_response(ErrorCode::NotFound, req.json);
+                return error_response(ErrorCode::NotFound, req.cond.json);
             }
         }
     } else {
         let mut file = file;
         if let Err(err) = file.seek(SeekFrom::Start(start)) {
             debug!(path = %path.display(), error = %err, "seeking static file failed");
-            return error_response(ErrorCode::NotFound, req.json);
+            return error_response(ErrorCode::NotFound, req.cond.json);
         }
         RouterBody::file(tokio::fs::File::from_std(file), len)
     };
@@ -441,11 +457,290 @@ fn serve_file(
     response
 }
 
+fn cache_control_for(site: &StaticSite, content_type: &HeaderValue) -> HeaderValue {
+    if content_type.as_bytes().starts_with(b"text/html") {
+        HeaderValue::from_static("no-cache")
+    } else {
+        site.inner.asset_cache_control.clone()
+    }
+}
+
+/// What [`Representation::answer`] decided.
+enum Answer {
+    /// Send this response with `len` bytes of the file from `start` as its body.
+    Send(Response<RouterBody>, u64, u64),
+    /// Send this response as it is (304, 416).
+    Done(Response<RouterBody>),
+}
+
+/// One form of a file (as stored, or a precompressed sibling): the headers of a full answer
+/// and what conditional and range requests are compared with.
+struct Representation {
+    /// `200` headers, `Content-Length` and `Accept-Ranges` included.
+    headers: HeaderMap,
+    etag: HeaderValue,
+    modified: Option<SystemTime>,
+    size: u64,
+}
+
+impl Representation {
+    fn new(
+        content_type: &HeaderValue,
+        cache_control: &HeaderValue,
+        meta: &Metadata,
+        encoding: Option<&'static str>,
+    ) -> Self {
+        let etag = header_value(&etag(meta));
+        let modified = meta.modified().ok();
+        let mut headers = HeaderMap::with_capacity(12);
+        headers.insert(CONTENT_TYPE, content_type.clone());
+        headers.insert(ETAG, etag.clone());
+        if let Some(modified) = modified {
+            headers.insert(
+                LAST_MODIFIED,
+                header_value(&httpdate::fmt_http_date(modified)),
+            );
+        }
+        headers.insert(CACHE_CONTROL, cache_control.clone());
+        headers.insert(VARY, HeaderValue::from_static("accept-encoding"));
+        headers.insert(
+            "x-content-type-options",
+            HeaderValue::from_static("nosniff"),
+        );
+        if let Some(encoding) = encoding {
+            headers.insert(CONTENT_ENCODING, HeaderValue::from_static(encoding));
+        }
+        headers.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(meta.len()));
+        Self {
+            headers,
+            etag,
+            modified,
+            size: meta.len(),
+        }
+    }
+
+    /// The answer's status and headers with the byte range to send, or a complete answer
+    /// without body (304, 416).
+    fn answer(&self, cond: &Conditions) -> Answer {
+        // Our tags are ASCII.
+        let etag = self.etag.to_str().unwrap_or_default();
+        let mut response = Response::new(RouterBody::empty());
+        if not_modified(cond, etag, self.modified) {
+            *response.status_mut() = StatusCode::NOT_MODIFIED;
+            let mut headers = self.headers.clone();
+            for name in [CONTENT_TYPE, CONTENT_LENGTH, ACCEPT_RANGES] {
+                headers.remove(name);
+            }
+            *response.headers_mut() = headers;
+            return Answer::Done(response);
+        }
+        let size = self.size;
+        match requested_range(cond, etag, self.modified, size) {
+            RangeRequest::Full => {
+                *response.headers_mut() = self.headers.clone();
+                Answer::Send(response, 0, size)
+            }
+            RangeRequest::Single { start, end } => {
+                *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+                let mut headers = self.headers.clone();
+                let range = format!("bytes {start}-{end}/{size}");
+                headers.insert(CONTENT_RANGE, header_value(&range));
+                let len = end - start + 1;
+                headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+                *response.headers_mut() = headers;
+                Answer::Send(response, start, len)
+            }
+            RangeRequest::Unsatisfiable => {
+                let mut response = error_response(ErrorCode::RangeNotSatisfiable, cond.json);
+                response
+                    .headers_mut()
+                    .insert(CONTENT_RANGE, header_value(&format!("bytes */{size}")));
+                Answer::Done(response)
+            }
+        }
+    }
+}
+
+/// A file held in memory, with its precompressed siblings.
+struct CachedFile {
+    identity: (Representation, Bytes),
+    br: Option<(Representation, Bytes)>,
+    gzip: Option<(Representation, Bytes)>,
+}
+
+impl CachedFile {
+    fn respond(&self, cond: &Conditions) -> Response<RouterBody> {
+        // The same preference as `precompressed`: brotli, then gzip, then the file itself.
+        let (representation, bytes) = match (&self.br, &self.gzip) {
+            (Some(br), _) if cond.accepts_br => br,
+            (_, Some(gzip)) if cond.accepts_gzip => gzip,
+            _ => &self.identity,
+        };
+        let (mut response, start, len) = match representation.answer(cond) {
+            Answer::Send(response, start, len) => (response, start, len),
+            Answer::Done(response) => return response,
+        };
+        if !cond.head && len > 0 {
+            // `answer` keeps ranges within the file; both fit in memory, so in `usize`.
+            let (start, end) = (start as usize, (start + len) as usize);
+            *response.body_mut() = RouterBody::full(bytes.slice(start..end));
+        }
+        response
+    }
+
+    fn bytes(&self) -> u64 {
+        [Some(&self.identity), self.br.as_ref(), self.gzip.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|(_, bytes)| bytes.len() as u64)
+            .sum()
+    }
+}
+
+/// A site's small files in memory, by raw request path. Filled on first request, never
+/// evicted (the tree does not change); once the budget is spent, further files are read from
+/// disk per request as without a cache.
+#[derive(Default)]
+struct FileCache {
+    state: RwLock<CacheState>,
+}
+
+#[derive(Default)]
+struct CacheState {
+    /// Raw request path → file. Several paths may name one file (`/`, `/index.html`).
+    by_path: HashMap<Box<str>, Arc<CachedFile>>,
+    /// Path relative to the root → file, so aliases share one copy.
+    by_file: HashMap<PathBuf, Arc<CachedFile>>,
+    bytes: u64,
+}
+
+impl FileCache {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, CacheState> {
+        // Every write leaves the maps consistent; a panic cannot interrupt one half-way.
+        self.state
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, CacheState> {
+        self.state
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The answer for `path` when it is cached.
+    fn answer(&self, path: &str, cond: &Conditions) -> Option<Response<RouterBody>> {
+        self.read()
+            .by_path
+            .get(path)
+            .map(|entry| entry.respond(cond))
+    }
+}
+
+impl std::fmt::Debug for FileCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.read();
+        f.debug_struct("FileCache")
+            .field("paths", &state.by_path.len())
+            .field("files", &state.by_file.len())
+            .field("bytes", &state.bytes)
+            .finish()
+    }
+}
+
+/// The cache entry of `key` (a raw request path resolving to `relative`), made now if the file
+/// and its precompressed siblings fit; `None` sends the caller to the uncached path.
+fn cache_fill(
+    site: &StaticSite,
+    key: &str,
+    relative: &Path,
+    file: &File,
+    meta: &Metadata,
+) -> Option<Arc<CachedFile>> {
+    let limit = site.inner.cache_limit;
+    if limit == 0 || meta.len() > CACHE_MAX_FILE {
+        return None;
+    }
+    let cache = &site.inner.cache;
+    let relative = relative.strip_prefix(".").unwrap_or(relative);
+    let alias_cost = key.len() as u64 + CACHE_ENTRY_OVERHEAD;
+    let known = {
+        let state = cache.read();
+        if state.bytes + meta.len() + alias_cost > limit {
+            return None;
+        }
+        state.by_file.get(relative).cloned()
+    };
+    let (entry, cost) = match known {
+        Some(entry) => (entry, alias_cost),
+        None => {
+            let entry = Arc::new(load_cached(site, relative, file, meta)?);
+            let cost = entry.bytes() + alias_cost;
+            (entry, cost)
+        }
+    };
+    let mut state = cache.write();
+    if state.bytes + cost > limit || state.by_path.contains_key(key) {
+        // Another request filled it, or the budget ran out meanwhile: serve what was read.
+        return Some(entry);
+    }
+    state.bytes += cost;
+    state
+        .by_file
+        .entry(relative.to_owned())
+        .or_insert_with(|| Arc::clone(&entry));
+    state.by_path.insert(key.into(), Arc::clone(&entry));
+    Some(entry)
+}
+
+/// Reads `file` and its `.br`/`.gz` siblings into memory; `None` when one of them is too big
+/// or cannot be read (the uncached path then answers).
+fn load_cached(
+    site: &StaticSite,
+    relative: &Path,
+    file: &File,
+    meta: &Metadata,
+) -> Option<CachedFile> {
+    let read_all = |file: &File, len: u64| -> Option<Bytes> {
+        let mut buf = vec![0; usize::try_from(len).ok()?];
+        file.read_exact_at(&mut buf, 0).ok()?;
+        Some(Bytes::from(buf))
+    };
+    let content_type = header_value(&content_type(relative));
+    let cache_control = cache_control_for(site, &content_type);
+    let identity = (
+        Representation::new(&content_type, &cache_control, meta, None),
+        read_all(file, meta.len())?,
+    );
+    let name = relative.file_name()?.to_str()?;
+    let sibling =
+        |extension: &str, encoding: &'static str| -> Option<Option<(Representation, Bytes)>> {
+            match open_within(
+                site,
+                &relative.with_file_name(format!("{name}.{extension}")),
+            ) {
+                Some(Opened::File(_, file, meta)) if meta.len() <= CACHE_MAX_FILE => Some(Some((
+                    Representation::new(&content_type, &cache_control, &meta, Some(encoding)),
+                    read_all(&file, meta.len())?,
+                ))),
+                // Too big to keep: the whole file stays uncached.
+                Some(Opened::File(..)) => None,
+                _ => Some(None),
+            }
+        };
+    Some(CachedFile {
+        identity,
+        br: sibling("br", "br")?,
+        gzip: sibling("gz", "gzip")?,
+    })
+}
+
 /// The `.br` or `.gz` sibling of `path`, when the client accepts that encoding and the
 /// sibling exists inside the root.
 fn precompressed(
     site: &StaticSite,
-    req: &FileRequest,
+    req: &Conditions,
     path: &Path,
 ) -> Option<(File, Metadata, &'static str)> {
     let name = path.file_name()?.to_str()?;
@@ -484,8 +779,8 @@ fn etag(meta: &Metadata) -> String {
 
 /// RFC 9110 §13.2.2: `If-None-Match` (weak comparison) decides when present; otherwise
 /// `If-Modified-Since`, at one-second resolution.
-fn not_modified(req: &FileRequest, etag: &str, modified: Option<SystemTime>) -> bool {
-    if let Some(tags) = &req.if_none_match {
+fn not_modified(req: &Conditions, etag: &str, modified: Option<SystemTime>) -> bool {
+    if let Some(tags) = req.if_none_match {
         return tags
             .split(',')
             .map(str::trim)
@@ -513,15 +808,15 @@ enum RangeRequest {
 }
 
 fn requested_range(
-    req: &FileRequest,
+    req: &Conditions,
     etag: &str,
     modified: Option<SystemTime>,
     size: u64,
 ) -> RangeRequest {
-    let Some(range) = &req.range else {
+    let Some(range) = req.range else {
         return RangeRequest::Full;
     };
-    if let Some(if_range) = &req.if_range {
+    if let Some(if_range) = req.if_range {
         let current = if if_range.starts_with('"') {
             if_range == etag
         } else {
@@ -609,17 +904,18 @@ fn accepted_encodings(headers: &HeaderMap) -> (bool, bool) {
     {
         for item in value.split(',') {
             let mut parts = item.split(';');
-            let name = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let name = parts.next().unwrap_or("").trim();
             let q = parts
                 .filter_map(|p| p.trim().strip_prefix("q="))
                 .find_map(|q| q.trim().parse::<f32>().ok())
                 .unwrap_or(1.0);
             let accepted = q > 0.0;
-            match name.as_str() {
-                "br" => br = Some(accepted),
-                "gzip" | "x-gzip" => gzip = Some(accepted),
-                "*" => any = Some(accepted),
-                _ => {}
+            if name.eq_ignore_ascii_case("br") {
+                br = Some(accepted);
+            } else if name.eq_ignore_ascii_case("gzip") || name.eq_ignore_ascii_case("x-gzip") {
+                gzip = Some(accepted);
+            } else if name == "*" {
+                any = Some(accepted);
             }
         }
     }
@@ -655,13 +951,6 @@ fn decode_path(path: &str) -> Result<Vec<String>, PathError> {
 
 fn is_hidden(segment: &str) -> bool {
     segment.starts_with('.') && segment != ".well-known"
-}
-
-fn header_string(headers: &HeaderMap, name: &hyper::header::HeaderName) -> Option<String> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
 }
 
 fn header_value(value: &str) -> HeaderValue {

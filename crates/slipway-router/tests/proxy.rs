@@ -265,11 +265,12 @@ async fn streamed_body_over_limit_is_cut_off_with_413() {
     let router = TestRouter::start(config).await;
     let upstream = TestUpstream::echo().await;
     router.set("app.test", upstream.route());
-    // No Content-Length: chunked, 9 chunks of 8 KiB, one chunk over the limit. (The router
-    // closes the connection after its 413; a client still writing then gets EPIPE instead of
-    // the answer, so the body ends right after the limit to keep that window small.)
+    // No Content-Length: chunked, 512 chunks of 8 KiB (4 MiB, 64 times the limit). The router
+    // drains what the client still sends after its 413, so the client gets the answer rather
+    // than a reset.
     let chunks = futures_util::stream::iter(
-        (0..9).map(|_| Ok::<_, crate::util::BoxError>(Frame::data(Bytes::from(vec![b'y'; 8192])))),
+        (0..512)
+            .map(|_| Ok::<_, crate::util::BoxError>(Frame::data(Bytes::from(vec![b'y'; 8192])))),
     );
     let body: TestBody = StreamBody::new(chunks).boxed();
     let reply = Client::new(router.addr)
@@ -277,6 +278,102 @@ async fn streamed_body_over_limit_is_cut_off_with_413() {
         .await;
     assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(reply.error_code(), Some("body_too_large"));
+}
+
+/// Sends `head` and then `body_len` bytes of body (framed by `chunked` or not) on a fresh
+/// connection while reading the answer, like a client that does not wait for the server.
+/// Returns the answer and whether the whole body could be written.
+async fn send_large_body(
+    addr: std::net::SocketAddr,
+    head: String,
+    body_len: usize,
+    chunked: bool,
+) -> (String, std::io::Result<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        write.write_all(head.as_bytes()).await?;
+        let piece = vec![b'z'; 64 * 1024];
+        let mut sent = 0;
+        while sent < body_len {
+            let n = piece.len().min(body_len - sent);
+            if chunked {
+                write.write_all(format!("{n:x}\r\n").as_bytes()).await?;
+            }
+            write.write_all(&piece[..n]).await?;
+            if chunked {
+                write.write_all(b"\r\n").await?;
+            }
+            sent += n;
+        }
+        if chunked {
+            write.write_all(b"0\r\n\r\n").await?;
+        }
+        write.flush().await
+    });
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(crate::util::DEADLINE, read.read_to_end(&mut answer))
+        .await
+        .expect("the router closes the connection in time");
+    let written = tokio::time::timeout(crate::util::DEADLINE, writer)
+        .await
+        .expect("the writer finishes in time")
+        .unwrap();
+    (String::from_utf8_lossy(&answer).into_owned(), written)
+}
+
+#[tokio::test]
+async fn client_still_sending_a_refused_body_receives_the_413() {
+    let config = RouterConfig {
+        max_request_body: 64 * 1024,
+        ..RouterConfig::default()
+    };
+    let router = TestRouter::start(config).await;
+    let upstream = TestUpstream::echo().await;
+    router.set("app.test", upstream.route());
+    const LEN: usize = 8 * 1024 * 1024;
+
+    // Declared too large: refused before any byte is read, then drained.
+    let head = format!("POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: {LEN}\r\n\r\n");
+    let (answer, written) = send_large_body(router.addr, head, LEN, false).await;
+    assert!(answer.starts_with("HTTP/1.1 413 "), "answer: {answer:.200}");
+    assert!(answer.contains("body_too_large"), "answer: {answer:.400}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "answer: {answer:.400}"
+    );
+    written.expect("the whole body was read (drained), not reset");
+
+    // Streamed (chunked): cut off at the limit, then drained.
+    let head = "POST / HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n".to_owned();
+    let (answer, written) = send_large_body(router.addr, head, LEN, true).await;
+    assert!(answer.starts_with("HTTP/1.1 413 "), "answer: {answer:.200}");
+    written.expect("the whole body was read (drained), not reset");
+    assert_eq!(
+        upstream.requests.load(Ordering::SeqCst),
+        1,
+        "only the chunked one started"
+    );
+}
+
+#[tokio::test]
+async fn draining_a_refused_body_is_bounded() {
+    let config = RouterConfig {
+        max_request_body: 1024,
+        rejected_body_drain: 256 * 1024,
+        ..RouterConfig::default()
+    };
+    let router = TestRouter::start(config).await;
+    let upstream = TestUpstream::echo().await;
+    router.set("app.test", upstream.route());
+    // Far more than the drain cap and the socket buffers: the router gives up draining and
+    // closes, so the writer fails instead of the connection staying open.
+    const LEN: usize = 256 * 1024 * 1024;
+    let head = format!("POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: {LEN}\r\n\r\n");
+    let (answer, written) = send_large_body(router.addr, head, LEN, false).await;
+    assert!(answer.starts_with("HTTP/1.1 413 "), "answer: {answer:.200}");
+    assert!(written.is_err(), "the router stopped reading after the cap");
 }
 
 #[tokio::test]

@@ -26,6 +26,11 @@ fn big_contents() -> Vec<u8> {
 }
 
 async fn site(spa_fallback: bool) -> Site {
+    site_with(spa_fallback, None).await
+}
+
+/// `cache_limit`: the site's memory cache budget (`None`: the default).
+async fn site_with(spa_fallback: bool, cache_limit: Option<u64>) -> Site {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("site");
     let outside = dir.path().join("outside");
@@ -56,9 +61,12 @@ async fn site(spa_fallback: bool) -> Site {
     std::os::unix::fs::symlink(root.join("style.css"), root.join("absolute.css")).unwrap();
 
     let router = TestRouter::start_default().await;
-    let static_site = StaticSite::new(&root)
+    let mut static_site = StaticSite::new(&root)
         .unwrap()
         .with_spa_fallback(spa_fallback);
+    if let Some(limit) = cache_limit {
+        static_site = static_site.with_cache_limit(limit);
+    }
     router.set("site.test", Route::Static(static_site));
     let client = Client::new(router.addr);
     Site {
@@ -174,14 +182,176 @@ async fn etag_and_if_none_match_give_304() {
         .await;
     assert_eq!(stale.status, StatusCode::OK);
     assert_eq!(stale.text(), "body{}");
+}
 
-    // Rewriting the file changes the tag.
+/// Without the memory cache (a tree that may change), a rewritten file gets a new tag.
+#[tokio::test]
+async fn rewritten_file_gets_a_new_etag_when_uncached() {
+    let site = site_with(false, Some(0)).await;
+    let etag = site
+        .get("/style.css")
+        .await
+        .header("etag")
+        .expect("etag")
+        .to_owned();
     write(&site.root.join("style.css"), "body{color:red}");
     let changed = site
         .send(get("/style.css").header("if-none-match", &etag))
         .await;
     assert_eq!(changed.status, StatusCode::OK);
     assert_eq!(changed.text(), "body{color:red}");
+}
+
+/// The requests of these tests, answered by a cached and an uncached site: same status, body
+/// and headers (bar `Date`).
+#[tokio::test]
+async fn cached_and_uncached_answers_are_identical() {
+    let cached = site(true).await;
+    let uncached = site_with(true, Some(0)).await;
+    let etag = cached
+        .get("/app.js")
+        .await
+        .header("etag")
+        .unwrap()
+        .to_owned();
+    let requests = || {
+        vec![
+            get("/index.html"),
+            get("/"),
+            get("/docs/"),
+            get("/docs"),
+            get("/style.css").header("range", "bytes=1-3"),
+            get("/style.css").header("range", "bytes=-2"),
+            get("/style.css").header("range", "bytes=10-"),
+            get("/style.css").header("range", "bytes=0-1,3-4"),
+            get("/app.js").header("accept-encoding", "br, gzip"),
+            get("/app.js").header("accept-encoding", "gzip"),
+            get("/app.js").header("accept-encoding", "identity"),
+            get("/only-gz.css").header("accept-encoding", "br, gzip"),
+            get("/app.js").header("if-none-match", "\"x\""),
+            get("/style.css").header("if-modified-since", "Mon, 01 Jan 2001 00:00:00 GMT"),
+            get("/style.css").header("if-modified-since", "Mon, 01 Jan 2091 00:00:00 GMT"),
+            get("/logo.png"),
+            get("/big.bin").header("range", "bytes=0-99"),
+            get("/client/route").header("accept", "text/html"),
+            get("/client/route"),
+            get("/missing.txt"),
+            Req::new(Method::HEAD, "site.test", "/data.json"),
+        ]
+    };
+    // Twice: the first round fills the cache, the second is answered from it.
+    for round in 0..2 {
+        for (a, b) in requests().into_iter().zip(requests()) {
+            let (a, b) = (cached.send(a).await, uncached.send(b).await);
+            let mut a_headers = a.headers.clone();
+            let mut b_headers = b.headers.clone();
+            for headers in [&mut a_headers, &mut b_headers] {
+                headers.remove("date");
+                // Tags name the file's identity: the same files in two trees differ.
+                headers.remove("etag");
+                headers.remove("last-modified");
+            }
+            assert_eq!(a.status, b.status, "round {round}: {a:?} vs {b:?}");
+            assert_eq!(a.body, b.body, "round {round}");
+            assert_eq!(a_headers, b_headers, "round {round}");
+        }
+    }
+    let not_modified = cached
+        .send(get("/app.js").header("if-none-match", &etag))
+        .await;
+    assert_eq!(not_modified.status, StatusCode::NOT_MODIFIED);
+    assert!(not_modified.header("content-length").is_none());
+    assert!(not_modified.header("content-type").is_none());
+}
+
+/// Small files are answered from memory after their first request (so a file removed from the
+/// immutable tree is still served); large ones, and answers that depend on `Accept`, are not.
+#[tokio::test]
+async fn small_files_are_served_from_memory_after_the_first_request() {
+    let site = site(true).await;
+    let first = site
+        .send(get("/app.js").header("accept-encoding", "br"))
+        .await;
+    assert_eq!(first.text(), "BROTLI");
+    assert_eq!(site.get("/docs/").await.text(), "<h1>docs</h1>");
+    assert_eq!(site.get("/big.bin").await.body.len(), BIG_LEN);
+    let spa = site
+        .send(get("/client/route").header("accept", "text/html"))
+        .await;
+    assert_eq!(spa.text(), "<h1>home</h1>");
+
+    for name in [
+        "app.js",
+        "app.js.br",
+        "app.js.gz",
+        "docs/index.html",
+        "big.bin",
+    ] {
+        std::fs::remove_file(site.root.join(name)).unwrap();
+    }
+    // Every form of a cached file was read with it, whatever the first request accepted.
+    let br = site
+        .send(get("/app.js").header("accept-encoding", "br"))
+        .await;
+    assert_eq!(br.text(), "BROTLI");
+    assert_eq!(br.header("etag"), first.header("etag"));
+    let gzip = site
+        .send(get("/app.js").header("accept-encoding", "gzip"))
+        .await;
+    assert_eq!(gzip.text(), "GZIP");
+    assert_eq!(gzip.header("content-encoding"), Some("gzip"));
+    let plain = site
+        .send(get("/app.js").header("range", "bytes=8-10"))
+        .await;
+    assert_eq!(plain.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(plain.text(), "log");
+    assert_eq!(site.get("/docs/").await.text(), "<h1>docs</h1>");
+    assert_eq!(
+        site.get("/big.bin").await.status,
+        StatusCode::NOT_FOUND,
+        "not cached: too big"
+    );
+    // The fallback answer was not cached under its path: without `Accept: text/html`, 404.
+    assert_eq!(
+        site.get("/client/route").await.status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn the_cache_stays_within_its_budget() {
+    const LIMIT: u64 = 4000;
+    let site = site_with(false, Some(LIMIT)).await;
+    let names: Vec<String> = (0..8).map(|i| format!("file{i}.txt")).collect();
+    for name in &names {
+        write(&site.root.join(name), vec![b'x'; 1000]);
+    }
+    for name in &names {
+        assert_eq!(site.get(&format!("/{name}")).await.body.len(), 1000);
+    }
+    let Some(Route::Static(static_site)) = site.router.router.get("site.test") else {
+        panic!("static route");
+    };
+    let held = static_site.cached_bytes();
+    assert!(
+        held > 0 && held <= LIMIT,
+        "cache holds {held} bytes, limit {LIMIT}"
+    );
+    for name in &names {
+        std::fs::remove_file(site.root.join(name)).unwrap();
+    }
+    let mut still_served = 0;
+    for name in &names {
+        let reply = site.get(&format!("/{name}")).await;
+        if reply.status == StatusCode::OK {
+            still_served += 1;
+        }
+    }
+    assert!(
+        (1..names.len()).contains(&still_served),
+        "{still_served} of {} files served from memory",
+        names.len()
+    );
 }
 
 #[tokio::test]
