@@ -56,5 +56,5 @@ pub use body::{BoxError, RouterBody};
 pub use config::RouterConfig;
 pub use error_page::{ErrorCode, ERROR_HEADER};
 pub use server::serve;
-pub use static_files::{StaticSite, StaticSiteError};
+pub use static_files::{CacheBudget, StaticSite, StaticSiteError};
 pub use table::{Drain, Route, RouteError, Router, Unavailable, UnavailableKind, Upstream};

@@ -48,7 +48,9 @@ use crate::error_page::{error_response, ErrorCode};
 /// ones are streamed through `tokio::fs` (its blocking pool).
 const SMALL_FILE: u64 = 64 * 1024;
 /// Largest file (and precompressed sibling) kept in a site's memory cache.
-pub(crate) const CACHE_MAX_FILE: u64 = 256 * 1024;
+pub(crate) const CACHE_MAX_FILE: u64 = 2 * 1024 * 1024;
+/// Default memory budget of all sites' caches together (the process-wide [`CacheBudget`]).
+const DEFAULT_TOTAL_CACHE_LIMIT: u64 = 256 * 1024 * 1024;
 /// Default memory budget of one site's cache.
 const DEFAULT_CACHE_LIMIT: u64 = 32 * 1024 * 1024;
 /// Bytes charged per cache entry on top of its contents: key, maps, prebuilt headers.
@@ -152,12 +154,18 @@ impl StaticSite {
 
     /// Sets the memory budget of the site's file cache (default 32 MiB); 0 turns it off.
     ///
-    /// Files up to 256 KiB are kept in memory from their first request on, with their
+    /// Files up to 2 MiB are kept in memory from their first request on, with their
     /// precompressed siblings and prebuilt headers, and never read again. Only for trees that
     /// do not change while served, such as static releases; a file changed in place would keep
     /// being served as it was.
     pub fn with_cache_limit(self, bytes: u64) -> Self {
         self.map(|inner| inner.cache_limit = bytes)
+    }
+
+    /// Charges the site's cache to `budget` instead of the process-wide one
+    /// ([`CacheBudget::global`]); the cache starts empty.
+    pub fn with_cache_budget(self, budget: Arc<CacheBudget>) -> Self {
+        self.map(|inner| inner.cache = FileCache::with_budget(budget))
     }
 
     /// Bytes the file cache currently holds (contents plus bookkeeping).
@@ -182,7 +190,7 @@ impl StaticSite {
             spa_fallback: shared.spa_fallback,
             asset_cache_control: shared.asset_cache_control.clone(),
             cache_limit: shared.cache_limit,
-            cache: FileCache::default(),
+            cache: FileCache::with_budget(Arc::clone(&shared.cache.budget)),
         });
         f(&mut inner);
         Self {
@@ -598,12 +606,81 @@ impl CachedFile {
     }
 }
 
+/// Memory that several sites' caches share, so that many static deployments together stay
+/// within one bound. Each site also has its own limit ([`StaticSite::with_cache_limit`]).
+#[derive(Debug)]
+pub struct CacheBudget {
+    limit: std::sync::atomic::AtomicU64,
+    used: std::sync::atomic::AtomicU64,
+}
+
+impl CacheBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> Arc<Self> {
+        Arc::new(Self {
+            limit: limit.into(),
+            used: 0.into(),
+        })
+    }
+
+    /// The process-wide budget every site uses unless told otherwise (default 256 MiB).
+    pub fn global() -> &'static Arc<Self> {
+        static GLOBAL: std::sync::OnceLock<Arc<CacheBudget>> = std::sync::OnceLock::new();
+        GLOBAL.get_or_init(|| Self::new(DEFAULT_TOTAL_CACHE_LIMIT))
+    }
+
+    /// Changes the limit; what is already cached stays (nothing is evicted).
+    pub fn set_limit(&self, bytes: u64) {
+        self.limit
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bytes the caches charged to this budget hold.
+    pub fn used(&self) -> u64 {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Takes `bytes` if they fit.
+    fn reserve(&self, bytes: u64) -> bool {
+        let limit = self.limit.load(std::sync::atomic::Ordering::Relaxed);
+        self.used
+            .fetch_update(
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+                |used| used.checked_add(bytes).filter(|&total| total <= limit),
+            )
+            .is_ok()
+    }
+
+    fn release(&self, bytes: u64) {
+        self.used
+            .fetch_sub(bytes, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// A site's small files in memory, by raw request path. Filled on first request, never
-/// evicted (the tree does not change); once the budget is spent, further files are read from
-/// disk per request as without a cache.
-#[derive(Default)]
+/// evicted (the tree does not change); once the site's limit or the shared budget is spent,
+/// further files are read from disk per request as without a cache. Its bytes go back to the
+/// budget when the site is dropped (its route replaced).
 struct FileCache {
     state: RwLock<CacheState>,
+    budget: Arc<CacheBudget>,
+}
+
+impl Default for FileCache {
+    fn default() -> Self {
+        Self::with_budget(Arc::clone(CacheBudget::global()))
+    }
+}
+
+impl Drop for FileCache {
+    fn drop(&mut self) {
+        let bytes = self
+            .state
+            .get_mut()
+            .map_or_else(|poisoned| poisoned.into_inner().bytes, |state| state.bytes);
+        self.budget.release(bytes);
+    }
 }
 
 #[derive(Default)]
@@ -616,6 +693,13 @@ struct CacheState {
 }
 
 impl FileCache {
+    fn with_budget(budget: Arc<CacheBudget>) -> Self {
+        Self {
+            state: RwLock::default(),
+            budget,
+        }
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, CacheState> {
         // Every write leaves the maps consistent; a panic cannot interrupt one half-way.
         self.state
@@ -681,8 +765,9 @@ fn cache_fill(
         }
     };
     let mut state = cache.write();
-    if state.bytes + cost > limit || state.by_path.contains_key(key) {
-        // Another request filled it, or the budget ran out meanwhile: serve what was read.
+    if state.bytes + cost > limit || state.by_path.contains_key(key) || !cache.budget.reserve(cost)
+    {
+        // Another request filled it, or a budget ran out: serve what was read.
         return Some(entry);
     }
     state.bytes += cost;

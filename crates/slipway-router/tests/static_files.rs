@@ -1,12 +1,13 @@
 use std::path::Path;
 
 use hyper::{Method, StatusCode};
-use slipway_router::{Route, StaticSite};
+use slipway_router::{CacheBudget, Route, StaticSite};
 use tempfile::TempDir;
 
 use crate::util::{raw_request, raw_status, Client, Req, TestRouter};
 
-const BIG_LEN: usize = 300 * 1024;
+/// Over the largest file the memory cache keeps (2 MiB), so it is always streamed from disk.
+const BIG_LEN: usize = 3 * 1024 * 1024;
 
 /// A site tree next to a directory outside it (the target of escaping symlinks).
 struct Site {
@@ -351,6 +352,66 @@ async fn the_cache_stays_within_its_budget() {
         (1..names.len()).contains(&still_served),
         "{still_served} of {} files served from memory",
         names.len()
+    );
+}
+
+/// Many static deployments share one memory bound: two sites on one budget hold no more than
+/// it together, and a site's bytes go back to the budget when its route is replaced.
+#[tokio::test]
+async fn sites_share_one_cache_budget_and_return_it_when_dropped() {
+    const BUDGET: u64 = 5000;
+    let budget = CacheBudget::new(BUDGET);
+    let router = TestRouter::start_default().await;
+    let client = Client::new(router.addr);
+    let dirs: Vec<TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    for (i, dir) in dirs.iter().enumerate() {
+        for f in 0..4 {
+            write(
+                &dir.path().join(format!("f{f}.txt")),
+                vec![b'a' + i as u8; 1000],
+            );
+        }
+        let site = StaticSite::new(dir.path())
+            .unwrap()
+            .with_cache_budget(budget.clone());
+        router.set(&format!("s{i}.test"), Route::Static(site));
+    }
+    for i in 0..2 {
+        for f in 0..4 {
+            let reply = client
+                .send(Req::new(
+                    Method::GET,
+                    &format!("s{i}.test"),
+                    &format!("/f{f}.txt"),
+                ))
+                .await;
+            assert_eq!(reply.body.len(), 1000);
+        }
+    }
+    let used = budget.used();
+    assert!(
+        used > 0 && used <= BUDGET,
+        "two sites hold {used} bytes on a {BUDGET}-byte budget"
+    );
+    // Both sites got some of it: the first did not starve the second completely, nor could
+    // it take more than the budget.
+    let held: Vec<u64> = (0..2)
+        .map(|i| match router.router.get(&format!("s{i}.test")) {
+            Some(Route::Static(site)) => site.cached_bytes(),
+            _ => panic!("static route"),
+        })
+        .collect();
+    assert_eq!(held.iter().sum::<u64>(), used);
+    // Replacing the first site's route drops its cache: its bytes are free again.
+    router.router.remove("s0.test");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while budget.used() != held[1] && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        budget.used(),
+        held[1],
+        "the removed site's cache was not returned"
     );
 }
 
