@@ -852,20 +852,7 @@ impl Sandbox {
             .as_ref()
             .is_some_and(|p| !p.is_closed());
         if let Some(egress) = spec.egress.as_ref().filter(|_| egress_open) {
-            let proxy = format!("http://127.0.0.1:{}", egress.proxy_port);
-            for key in [
-                "HTTP_PROXY",
-                "HTTPS_PROXY",
-                "http_proxy",
-                "https_proxy",
-                "npm_config_proxy",
-                "npm_config_https_proxy",
-            ] {
-                env.push((key.into(), proxy.clone()));
-            }
-            for key in ["NO_PROXY", "no_proxy"] {
-                env.push((key.into(), "localhost,127.0.0.1".into()));
-            }
+            env.extend(crate::egress::proxy_env(egress.proxy_port));
             env.extend(egress.env.iter().cloned());
         }
         env.extend(req.env.iter().cloned());
