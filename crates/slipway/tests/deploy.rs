@@ -243,8 +243,8 @@ fn server_killed_mid_build_restarts_clean() {
     while !pids_running("sleep 300").is_empty() {
         assert!(
             Instant::now() < deadline,
-            "sandbox processes survived the server: {:?}",
-            pids_running("sleep 300")
+            "sandbox processes survived the server:\n{}",
+            describe_pids(&pids_running("sleep 300"))
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -274,6 +274,38 @@ fn server_killed_mid_build_restarts_clean() {
 }
 
 /// Pids whose command line contains `needle`.
+/// What a failure needs to be explained: each process's state, parent, namespaces and cgroups,
+/// and its parent's command line.
+fn describe_pids(pids: &[i32]) -> String {
+    let read = |path: String| std::fs::read_to_string(path).unwrap_or_default();
+    pids.iter()
+        .map(|pid| {
+            let status = read(format!("/proc/{pid}/status"));
+            let keep: Vec<&str> = status
+                .lines()
+                .filter(|l| {
+                    ["State", "PPid", "NSpid", "SigBlk", "SigIgn"]
+                        .iter()
+                        .any(|k| l.starts_with(k))
+                })
+                .collect();
+            let ppid = keep
+                .iter()
+                .find_map(|l| l.strip_prefix("PPid:"))
+                .map(str::trim)
+                .unwrap_or("?");
+            let parent = read(format!("/proc/{ppid}/cmdline")).replace('\0', " ");
+            let pidns = std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+            format!(
+                "pid {pid}: {} | pid ns {pidns:?} | parent {ppid}: {parent}\ncgroups:\n{}",
+                keep.join(" | "),
+                read(format!("/proc/{pid}/cgroup"))
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn pids_running(needle: &str) -> Vec<i32> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
