@@ -132,15 +132,7 @@ impl LocalArtifactStore {
     pub(crate) fn agent_dir(&self, agent: &str) -> Result<PathBuf, StoreError> {
         check_agent(agent)?;
         let dir = self.root.join(agent);
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|source| StoreError::Io {
-                path: dir.clone(),
-                source,
-            })?;
-        Ok(dir)
+        create_private_dir(dir)
     }
 
     /// Whether the artifact exists.
@@ -154,15 +146,7 @@ impl LocalArtifactStore {
     /// [`StoreError::NotFound`] or an I/O error.
     pub fn open(&self, agent: &str, hash: &str) -> Result<File, StoreError> {
         let path = self.path(agent, hash)?;
-        File::open(&path).map_err(|source| {
-            if source.kind() == io::ErrorKind::NotFound {
-                StoreError::NotFound {
-                    hash: hash.to_string(),
-                }
-            } else {
-                StoreError::Io { path, source }
-            }
-        })
+        open_existing(path, hash)
     }
 
     /// Captures the directory `dir` into the store for `agent`. When the stat cache can vouch
@@ -296,15 +280,7 @@ impl LocalArtifactStore {
     /// An invalid agent id or an I/O error.
     pub fn release_dir(&self, agent: &str) -> Result<PathBuf, StoreError> {
         let dir = self.agent_dir(agent)?.join("releases");
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|source| StoreError::Io {
-                path: dir.clone(),
-                source,
-            })?;
-        Ok(dir)
+        create_private_dir(dir)
     }
 
     /// Whether the release archive exists.
@@ -318,15 +294,7 @@ impl LocalArtifactStore {
     /// [`StoreError::NotFound`] or an I/O error.
     pub fn open_release(&self, agent: &str, hash: &str) -> Result<File, StoreError> {
         let path = self.release_path(agent, hash)?;
-        File::open(&path).map_err(|source| {
-            if source.kind() == io::ErrorKind::NotFound {
-                StoreError::NotFound {
-                    hash: hash.to_string(),
-                }
-            } else {
-                StoreError::Io { path, source }
-            }
-        })
+        open_existing(path, hash)
     }
 
     /// Makes the complete, fsynced file `staged` (in [`Self::release_dir`]) the release archive
@@ -340,17 +308,7 @@ impl LocalArtifactStore {
         hash: &str,
         staged: tempfile::TempPath,
     ) -> Result<bool, StoreError> {
-        let dest = self.release_path(agent, hash)?;
-        let ioerr = |source| StoreError::Io {
-            path: dest.clone(),
-            source,
-        };
-        if !rename_noreplace(&staged, &dest).map_err(ioerr)? {
-            return Ok(false);
-        }
-        let _ = staged.keep();
-        fsync_dir(dest.parent().expect("release paths have a parent")).map_err(ioerr)?;
-        Ok(true)
+        publish_at(staged, self.release_path(agent, hash)?)
     }
 }
 
@@ -369,17 +327,48 @@ impl ArtifactStore for LocalArtifactStore {
         hash: &str,
         staged: tempfile::TempPath,
     ) -> Result<bool, StoreError> {
-        let dest = self.path(agent, hash)?;
-        let ioerr = |source| StoreError::Io {
-            path: dest.clone(),
-            source,
-        };
-        if !rename_noreplace(&staged, &dest).map_err(ioerr)? {
-            return Ok(false);
-        }
-        // The staged name is gone; keep the guard from deleting whatever lands there later.
-        let _ = staged.keep();
-        fsync_dir(dest.parent().expect("artifact paths have a parent")).map_err(ioerr)?;
-        Ok(true)
+        publish_at(staged, self.path(agent, hash)?)
     }
+}
+
+/// Creates `dir` (and its parents) private to the user, if missing.
+fn create_private_dir(dir: PathBuf) -> Result<PathBuf, StoreError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|source| StoreError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+    Ok(dir)
+}
+
+/// Opens the archive at `path`; a missing file is [`StoreError::NotFound`] for `hash`.
+fn open_existing(path: PathBuf, hash: &str) -> Result<File, StoreError> {
+    File::open(&path).map_err(|source| {
+        if source.kind() == io::ErrorKind::NotFound {
+            StoreError::NotFound {
+                hash: hash.to_string(),
+            }
+        } else {
+            StoreError::Io { path, source }
+        }
+    })
+}
+
+/// Renames the complete, fsynced file `staged` to `dest` unless `dest` exists (then `false`,
+/// and `staged` is dropped), and makes the rename durable.
+fn publish_at(staged: tempfile::TempPath, dest: PathBuf) -> Result<bool, StoreError> {
+    let ioerr = |source| StoreError::Io {
+        path: dest.clone(),
+        source,
+    };
+    if !rename_noreplace(&staged, &dest).map_err(ioerr)? {
+        return Ok(false);
+    }
+    // The staged name is gone; keep the guard from deleting whatever lands there later.
+    let _ = staged.keep();
+    fsync_dir(dest.parent().expect("artifact paths have a parent")).map_err(ioerr)?;
+    Ok(true)
 }
