@@ -14,7 +14,8 @@
 //!   other files `public, max-age=300` unless the site sets another value.
 //! - Files up to [`CACHE_MAX_FILE`] are kept in memory after their first request, together with
 //!   their `.br`/`.gz` siblings and the prebuilt headers of every form, up to a byte budget per
-//!   site ([`StaticSite::with_cache_limit`]). Release trees are immutable and content-addressed,
+//!   site ([`StaticSite::with_cache_limit`]) and a process-wide one shared by all sites
+//!   ([`CacheBudget`]). Release trees are immutable and content-addressed,
 //!   so an entry never goes stale: a new release is a new [`StaticSite`] with an empty cache,
 //!   and the old one's memory goes with its route. A hit costs no system call.
 
