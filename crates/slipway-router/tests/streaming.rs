@@ -1,3 +1,11 @@
+//! 100 MiB each way through the router with bounded memory.
+//!
+//! Its own test binary, with a single test: it samples this process's resident memory, which
+//! tests running beside it in one process would disturb.
+
+#[allow(dead_code)]
+mod util;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,9 +16,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use slipway_router::RouterConfig;
 
-use crate::util::{
-    full, vm_rss_kib, BoxError, Client, Req, TestBody, TestRouter, TestUpstream, DEADLINE,
-};
+use util::{full, vm_rss_kib, BoxError, Client, Req, TestBody, TestRouter, TestUpstream, DEADLINE};
 
 const CHUNK_LEN: usize = 64 * 1024;
 const CHUNKS: usize = 1600;

@@ -6,6 +6,5 @@ mod proxy;
 mod routing;
 mod server;
 mod static_files;
-mod streaming;
 mod swap;
 mod websocket;

@@ -39,3 +39,15 @@ async fn a_gigabyte_of_output_does_not_grow_slipways_memory() {
     assert!(growth < 16 << 20, "RSS grew by {growth} bytes");
     sb.destroy().await.unwrap();
 }
+
+/// This process's resident set size in bytes.
+pub fn vm_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}

@@ -213,15 +213,3 @@ pub fn processes_with_mount(needle: &str) -> Vec<String> {
     }
     pids
 }
-
-/// This process's resident set size in bytes.
-pub fn vm_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb * 1024
-}
