@@ -388,7 +388,7 @@ async fn a_slow_consumer_blocks_the_workload_instead_of_buffering() {
         rx.len()
     );
     drop(rx);
-    let status = yes.kill(Duration::from_millis(500)).await.unwrap();
+    let status = yes.kill(Duration::from_secs(10)).await.unwrap();
     assert_eq!(
         status.reason,
         Some(TerminationReason::Stopped { forced: false })
