@@ -4,6 +4,9 @@
 //! product.
 //!
 //! Run as root: `cargo bench -p slipway-sandbox --bench provision`
+//! In the interleaved rounds each slipway life starts with a ready spare (the bench waits,
+//! untimed, for the driver's next spare after each life); the back-to-back block after them
+//! does not wait, so each create there also pays for (part of) building its spare.
 //! Iterations: `SLIPWAY_BENCH_ITERS` (default 100). `SLIPWAY_BENCH_QUICK=1` measures only
 //! slipway over the 10-file lower dir (for profiling, e.g. under `strace -f`).
 
@@ -77,6 +80,19 @@ const BWRAP: [&str; 21] = [
     "/bin/true",
 ];
 
+/// CPU time (user + system) of this process and of every descendant it has reaped: the
+/// helpers, and through them the sandboxes' inits and commands.
+fn cpu_time() -> Duration {
+    let get = |who| {
+        // SAFETY: getrusage fills the struct we own.
+        let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(who, &mut r) };
+        let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        tv(r.ru_utime) + tv(r.ru_stime)
+    };
+    get(libc::RUSAGE_SELF) + get(libc::RUSAGE_CHILDREN)
+}
+
 /// One run of a reference command, or `None` if it is unavailable or fails.
 fn time_command(program: &str, args: &[&str]) -> Option<Duration> {
     let start = Instant::now();
@@ -104,6 +120,15 @@ async fn time_slipway(driver: &LinuxDriver, lower: &Path, iters: usize, tag: &st
         one_slipway(driver, lower, &format!("{tag}-{i}"), &mut phases).await;
     }
     phases
+}
+
+/// Waits (untimed) until the driver's next spare is ready, so that building it overlaps
+/// neither the next row nor the next life: rows measure a sandbox made from a ready spare.
+fn wait_for_spare(driver: &LinuxDriver) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while driver.spare_stats().ready_init_pid.is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(200));
+    }
 }
 
 /// One sandbox life: create, exec `true`, destroy.
@@ -153,8 +178,9 @@ fn main() {
         .build()
         .unwrap();
 
-    // Warm-up: page cache, cgroup parents, the spawner thread.
+    // Warm-up: page cache, cgroup parents, the spawner thread, the /etc template.
     rt.block_on(time_slipway(&driver, &small, 5, "warm"));
+    wait_for_spare(&driver);
     if quick {
         let p = rt.block_on(time_slipway(&driver, &small, iters, "q"));
         for (name, v) in [
@@ -205,21 +231,51 @@ fn main() {
                         }
                     }
                 }
-                2 => rt.block_on(one_slipway(
-                    &driver,
-                    &small,
-                    &format!("s-{i}"),
-                    &mut slip_small,
-                )),
-                _ => rt.block_on(one_slipway(
-                    &driver,
-                    &large,
-                    &format!("l-{i}"),
-                    &mut slip_large,
-                )),
+                2 => {
+                    rt.block_on(one_slipway(
+                        &driver,
+                        &small,
+                        &format!("s-{i}"),
+                        &mut slip_small,
+                    ));
+                    wait_for_spare(&driver);
+                }
+                _ => {
+                    rt.block_on(one_slipway(
+                        &driver,
+                        &large,
+                        &format!("l-{i}"),
+                        &mut slip_large,
+                    ));
+                    wait_for_spare(&driver);
+                }
             }
         }
     }
+    let rounds_spares = driver.spare_stats();
+    wait_for_spare(&driver);
+
+    // Back to back: sandbox lives with nothing in between, so each create finds the spare
+    // started by the previous one still being built (and waits for it). CPU per life from
+    // getrusage, next to the floor's (kernel work done asynchronously, e.g. network namespace
+    // teardown in a kworker, is in neither).
+    let before = driver.spare_stats();
+    let cpu0 = cpu_time();
+    let mut b2b = Phases::default();
+    for i in 0..iters {
+        rt.block_on(one_slipway(&driver, &small, &format!("b-{i}"), &mut b2b));
+    }
+    let slip_cpu = (cpu_time() - cpu0) / iters as u32;
+    let b2b_spares = driver.spare_stats();
+    let cpu0 = cpu_time();
+    let mut floor_b2b = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        if let Some(d) = time_command("unshare", &UNSHARE) {
+            floor_b2b.push(d);
+        }
+    }
+    let floor_cpu = (cpu_time() - cpu0) / iters as u32;
+
     let unshare = (unshare_s.len() == iters).then(|| stats(unshare_s));
     let bwrap = (bwrap_ok && bwrap_s.len() == iters).then(|| stats(bwrap_s));
 
@@ -265,6 +321,31 @@ fn main() {
             ratio(total.median)
         );
     }
+    println!(
+        "\nspares in the rounds: {} used ready, {} built on demand, {} discarded",
+        rounds_spares.used, rounds_spares.built_on_demand, rounds_spares.discarded
+    );
+    let b2b_total = stats(b2b.total.clone());
+    let floor_b2b = (floor_b2b.len() == iters).then(|| stats(floor_b2b));
+    println!(
+        "\nback to back ({iters} lives in a row, then {iters} floor runs in a row):\n  \
+         slipway median {} p90 {} (create {} / exec {} / destroy {}); floor median {}\n  \
+         spares: {} used (incl. waited for), {} built on demand\n  \
+         CPU per life (getrusage, self + reaped descendants): slipway {}, floor {} ({:.2}×)",
+        ms(b2b_total.median),
+        ms(b2b_total.p90),
+        ms(stats(b2b.create.clone()).median),
+        ms(stats(b2b.exec.clone()).median),
+        ms(stats(b2b.destroy.clone()).median),
+        floor_b2b
+            .map(|s| ms(s.median))
+            .unwrap_or_else(|| "-".into()),
+        b2b_spares.used - before.used,
+        b2b_spares.built_on_demand - before.built_on_demand,
+        ms(slip_cpu),
+        ms(floor_cpu),
+        slip_cpu.as_secs_f64() / floor_cpu.as_secs_f64().max(1e-9),
+    );
     println!("\nslipway phases (median, 10-file lower dir / 100,000-file lower dir):");
     for (name, small, large) in [
         ("create", &slip_small.create, &slip_large.create),
@@ -277,6 +358,9 @@ fn main() {
             ms(stats(large.clone()).median)
         );
     }
+    // The driver's spare (a cgroup under the parent) goes with the driver and the runtime.
+    drop(driver);
+    drop(rt);
     for root in std::fs::read_dir("/sys/fs/cgroup")
         .into_iter()
         .flatten()

@@ -6,7 +6,7 @@
 //! processes in the cgroup. This removes all three.
 
 use crate::driver::{
-    remove_state_dir, LinuxDriver, ETC_TEMPLATE_PREFIX, FREE_DIR_PREFIX, INIT_RECORD,
+    remove_state_dir, LinuxDriver, ETC_TEMPLATE_PREFIX, FREE_DIR_PREFIX, INIT_RECORD, SPARE_PREFIX,
 };
 use crate::privileged::cgroup::{self, Cgroup};
 use std::fs;
@@ -67,6 +67,23 @@ pub(crate) fn cleanup_leftovers(driver: &LinuxDriver) -> CleanupReport {
             }
         }
     }
+    // Spares (pre-built sandboxes not handed out yet) of drivers whose process is gone: their
+    // cgroup and state directory, under a `.spare-<pid>-…` name. A live process's spares are
+    // its own business (they die with it).
+    for name in ids.iter().filter(|n| is_dead_spare(driver, n)) {
+        let cg = Cgroup::at(driver.layout(), &config.cgroup_parent, name);
+        report.killed_processes += cg.pids().len();
+        let timeout = Duration::from_secs(5);
+        if let Err(e) = cg.kill_all(timeout).and_then(|()| cg.remove(timeout)) {
+            report.errors.push(format!("spare {name}: {e}"));
+            continue;
+        }
+        if let Err((path, e)) = remove_state_dir(&config.state_dir.join(name)) {
+            report
+                .errors
+                .push(format!("spare {name}: removing {}: {e}", path.display()));
+        }
+    }
     for id in ids.into_iter().filter(|id| looks_like_id(id)) {
         let state_dir = config.state_dir.join(&id);
         // An init that somehow survived its helper: kill it, but only if the pid still names
@@ -103,4 +120,19 @@ pub(crate) fn cleanup_leftovers(driver: &LinuxDriver) -> CleanupReport {
         report.sandboxes.push(id);
     }
     report
+}
+
+/// A spare's name (`.spare-<pid>-<random>-<n>`) from another driver whose process is gone.
+fn is_dead_spare(driver: &LinuxDriver, name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(SPARE_PREFIX) else {
+        return false;
+    };
+    if name.starts_with(driver.spare_prefix()) {
+        return false;
+    }
+    match rest.split('-').next().and_then(|p| p.parse::<i32>().ok()) {
+        // SAFETY: kill(2) with signal 0 only checks whether the process exists.
+        Some(pid) if pid > 0 => unsafe { libc::kill(pid, 0) != 0 },
+        _ => true,
+    }
 }

@@ -8,15 +8,14 @@ use crate::privileged::netns::NetnsSockets;
 use crate::privileged::proto::{self, ForkRequest, InitConfig, Reply, Request};
 use crate::privileged::INIT_SUBCOMMAND;
 use crate::process::{pidfd_kill, pidfd_open, Control, ExecError, ExitStatus, Process};
+use crate::spawner::HelperChild;
 use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -113,10 +112,22 @@ pub struct LinuxDriver {
     etc_templates: Arc<tokio::sync::Mutex<EtcTemplates>>,
     /// Name prefix of this driver's /etc templates inside the state dir.
     etc_prefix: String,
-    /// An init helper started ahead of time, waiting for its config (see `Spare`).
-    spare: Arc<Mutex<Option<Spare>>>,
+    /// A sandbox built ahead of time (see `Spare`).
+    spare: Arc<SpareSlot>,
+    /// `.spare-<pid>-<random>-`: name prefix of this driver's spares (state dir and cgroup).
+    spare_prefix: String,
+    spare_next: Arc<std::sync::atomic::AtomicU64>,
     state_dirs: Arc<StateDirs>,
 }
+
+/// How long after a `create` the next spare is started at the latest (it starts at once when
+/// the new sandbox is destroyed sooner). Building a spare takes a few milliseconds of CPU and
+/// contends for the kernel's mount, cgroup and network-namespace locks; a sandbox's first
+/// command (or a whole short life) should not share the machine with it.
+const REFILL_DELAY: Duration = Duration::from_millis(20);
+
+/// Name prefix of a spare's state directory and cgroup until it is assigned.
+pub(crate) const SPARE_PREFIX: &str = ".spare-";
 
 /// Name prefix of the empty directories a state dir keeps for reuse.
 pub(crate) const FREE_DIR_PREFIX: &str = ".free-";
@@ -219,37 +230,104 @@ impl Drop for StateDirs {
     }
 }
 
-/// An init helper started before it is needed: its fork, exec, dynamic loading and start-up
-/// are off the path of `create`. It holds no privilege it uses and has joined nothing; it
-/// waits for its config on the control socket. Dropping it (with the driver) kills it.
-#[derive(Debug)]
-struct Spare {
-    child: Option<std::process::Child>,
-    control: Option<OwnedFd>,
+/// What a spare sandbox was built for. A spare is only used for a spec with the same key;
+/// any other is discarded (a spare made before the configuration changed is never used).
+/// Everything else about a sandbox (id, snapshot, limits) is applied when it is assigned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SpareKey {
+    uid: u32,
+    gid: u32,
+    hostname: String,
+    toolchain_paths: Vec<PathBuf>,
+    tmp_bytes: u64,
+    home_bytes: u64,
+    shm_bytes: u64,
 }
 
-impl Spare {
-    fn into_parts(mut self) -> (std::process::Child, OwnedFd) {
-        (
-            self.child.take().expect("spare child"),
-            self.control.take().expect("spare control"),
-        )
-    }
-}
-
-impl Drop for Spare {
-    fn drop(&mut self) {
-        drop(self.control.take());
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+impl SpareKey {
+    fn of(spec: &SandboxSpec) -> Self {
+        Self {
+            uid: spec.uid,
+            gid: spec.gid,
+            hostname: spec.hostname.clone(),
+            toolchain_paths: spec.toolchain_paths.clone(),
+            tmp_bytes: spec.limits.tmp_bytes,
+            home_bytes: spec.limits.home_bytes,
+            shm_bytes: spec.limits.shm_bytes,
         }
     }
 }
 
+/// A pre-built sandbox: its helper has made the namespaces, its init has built the whole root
+/// but the workspace, pivoted into it and sits in a cgroup of its own (named `.spare-…`, no
+/// limits yet) waiting for `Assign`. It becomes exactly one sandbox (`LinuxDriver::assign`);
+/// dropped unused it is destroyed like any sandbox.
+#[derive(Debug)]
+struct Spare {
+    key: SpareKey,
+    /// The CPU bandwidth already written to its cgroup (that of the spec it was built after).
+    cpu_millis: Option<u64>,
+    inner: Inner,
+}
+
+impl Spare {
+    /// Init is still there and has said nothing since `ready` (it only speaks on error or by
+    /// hanging up).
+    fn alive(&self) -> bool {
+        let exited = self
+            .inner
+            .init_pidfd
+            .as_ref()
+            .is_none_or(|fd| wait_readable(fd, Duration::ZERO));
+        let quiet = self.inner.control.as_ref().is_some_and(|c| !c.has_input());
+        !exited && quiet
+    }
+}
+
+/// What became of the spare when `LinuxDriver::assign` failed.
+#[derive(Debug)]
+enum Fate {
+    /// Nothing was sent to it: it can serve another sandbox.
+    Untouched(Box<Spare>),
+    /// Its init was gone before it mounted the workspace; destroyed.
+    Died,
+    /// Destroyed after a failure that was not the spare's.
+    Destroyed,
+}
+
+/// The driver's spare and what is known about it.
+#[derive(Debug, Default)]
+struct SpareSlot {
+    ready: Mutex<Option<Spare>>,
+    /// The key of the spare being built in the background, if one is.
+    building: Mutex<Option<SpareKey>>,
+    /// A build scheduled but not started (`refill_spare_later`): its number, key and spec.
+    pending: Mutex<Option<(u64, SpareKey, SandboxSpec)>>,
+    next_pending: std::sync::atomic::AtomicU64,
+    /// Woken when a background build ends (with or without a spare).
+    built: tokio::sync::Notify,
+    used: std::sync::atomic::AtomicU64,
+    built_on_demand: std::sync::atomic::AtomicU64,
+    discarded: std::sync::atomic::AtomicU64,
+}
+
+/// How a driver's spares have fared (for benchmarks and tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SpareStats {
+    /// Sandboxes made from a spare that was ready (or finished while `create` waited for it).
+    pub used: u64,
+    /// Sandboxes whose spare had to be built inside `create` (none ready or being built for
+    /// the same configuration).
+    pub built_on_demand: u64,
+    /// Spares thrown away unused: built for another configuration, or dead.
+    pub discarded: u64,
+    /// Host pid of the ready spare's init, if one is waiting.
+    pub ready_init_pid: Option<i32>,
+}
+
 /// Starts an init helper with a fresh control socket on its descriptor 3. It waits for its
 /// config there.
-async fn spawn_helper(helper_exe: &Path) -> io::Result<(std::process::Child, OwnedFd)> {
+async fn spawn_helper(helper_exe: &Path) -> io::Result<(HelperChild, OwnedFd)> {
     let (ours, theirs) = proto::socket_pair()?;
     // Replies about commands carry their pid as credentials, translated by the kernel.
     proto::set_sockopt(ours.as_fd(), libc::SOL_SOCKET, libc::SO_PASSCRED, 1)?;
@@ -258,52 +336,8 @@ async fn spawn_helper(helper_exe: &Path) -> io::Result<(std::process::Child, Own
     if proto::set_sockopt(ours.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, sndbuf).is_err() {
         let _ = proto::set_sockopt(ours.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, sndbuf);
     }
-    let mut cmd = Command::new(helper_exe);
-    cmd.arg(INIT_SUBCOMMAND)
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .process_group(0);
-    let raw = theirs.as_raw_fd();
-    // SAFETY: runs in the forked child before exec and only calls async-signal-safe functions
-    // (dup2, fcntl); it allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            if raw == proto::CONTROL_FD {
-                if libc::fcntl(raw, libc::F_SETFD, 0) == -1 {
-                    return Err(io::Error::last_os_error());
-                }
-            } else if libc::dup2(raw, proto::CONTROL_FD) == -1 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = crate::spawner::spawn(cmd).await?;
-    drop(theirs);
+    let child = crate::spawner::spawn_helper(helper_exe, INIT_SUBCOMMAND, theirs).await?;
     Ok((child, ours))
-}
-
-/// Starts a spare helper in the background unless one is waiting already.
-fn refill_spare(slot: &Arc<Mutex<Option<Spare>>>, helper_exe: &Path) {
-    if lock(slot).is_some() {
-        return;
-    }
-    let (slot, exe) = (slot.clone(), helper_exe.to_path_buf());
-    tokio::spawn(async move {
-        if let Ok((child, control)) = spawn_helper(&exe).await {
-            let spare = Spare {
-                child: Some(child),
-                control: Some(control),
-            };
-            let mut guard = lock(&slot);
-            if guard.is_none() {
-                *guard = Some(spare);
-            }
-            // Otherwise another refill won; `spare` is dropped (killed) after the guard.
-        }
-    });
 }
 
 /// /etc template directories by (uid, gid, hostname).
@@ -353,6 +387,12 @@ impl LinuxDriver {
             etc_templates: Arc::default(),
             etc_prefix,
             spare: Arc::default(),
+            spare_prefix: format!(
+                "{SPARE_PREFIX}{}-{:08x}-",
+                std::process::id(),
+                rand::random::<u32>()
+            ),
+            spare_next: Arc::default(),
             state_dirs: Arc::new(StateDirs::new(config_state_dir)),
         })
     }
@@ -363,6 +403,21 @@ impl LinuxDriver {
 
     pub(crate) fn free_dir_prefix(&self) -> &str {
         self.state_dirs.prefix()
+    }
+
+    pub(crate) fn spare_prefix(&self) -> &str {
+        &self.spare_prefix
+    }
+
+    /// How this driver's spares have fared so far.
+    pub fn spare_stats(&self) -> SpareStats {
+        let slot = &self.spare;
+        SpareStats {
+            used: slot.used.load(Ordering::Relaxed),
+            built_on_demand: slot.built_on_demand.load(Ordering::Relaxed),
+            discarded: slot.discarded.load(Ordering::Relaxed),
+            ready_init_pid: lock(&slot.ready).as_ref().map(|s| s.inner.init_pid),
+        }
     }
 
     /// This driver's /etc template for `spec`, built the first time it is needed.
@@ -408,83 +463,60 @@ impl LinuxDriver {
     pub async fn create(&self, spec: SandboxSpec) -> Result<Sandbox, CreateError> {
         spec.validate()?;
         let id = spec.id.clone();
-        let state_dir = self.config.state_dir.join(&id);
-        let state_err = |path: &Path| {
-            let (id, path) = (id.clone(), path.to_path_buf());
-            move |source| CreateError::StateDir { id, path, source }
-        };
+        let state_root = &self.config.state_dir;
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&self.config.state_dir)
-            .map_err(state_err(&self.config.state_dir))?;
-        match self.state_dirs.claim(&state_dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(CreateError::Exists { id });
-            }
-            Err(e) => return Err(state_err(&state_dir)(e)),
+            .create(state_root)
+            .map_err(|source| CreateError::StateDir {
+                id: id.clone(),
+                path: state_root.clone(),
+                source,
+            })?;
+        // A quick refusal; the atomic claim of the id is the rename in `assign`.
+        if fs::symlink_metadata(state_root.join(&id)).is_ok() {
+            return Err(CreateError::Exists { id });
         }
-        let etc_dir = match self.etc_template(&spec).await {
-            Ok(dir) => dir,
-            Err(e) => {
-                let _ = fs::remove_dir_all(&state_dir);
-                return Err(e);
+        let key = SpareKey::of(&spec);
+        let mut taken = self.take_spare(&key).await;
+        let mut retried = false;
+        let inner = loop {
+            let from_spare = taken.is_some();
+            let spare = match taken.take() {
+                Some(spare) => spare,
+                None => {
+                    self.spare.built_on_demand.fetch_add(1, Ordering::Relaxed);
+                    self.build_spare(&key, &spec, &id).await?
+                }
+            };
+            let assigned = self.assign(spare, spec.clone()).await;
+            match assigned {
+                Ok(inner) => {
+                    if from_spare {
+                        self.spare.used.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // The spare is used up: the next one is built in the background, for
+                    // the configuration just asked for, once this sandbox is past its first
+                    // moments (see `REFILL_DELAY`).
+                    self.refill_spare_later(&key, &spec, inner.gone.clone());
+                    break inner;
+                }
+                Err((err, Fate::Untouched(spare))) => {
+                    self.put_back(*spare);
+                    return Err(err);
+                }
+                // A ready spare that died before it could be used (killed from outside, or
+                // its init failed): it is gone; build one for this sandbox instead, once.
+                Err((_, Fate::Died)) if from_spare && !retried => {
+                    self.spare.discarded.fetch_add(1, Ordering::Relaxed);
+                    retried = true;
+                }
+                Err((err, _)) => {
+                    self.refill_spare(&key, &spec);
+                    return Err(err);
+                }
             }
         };
-        let cgroup_parents = match Cgroup::parent_dirs(&self.layout, &self.config.cgroup_parent) {
-            Ok(dirs) => dirs,
-            Err(source) => {
-                let _ = fs::remove_dir_all(&state_dir);
-                return Err(CreateError::Cgroup { id, source });
-            }
-        };
-        // Created by `start_init` while init builds the root.
-        let cgroup = Cgroup::at(&self.layout, &self.config.cgroup_parent, &id);
-        let limits = CgroupLimits {
-            memory_bytes: spec.limits.memory_bytes,
-            pids_max: spec.limits.pids_max,
-            cpu_millis: spec.limits.cpu_millis,
-        };
-
-        // The state directory itself is the root's mount point (in init's mount namespace
-        // only; on the host it stays an empty directory).
-        let init = InitConfig {
-            parent_pid: std::process::id() as i32,
-            cgroup_parents,
-            cgroup_name: id.clone(),
-            root_dir: state_dir.clone(),
-            lower_dir: spec.lower_dir.clone(),
-            etc_dir,
-            toolchain_paths: spec.toolchain_paths.clone(),
-            uid: spec.uid,
-            gid: spec.gid,
-            hostname: spec.hostname.clone(),
-            workspace_bytes: spec.limits.workspace_bytes,
-            tmp_bytes: spec.limits.tmp_bytes,
-            home_bytes: spec.limits.home_bytes,
-            shm_bytes: spec.limits.shm_bytes,
-        };
-        let mut inner = Inner {
-            id: id.clone(),
-            spec,
-            config: self.config.clone(),
-            state_dir,
-            state_dirs: self.state_dirs.clone(),
-            cgroup,
-            init_pid: 0,
-            init_pidfd: None,
-            helper: Mutex::new(None),
-            control: None,
-            netns: Mutex::new(Netns::Gone),
-            proxy: Mutex::new(None),
-            egress_policy: Mutex::new(None),
-            destroyed: AtomicBool::new(false),
-        };
-        match inner.start_init(&init, limits, &self.spare).await {
-            Ok(()) => {}
-            Err(e) => return Err(fail_create(inner, e)),
-        }
         let sandbox = Sandbox {
             inner: Arc::new(inner),
         };
@@ -512,6 +544,320 @@ impl LinuxDriver {
             *lock(&sandbox.inner.proxy) = Some(task);
         }
         Ok(sandbox)
+    }
+
+    /// Takes the ready spare if it was built for `key` and is alive; a spare built for
+    /// another configuration, or dead, is discarded. When a spare for `key` is being built (or
+    /// scheduled: then it is started now), waits for it rather than building a second one.
+    async fn take_spare(&self, key: &SpareKey) -> Option<Spare> {
+        let slot = &self.spare;
+        let deadline = tokio::time::Instant::now() + self.config.setup_timeout;
+        loop {
+            let notified = slot.built.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(spare) = lock(&slot.ready).take() {
+                if spare.key == *key && spare.alive() {
+                    return Some(spare);
+                }
+                self.discard(spare);
+            }
+            self.start_pending(key);
+            if lock(&slot.building).as_ref() != Some(key) {
+                return None;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Destroys an unused spare, off the caller's path.
+    fn discard(&self, spare: Spare) {
+        self.spare.discarded.fetch_add(1, Ordering::Relaxed);
+        tokio::task::spawn_blocking(move || drop(spare));
+    }
+
+    /// Puts back a spare that `assign` did not touch (the id was taken).
+    fn put_back(&self, spare: Spare) {
+        let mut ready = lock(&self.spare.ready);
+        if ready.is_none() && spare.alive() {
+            *ready = Some(spare);
+        } else {
+            drop(ready);
+            self.discard(spare);
+        }
+    }
+
+    /// Starts building the next spare when `gone` is notified (the sandbox that used the last
+    /// one was destroyed) or after `REFILL_DELAY`, whichever comes first.
+    fn refill_spare_later(
+        &self,
+        key: &SpareKey,
+        spec: &SandboxSpec,
+        gone: Arc<tokio::sync::Notify>,
+    ) {
+        let slot = &self.spare;
+        let token = slot.next_pending.fetch_add(1, Ordering::Relaxed);
+        *lock(&slot.pending) = Some((token, key.clone(), spec.clone()));
+        let driver = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = gone.notified() => {}
+                () = tokio::time::sleep(REFILL_DELAY) => {}
+            }
+            // Unless a `create` has started it already (or a later schedule replaced it).
+            let mine = {
+                let mut pending = lock(&driver.spare.pending);
+                match pending.as_ref() {
+                    Some((t, ..)) if *t == token => pending.take(),
+                    _ => None,
+                }
+            };
+            if let Some((_, key, spec)) = mine {
+                driver.refill_spare(&key, &spec);
+            }
+        });
+    }
+
+    /// Starts the scheduled build now if it is for `key` (a `create` is waiting for it).
+    fn start_pending(&self, key: &SpareKey) {
+        let started = {
+            let mut pending = lock(&self.spare.pending);
+            match pending.as_ref() {
+                Some((_, k, _)) if k == key => pending.take(),
+                _ => None,
+            }
+        };
+        if let Some((_, key, spec)) = started {
+            self.refill_spare(&key, &spec);
+        }
+    }
+
+    /// Starts building a spare for `key` in the background, unless one is being built or one
+    /// for `key` is ready.
+    fn refill_spare(&self, key: &SpareKey, spec: &SandboxSpec) {
+        if lock(&self.spare.ready).as_ref().is_some_and(|s| s.key == *key) {
+            return;
+        }
+        {
+            let mut building = lock(&self.spare.building);
+            if building.is_some() {
+                return;
+            }
+            *building = Some(key.clone());
+        }
+        let (driver, key, spec) = (self.clone(), key.clone(), spec.clone());
+        tokio::spawn(async move {
+            let built = driver.build_spare(&key, &spec, "(spare)").await;
+            let old = match built {
+                Ok(spare) => lock(&driver.spare.ready).replace(spare),
+                Err(e) => {
+                    tracing::warn!(error = %e, "building a spare sandbox failed");
+                    None
+                }
+            };
+            *lock(&driver.spare.building) = None;
+            driver.spare.built.notify_waiters();
+            if let Some(old) = old {
+                driver.discard(old);
+            }
+        });
+    }
+
+    /// Builds a spare for `key`: state directory and cgroup under a `.spare-…` name, the
+    /// helper's namespaces, init's root. `err_id` names the sandbox in errors.
+    async fn build_spare(
+        &self,
+        key: &SpareKey,
+        spec: &SandboxSpec,
+        err_id: &str,
+    ) -> Result<Spare, CreateError> {
+        let n = self.spare_next.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{}{n}", self.spare_prefix);
+        let root_dir = self.config.state_dir.join(&name);
+        self.state_dirs
+            .claim(&root_dir)
+            .map_err(|source| CreateError::StateDir {
+                id: err_id.to_string(),
+                path: root_dir.clone(),
+                source,
+            })?;
+        // From here on, dropping `inner` (an error, or this future cancelled) destroys
+        // whatever exists of the spare.
+        let mut inner = Inner {
+            id: name.clone(),
+            spec: spec.clone(),
+            config: self.config.clone(),
+            state_dir: root_dir.clone(),
+            state_dirs: self.state_dirs.clone(),
+            cgroup: Cgroup::at(&self.layout, &self.config.cgroup_parent, &name),
+            init_pid: 0,
+            init_pidfd: None,
+            helper: Mutex::new(None),
+            control: None,
+            netns: Mutex::new(Netns::Gone),
+            proxy: Mutex::new(None),
+            egress_policy: Mutex::new(None),
+            destroyed: AtomicBool::new(false),
+            gone: Arc::default(),
+        };
+        let etc_dir = match self.etc_template(spec).await {
+            Ok(dir) => dir,
+            Err(e) => return Err(fail_create(inner, e)),
+        };
+        let cgroup_parents = match Cgroup::parent_dirs(&self.layout, &self.config.cgroup_parent) {
+            Ok(dirs) => dirs,
+            Err(source) => {
+                let id = err_id.to_string();
+                return Err(fail_create(inner, CreateError::Cgroup { id, source }));
+            }
+        };
+        // The state directory itself is the root's mount point (in init's mount namespace
+        // only; on the host it stays an empty directory).
+        let init = InitConfig {
+            parent_pid: std::process::id() as i32,
+            cgroup_parents,
+            cgroup_name: name,
+            root_dir,
+            etc_dir,
+            toolchain_paths: key.toolchain_paths.clone(),
+            uid: key.uid,
+            gid: key.gid,
+            hostname: key.hostname.clone(),
+            tmp_bytes: key.tmp_bytes,
+            home_bytes: key.home_bytes,
+            shm_bytes: key.shm_bytes,
+        };
+        let cpu_millis = spec.limits.cpu_millis;
+        match inner.start_init(&init, cpu_millis, err_id).await {
+            Ok(()) => Ok(Spare {
+                key: key.clone(),
+                cpu_millis,
+                inner,
+            }),
+            Err(e) => Err(fail_create(inner, e)),
+        }
+    }
+
+    /// Makes `spare` sandbox `spec.id`: claims the id (the spare's state directory renamed),
+    /// sends init the lower dir to mount the workspace over, renames the cgroup (v1) and
+    /// writes the limits meanwhile. On an error before anything was sent, the spare comes back
+    /// untouched.
+    async fn assign(&self, spare: Spare, spec: SandboxSpec) -> Result<Inner, (CreateError, Fate)> {
+        let id = spec.id.clone();
+        let lower = match crate::privileged::detached_tree(&spec.lower_dir) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let message = format!("open lower dir {}: {e}", spec.lower_dir.display());
+                return Err((
+                    CreateError::Setup { id, message },
+                    Fate::Untouched(Box::new(spare)),
+                ));
+            }
+        };
+        let state_dir = self.config.state_dir.join(&id);
+        match rename_noreplace(&spare.inner.state_dir, &state_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err((CreateError::Exists { id }, Fate::Untouched(Box::new(spare))));
+            }
+            Err(source) => {
+                let path = state_dir.clone();
+                return Err((
+                    CreateError::StateDir { id, path, source },
+                    Fate::Untouched(Box::new(spare)),
+                ));
+            }
+        }
+        let Spare {
+            mut inner,
+            cpu_millis: spare_cpu,
+            ..
+        } = spare;
+        inner.id = id.clone();
+        inner.state_dir = state_dir;
+        let limits = CgroupLimits {
+            memory_bytes: spec.limits.memory_bytes,
+            pids_max: spec.limits.pids_max,
+            cpu_millis: spec.limits.cpu_millis,
+        };
+        let assign = proto::Assign {
+            workspace_bytes: spec.limits.workspace_bytes,
+        };
+        inner.spec = spec;
+        let control = inner
+            .control
+            .clone()
+            .expect("a spare has its control socket");
+        let data = serde_json::to_vec(&assign).expect("assign serializes");
+        if let Err(source) = control.send(&data, &[lower.as_raw_fd()]).await {
+            let err = CreateError::Spawn { id, source };
+            return Err((fail_create(inner, err), Fate::Died));
+        }
+        drop(lower);
+        // While init mounts the workspace: the cgroup gets the sandbox's name (v1; v2 cannot
+        // rename, the cgroup keeps its spare name) and its limits, before any command runs.
+        let named = inner.cgroup.rename(&id).map(drop);
+        let cpu = || match limits.cpu_millis == spare_cpu {
+            true => Ok(()),
+            false => inner.cgroup.write_cpu(limits.cpu_millis),
+        };
+        let written = named
+            .and_then(|()| inner.cgroup.write_memory_pids(limits))
+            .and_then(|()| cpu());
+        if let Err(source) = written {
+            let err = CreateError::Cgroup { id, source };
+            return Err((fail_create(inner, err), Fate::Destroyed));
+        }
+        let talk = async {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let packet = control.recv(&mut buf).await?;
+                if packet.len == 0 {
+                    return Err(io::Error::other("the sandbox's init exited early"));
+                }
+                match std::str::from_utf8(&buf[..packet.len])
+                    .ok()
+                    .and_then(proto::parse_reply)
+                {
+                    Some(Reply::Assigned) => return Ok::<_, io::Error>(Ok(())),
+                    Some(Reply::Error(message)) => return Ok(Err(message)),
+                    _ => {}
+                }
+            }
+        };
+        let timeout = self.config.setup_timeout;
+        let result = match tokio::time::timeout(timeout, talk).await {
+            Err(_) => Err((
+                CreateError::SetupTimeout {
+                    id: id.clone(),
+                    timeout,
+                },
+                Fate::Destroyed,
+            )),
+            // The socket hung up or failed: init is gone.
+            Ok(Err(e)) => Err((
+                CreateError::Setup {
+                    id: id.clone(),
+                    message: e.to_string(),
+                },
+                Fate::Died,
+            )),
+            Ok(Ok(Err(message))) => Err((
+                CreateError::Setup {
+                    id: id.clone(),
+                    message,
+                },
+                Fate::Destroyed,
+            )),
+            Ok(Ok(Ok(()))) => Ok(()),
+        };
+        if let Err((e, fate)) = result {
+            return Err((fail_create(inner, e), fate));
+        }
+        control.start_reader();
+        Ok(inner)
     }
 
     /// Removes what sandboxes of a dead slipway process left behind: their processes (if any
@@ -561,7 +907,7 @@ struct Inner {
     init_pid: i32,
     init_pidfd: Option<OwnedFd>,
     /// The init helper (init's parent in the host pid namespace).
-    helper: Mutex<Option<std::process::Child>>,
+    helper: Mutex<Option<HelperChild>>,
     /// The control socket to init, which starts every command.
     control: Option<Arc<Control>>,
     netns: Mutex<Netns>,
@@ -569,6 +915,8 @@ struct Inner {
     /// The build egress policy while egress is open; closing it cuts every proxied connection.
     egress_policy: Mutex<Option<Arc<EgressPolicy>>>,
     destroyed: AtomicBool,
+    /// Notified (one stored permit) when the sandbox is destroyed.
+    gone: Arc<tokio::sync::Notify>,
 }
 
 /// The sandbox's network namespace, as far as the platform uses it. The socket thread is
@@ -587,50 +935,35 @@ enum Netns {
 pub(crate) const INIT_RECORD: &str = "init";
 
 impl Inner {
+    /// Starts a helper for a spare, sends it `init`, creates the spare's cgroup (no limits)
+    /// while the helper makes the namespaces and init builds the root, and waits for `pid`
+    /// and `ready`. `err_id` names the sandbox in errors.
     async fn start_init(
         &mut self,
         init: &InitConfig,
-        limits: CgroupLimits,
-        spare: &Arc<Mutex<Option<Spare>>>,
+        cpu_millis: Option<u64>,
+        err_id: &str,
     ) -> Result<(), CreateError> {
-        let id = self.id.clone();
+        let id = err_id.to_string();
         let spawn_err = |source| CreateError::Spawn {
             id: id.clone(),
             source,
         };
         let config = serde_json::to_vec(init).expect("init config serializes");
-        // The spare helper if one is waiting (and still alive), else a new one. The config is
-        // the first packet on the control socket.
-        let taken = lock(spare).take().map(Spare::into_parts);
-        refill_spare(spare, &self.config.helper_exe);
-        let mut started = None;
-        if let Some((child, ours)) = taken {
-            if proto::send_packet(ours.as_fd(), &config, &[], None, libc::MSG_DONTWAIT).is_ok() {
-                started = Some((child, ours));
-            } else {
-                drop(Spare {
-                    child: Some(child),
-                    control: Some(ours),
-                });
-            }
-        }
-        let (child, ours) = match started {
-            Some(parts) => parts,
-            None => {
-                let (child, ours) = spawn_helper(&self.config.helper_exe)
-                    .await
-                    .map_err(spawn_err)?;
-                // Owned here at once, so that an error below still reaps it (destroy).
-                *lock(&self.helper) = Some(child);
-                proto::send_packet(ours.as_fd(), &config, &[], None, 0).map_err(spawn_err)?;
-                let child = lock(&self.helper).take().expect("helper just stored");
-                (child, ours)
-            }
-        };
+        let (child, ours) = spawn_helper(&self.config.helper_exe)
+            .await
+            .map_err(spawn_err)?;
+        // Owned here at once, so that an error below still reaps it (destroy).
         *lock(&self.helper) = Some(child);
+        proto::send_packet(ours.as_fd(), &config, &[], None, 0).map_err(spawn_err)?;
         // The helper makes the namespaces and init builds the root meanwhile.
+        let cpu = |cg: &Cgroup| match cpu_millis {
+            Some(_) => cg.write_cpu(cpu_millis),
+            None => Ok(()),
+        };
         self.cgroup
-            .make(limits)
+            .make_dirs()
+            .and_then(|()| cpu(&self.cgroup))
             .map_err(|source| CreateError::Cgroup {
                 id: id.clone(),
                 source,
@@ -638,6 +971,8 @@ impl Inner {
         proto::send_packet(ours.as_fd(), proto::MSG_CGROUPS.as_bytes(), &[], None, 0)
             .map_err(spawn_err)?;
         let control = Arc::new(Control::new(ours).map_err(spawn_err)?);
+        // Owned at once too: dropping it tells init to exit.
+        self.control = Some(control.clone());
 
         let talk = async {
             let mut buf = vec![0u8; 64 << 10];
@@ -673,8 +1008,6 @@ impl Inner {
             Ok(Ok(Err(message))) => return Err(CreateError::Setup { id, message }),
             Ok(Ok(Ok(pid))) => pid,
         };
-        control.start_reader();
-        self.control = Some(control);
         self.init_pid = pid;
         let setup_err = |what: &str, e: io::Error| CreateError::Setup {
             id: id.clone(),
@@ -715,10 +1048,7 @@ impl Inner {
             }
             // The helper exits as soon as init has; wait on its pidfd rather than polling.
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let exited = match pidfd_open(helper.id() as i32) {
-                Ok(fd) => wait_readable(&fd, left),
-                Err(_) => true,
-            };
+            let exited = wait_readable(helper.pidfd(), left);
             if !exited {
                 let _ = helper.kill();
             }
@@ -744,6 +1074,8 @@ impl Inner {
         if let Err((path, source)) = self.state_dirs.release(&self.state_dir) {
             first_err.get_or_insert(DestroyError::StateDir { id, path, source });
         }
+        // Only now may the next spare be built (it would compete with the teardown).
+        self.gone.notify_one();
         match first_err {
             None => Ok(()),
             Some(e) => Err(e),

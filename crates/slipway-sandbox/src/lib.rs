@@ -39,7 +39,9 @@ pub use config::{
     DriverConfig, EgressConfig, ExecRequest, Limits, SandboxSpec, SpecError, DEFAULT_PROXY_PORT,
     DEFAULT_WORKLOAD_ID, HOME_PATH, WORKSPACE_PATH,
 };
-pub use driver::{CreateError, DestroyError, DriverError, LinuxDriver, NetError, Sandbox, Usage};
+pub use driver::{
+    CreateError, DestroyError, DriverError, LinuxDriver, NetError, Sandbox, SpareStats, Usage,
+};
 pub use egress::{
     derive_registry_allowlist, proxy_env, Denied, DeniedAttempt, EgressPolicy, EgressProxy,
     RegistryConfig,

@@ -393,6 +393,17 @@ impl Control {
         })
     }
 
+    /// Whether a packet (or the peer's hang-up) is waiting, without reading it.
+    pub(crate) fn has_input(&self) -> bool {
+        let mut fds = [libc::pollfd {
+            fd: self.fd.get_ref().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: poll reads and writes the one-element array we own; zero timeout.
+        unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) != 0 }
+    }
+
     /// Receives one packet (length 0: init and the helper are gone).
     pub(crate) async fn recv(&self, buf: &mut [u8]) -> io::Result<proto::Packet> {
         loop {
@@ -505,7 +516,7 @@ impl Control {
                         let _ = tx.send(exit);
                     }
                 }
-                Reply::Pid(_) | Reply::Ready | Reply::Error(_) => {}
+                Reply::Pid(_) | Reply::Ready | Reply::Assigned | Reply::Error(_) => {}
             }
         }
         // Init is gone, and with it every process of the sandbox (killed by SIGKILL).

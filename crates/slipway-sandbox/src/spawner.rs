@@ -5,13 +5,16 @@
 //! pool (whose threads exit when idle) would kill sandboxes at random. This thread lives until
 //! the process exits.
 
+use std::ffi::CString;
 use std::io;
-use std::process::{Child, Command};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::sync::mpsc;
 use std::sync::OnceLock;
 use tokio::sync::oneshot;
 
-type Job = (Command, oneshot::Sender<io::Result<Child>>);
+type Job = Box<dyn FnOnce() + Send>;
 
 static SPAWNER: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
 
@@ -22,8 +25,8 @@ fn spawner() -> &'static mpsc::Sender<Job> {
         std::thread::Builder::new()
             .name("sandbox-spawner".into())
             .spawn(move || {
-                while let Ok((mut cmd, reply)) = rx.recv() {
-                    let _ = reply.send(cmd.spawn());
+                while let Ok(job) = rx.recv() {
+                    job();
                 }
             })
             .expect("cannot start the sandbox spawner thread");
@@ -31,9 +34,168 @@ fn spawner() -> &'static mpsc::Sender<Job> {
     })
 }
 
-/// The exec helper receives its status pipe as fd 3 (dup2 in the forked child). If fd 3 were
-/// free in this process, std's own internal pipe could land there and be clobbered; keep it
-/// occupied for the life of the process.
+/// A helper process started by [`spawn_helper`]: its pid and a pidfd. Reaped by `wait`; a
+/// helper dropped without `wait` stays a zombie until this process exits, so every owner waits.
+#[derive(Debug)]
+pub(crate) struct HelperChild {
+    pid: i32,
+    pidfd: OwnedFd,
+    reaped: bool,
+}
+
+impl HelperChild {
+    pub(crate) fn pidfd(&self) -> &OwnedFd {
+        &self.pidfd
+    }
+
+    /// SIGKILL through the pidfd (never hits a recycled pid).
+    pub(crate) fn kill(&mut self) -> io::Result<()> {
+        crate::process::pidfd_kill(&self.pidfd, libc::SIGKILL)
+    }
+
+    /// Waits for the helper to exit and reaps it.
+    pub(crate) fn wait(&mut self) -> io::Result<()> {
+        if self.reaped {
+            return Ok(());
+        }
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid on our own child, writing into an int we own.
+            let r = unsafe { libc::waitpid(self.pid, &mut status, 0) };
+            if r == self.pid {
+                self.reaped = true;
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+}
+
+impl Drop for HelperChild {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = self.kill();
+            let _ = self.wait();
+        }
+    }
+}
+
+/// Starts `exe subcommand` on the spawner thread with `control` as its descriptor 3, stdin
+/// and stdout on /dev/null, stderr inherited, an empty environment, its own process group,
+/// default signal dispositions and an empty signal mask.
+///
+/// `posix_spawn` (glibc: `clone(CLONE_VM | CLONE_VFORK)` + `execve`) rather than `fork`: the
+/// server is a large multi-threaded process, and copying its page tables for every helper
+/// only to `execve` right away was a measurable part of each sandbox's CPU.
+pub(crate) async fn spawn_helper(
+    exe: &Path,
+    subcommand: &str,
+    control: OwnedFd,
+) -> io::Result<HelperChild> {
+    let exe = CString::new(exe.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let arg = CString::new(subcommand).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let (tx, rx) = oneshot::channel();
+    let job: Job = Box::new(move || {
+        let _ = tx.send(posix_spawn(&exe, &arg, control.as_raw_fd()));
+        drop(control);
+    });
+    spawner()
+        .send(job)
+        .map_err(|_| io::Error::other("sandbox spawner thread is gone"))?;
+    rx.await
+        .map_err(|_| io::Error::other("sandbox spawner thread is gone"))?
+}
+
+fn posix_spawn(exe: &CString, arg: &CString, control: RawFd) -> io::Result<HelperChild> {
+    // fd 3 is reserved (see `reserve_status_fd`), so `control` is never 3 and the dup2 below
+    // always makes a fresh descriptor without close-on-exec.
+    if control == crate::privileged::proto::CONTROL_FD {
+        return Err(io::Error::other(
+            "the control socket must not be descriptor 3",
+        ));
+    }
+    let check = |r: libc::c_int| match r {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    };
+    // SAFETY: the posix_spawn objects are initialised before use and destroyed after; every
+    // pointer passed points at a live, NUL-terminated string or array we own for the call.
+    unsafe {
+        let mut actions: libc::posix_spawn_file_actions_t = std::mem::zeroed();
+        let mut attr: libc::posix_spawnattr_t = std::mem::zeroed();
+        check(libc::posix_spawn_file_actions_init(&mut actions))?;
+        check(libc::posix_spawnattr_init(&mut attr))?;
+        let result = (|| {
+            let null = c"/dev/null";
+            check(libc::posix_spawn_file_actions_addopen(
+                &mut actions,
+                0,
+                null.as_ptr(),
+                libc::O_RDONLY,
+                0,
+            ))?;
+            check(libc::posix_spawn_file_actions_addopen(
+                &mut actions,
+                1,
+                null.as_ptr(),
+                libc::O_WRONLY,
+                0,
+            ))?;
+            check(libc::posix_spawn_file_actions_adddup2(
+                &mut actions,
+                control,
+                crate::privileged::proto::CONTROL_FD,
+            ))?;
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            check(libc::posix_spawnattr_setsigmask(&mut attr, &none))?;
+            check(libc::posix_spawnattr_setsigdefault(&mut attr, &all))?;
+            check(libc::posix_spawnattr_setpgroup(&mut attr, 0))?;
+            check(libc::posix_spawnattr_setflags(
+                &mut attr,
+                (libc::POSIX_SPAWN_SETPGROUP
+                    | libc::POSIX_SPAWN_SETSIGMASK
+                    | libc::POSIX_SPAWN_SETSIGDEF) as libc::c_short,
+            ))?;
+            let argv = [exe.as_ptr(), arg.as_ptr(), std::ptr::null()];
+            let envp = [std::ptr::null::<libc::c_char>()];
+            let mut pid: libc::pid_t = 0;
+            check(libc::posix_spawn(
+                &mut pid,
+                exe.as_ptr(),
+                &actions,
+                &attr,
+                argv.as_ptr() as *const *mut libc::c_char,
+                envp.as_ptr() as *const *mut libc::c_char,
+            ))?;
+            let pidfd = match crate::process::pidfd_open(pid) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, std::ptr::null_mut(), 0);
+                    return Err(e);
+                }
+            };
+            Ok(HelperChild {
+                pid,
+                pidfd,
+                reaped: false,
+            })
+        })();
+        libc::posix_spawn_file_actions_destroy(&mut actions);
+        libc::posix_spawnattr_destroy(&mut attr);
+        result
+    }
+}
+
+/// The helpers receive their control socket as fd 3. If fd 3 were free in this process, a
+/// control socket could land there; keep it occupied for the life of the process.
 fn reserve_status_fd() {
     // SAFETY: F_GETFD only queries whether fd 3 is open.
     if unsafe { libc::fcntl(3, libc::F_GETFD) } == -1 {
@@ -46,16 +208,6 @@ fn reserve_status_fd() {
             }
         }
     }
-}
-
-/// Spawns `cmd` on the spawner thread.
-pub(crate) async fn spawn(cmd: Command) -> io::Result<Child> {
-    let (tx, rx) = oneshot::channel();
-    spawner()
-        .send((cmd, tx))
-        .map_err(|_| io::Error::other("sandbox spawner thread is gone"))?;
-    rx.await
-        .map_err(|_| io::Error::other("sandbox spawner thread is gone"))?
 }
 
 /// Makes sure the spawner thread (and the fd-3 reservation) exists before anything else.

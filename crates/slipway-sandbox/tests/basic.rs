@@ -369,7 +369,10 @@ async fn destroy_leaves_no_process_mount_cgroup_or_directory_behind() {
     let workload = long.pid();
     let state = fx.state_dir().join(&id);
     assert!(!cgroup_dirs(TEST_CGROUP_PARENT, &id).is_empty());
-    assert!(!processes_with_mount(&state.display().to_string()).is_empty());
+    // The sandbox's mounts live in its own mount namespace (the workspace is mounted after
+    // `pivot_root`, so no mount names the state dir any more): follow the namespace itself.
+    let mnt_ns = std::fs::read_link(format!("/proc/{init}/ns/mnt")).unwrap();
+    assert!(!processes_in_mount_ns(&mnt_ns).is_empty());
 
     sb.destroy().await.unwrap();
     let status = long.wait().await.unwrap();
@@ -387,13 +390,21 @@ async fn destroy_leaves_no_process_mount_cgroup_or_directory_behind() {
         Vec::<std::path::PathBuf>::new()
     );
     assert!(!state.exists(), "state dir removed");
-    // Any path under this fixture's state dir: a recycled state directory has a new name.
+    // Any path under this fixture's state dir (a recycled state directory has a new name),
+    // except in the spare built meanwhile for the next sandbox (its /etc is the template).
     let state_str = fx.state_dir().display().to_string();
+    let others = || {
+        let spare = fx.driver.spare_stats().ready_init_pid;
+        let spare_ns = spare.and_then(|p| std::fs::read_link(format!("/proc/{p}/ns/mnt")).ok());
+        processes_with_mount(&state_str)
+            .into_iter()
+            .filter(|pid| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok() != spare_ns)
+            .collect::<Vec<_>>()
+    };
     assert!(
-        eventually(Duration::from_secs(5), || processes_with_mount(&state_str)
-            .is_empty())
-        .await,
-        "no mount namespace still holds the sandbox's mounts"
+        eventually(Duration::from_secs(5), || others().is_empty()).await,
+        "no mount namespace still holds the sandbox's mounts: {:?}",
+        others()
     );
     // The next sandbox reuses the (empty, renamed) directory; ids stay exclusive.
     let again = fx.sandbox().await;

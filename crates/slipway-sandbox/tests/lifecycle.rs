@@ -71,6 +71,8 @@ async fn cleanup_leftovers_removes_what_a_crashed_slipway_left() {
         fx.driver.cleanup_leftovers().sandboxes,
         Vec::<String>::new()
     );
+    // The driver's own spare (a cgroup under the parent) goes with the driver.
+    drop(fx);
     for root in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
         let _ = std::fs::remove_dir(root.path().join(&parent));
     }

@@ -8,3 +8,4 @@ mod hostile;
 mod lifecycle;
 mod network;
 mod runtime_egress;
+mod spare;

@@ -213,3 +213,18 @@ pub fn processes_with_mount(needle: &str) -> Vec<String> {
     }
     pids
 }
+
+/// Processes (any pid namespace) in the mount namespace `ns` (a `/proc/<pid>/ns/mnt` link).
+pub fn processes_in_mount_ns(ns: &Path) -> Vec<String> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if std::fs::read_link(entry.path().join("ns/mnt")).is_ok_and(|l| l == ns) {
+            pids.push(name);
+        }
+    }
+    pids
+}

@@ -214,12 +214,37 @@ impl Cgroup {
         Ok(dirs)
     }
 
-    /// Creates this cgroup's directories (the parents must exist) and writes the limits.
-    pub(crate) fn make(&self, limits: CgroupLimits) -> Result<(), CgroupError> {
+    /// Creates this cgroup's directories (the parents must exist), without limits: a spare's
+    /// cgroup, whose limits are written when it becomes a sandbox's (`write_limits`).
+    pub(crate) fn make_dirs(&self) -> Result<(), CgroupError> {
         for dir in self.dirs() {
             fs::create_dir(dir).map_err(io_err(dir))?;
         }
-        self.write_limits(limits)
+        Ok(())
+    }
+
+    /// Renames the cgroup to `name` within its parent, where the kernel allows it (cgroup v1;
+    /// its processes stay in it). Returns `false` on v2, which has no rename: the cgroup then
+    /// keeps its name. On an error the directories renamed so far keep their new name and this
+    /// value says where each one is.
+    pub(crate) fn rename(&mut self, name: &str) -> Result<bool, CgroupError> {
+        if matches!(self.layout, Layout::V2 { .. }) {
+            return Ok(false);
+        }
+        let olds: Vec<PathBuf> = self.dirs().into_iter().map(Path::to_path_buf).collect();
+        for old in olds {
+            let new = old.with_file_name(name);
+            fs::rename(&old, &new).map_err(io_err(&old))?;
+            for field in [&mut self.memory, &mut self.pids, &mut self.cpu] {
+                if *field == old {
+                    *field = new.clone();
+                }
+            }
+            if let Some(acct) = self.cpuacct.as_mut().filter(|a| **a == old) {
+                *acct = new.clone();
+            }
+        }
+        Ok(true)
     }
 
     fn write(&self, dir: &Path, file: &str, value: &str) -> Result<(), CgroupError> {
@@ -227,7 +252,9 @@ impl Cgroup {
         fs::write(&path, value).map_err(io_err(&path))
     }
 
-    fn write_limits(&self, limits: CgroupLimits) -> Result<(), CgroupError> {
+    /// Writes the memory and process limits (on a spare's cgroup: when it becomes a sandbox's,
+    /// before any command).
+    pub(crate) fn write_memory_pids(&self, limits: CgroupLimits) -> Result<(), CgroupError> {
         let mem = limits.memory_bytes.to_string();
         match &self.layout {
             Layout::V1 { .. } => {
@@ -237,27 +264,34 @@ impl Cgroup {
                 if self.memory.join("memory.memsw.limit_in_bytes").exists() {
                     self.write(&self.memory, "memory.memsw.limit_in_bytes", &mem)?;
                 }
-                self.write(&self.pids, "pids.max", &limits.pids_max.to_string())?;
-                if let Some(millis) = limits.cpu_millis {
-                    // A new cgroup's period is the kernel's default, 100 ms (CPU_PERIOD_US):
-                    // only the quota is written (each write recomputes the bandwidth).
-                    let quota = (millis * CPU_PERIOD_US / 1000).max(1000);
-                    self.write(&self.cpu, "cpu.cfs_quota_us", &quota.to_string())?;
-                }
             }
             Layout::V2 { .. } => {
                 self.write(&self.memory, "memory.max", &mem)?;
                 if self.memory.join("memory.swap.max").exists() {
                     self.write(&self.memory, "memory.swap.max", "0")?;
                 }
-                self.write(&self.pids, "pids.max", &limits.pids_max.to_string())?;
-                if let Some(millis) = limits.cpu_millis {
-                    let quota = (millis * CPU_PERIOD_US / 1000).max(1000);
-                    self.write(&self.cpu, "cpu.max", &format!("{quota} {CPU_PERIOD_US}"))?;
-                }
             }
         }
-        Ok(())
+        self.write(&self.pids, "pids.max", &limits.pids_max.to_string())
+    }
+
+    /// Writes the CPU bandwidth (`None`: unlimited). A new cgroup's period is the kernel's
+    /// default, 100 ms (CPU_PERIOD_US): on v1 only the quota is written (each write recomputes
+    /// the bandwidth of the whole task-group tree, so a spare's is written ahead of time).
+    pub(crate) fn write_cpu(&self, cpu_millis: Option<u64>) -> Result<(), CgroupError> {
+        let quota = cpu_millis.map(|millis| (millis * CPU_PERIOD_US / 1000).max(1000));
+        match (&self.layout, quota) {
+            (Layout::V1 { .. }, Some(q)) => {
+                self.write(&self.cpu, "cpu.cfs_quota_us", &q.to_string())
+            }
+            (Layout::V1 { .. }, None) => self.write(&self.cpu, "cpu.cfs_quota_us", "-1"),
+            (Layout::V2 { .. }, Some(q)) => {
+                self.write(&self.cpu, "cpu.max", &format!("{q} {CPU_PERIOD_US}"))
+            }
+            (Layout::V2 { .. }, None) => {
+                self.write(&self.cpu, "cpu.max", &format!("max {CPU_PERIOD_US}"))
+            }
+        }
     }
 
     fn read_u64(path: &Path) -> Result<u64, CgroupError> {

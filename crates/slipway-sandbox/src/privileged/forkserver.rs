@@ -69,6 +69,15 @@ impl<'a> ForkServer<'a> {
         })
     }
 
+    /// Compiles the seccomp programs ahead of the first command (a spare does it while it
+    /// waits to be assigned).
+    pub(super) fn prepare(&mut self) -> Result<(), StepError> {
+        if self.seccomp.is_none() {
+            self.seccomp = Some(seccomp::programs()?);
+        }
+        Ok(())
+    }
+
     /// Serves the driver until the sandbox ends: the driver hangs up, or init is told to stop.
     pub(super) fn serve(mut self) -> ! {
         let mut buf = vec![0u8; proto::MAX_MESSAGE];

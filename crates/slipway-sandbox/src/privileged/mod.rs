@@ -6,10 +6,12 @@
 //! never in the multi-threaded async server: `docs/sandbox.md` lists them in order and explains
 //! why.
 //!
-//! `__sandbox-init` (`init_main`) joins the sandbox's cgroups, unshares the namespaces and forks
-//! the sandbox's pid 1, which builds its root (`rootfs`), brings `lo` up and then serves the
-//! driver (`forkserver`): for each command it forks a child that drops every privilege and
-//! `execve`s the workload, reports its exit, and reaps orphans until the sandbox is destroyed.
+//! `__sandbox-init` (`init_main`) unshares the namespaces, forks the sandbox's pid 1 and moves
+//! it into its cgroups. Init builds the root (`rootfs`) but the workspace, brings `lo` up and
+//! waits as a *spare* until the driver assigns it to a sandbox (`Assign`, with the snapshot's
+//! lower dir as a detached mount); then it mounts the workspace and serves the driver
+//! (`forkserver`): for each command it forks a child that drops every privilege and `execve`s
+//! the workload, reports its exit, and reaps orphans until the sandbox is destroyed.
 
 pub(crate) mod cgroup;
 mod forkserver;
@@ -340,7 +342,7 @@ fn init_outer(control_slot: &mut Option<OwnedFd>) -> Result<i32, StepError> {
     }
 }
 
-/// Steps 10–18: pid 1 of the new pid namespace.
+/// Steps 10–19: pid 1 of the new pid namespace.
 fn init_inner(
     control: BorrowedFd<'_>,
     alive: OwnedFd,
@@ -374,10 +376,36 @@ fn init_inner(
         }
     }
     unshare(CloneFlags::CLONE_NEWCGROUP).step(|| "unshare cgroup namespace".into())?;
-    let server = forkserver::ForkServer::new(&cfg, control)?;
+    let mut server = forkserver::ForkServer::new(&cfg, control)?;
+    server.prepare()?;
+    // A spare: everything that does not depend on the snapshot or the limits is done.
     tell(control, proto::MSG_READY);
     stdio_to_null(&[0, 1, 2]);
+    let (assign, lower) = wait_for_assign(control)?;
+    rootfs::mount_workspace(&lower, assign.workspace_bytes, cfg.uid, cfg.gid)?;
+    drop(lower);
+    tell(control, proto::MSG_ASSIGNED);
     server.serve()
+}
+
+/// Waits for the driver to hand this spare to a sandbox: the [`proto::Assign`] packet and the
+/// lower dir's descriptor. The driver hanging up means the spare was discarded.
+fn wait_for_assign(control: BorrowedFd<'_>) -> Result<(proto::Assign, OwnedFd), StepError> {
+    let mut buf = vec![0u8; 4096];
+    let packet = proto::recv_packet(control, &mut buf, 0).step(|| "wait for assign".into())?;
+    if packet.len == 0 {
+        std::process::exit(0);
+    }
+    let assign: proto::Assign =
+        serde_json::from_slice(&buf[..packet.len]).step(|| "parse assign".into())?;
+    let mut fds = packet.fds.into_iter();
+    match (fds.next(), fds.next()) {
+        (Some(lower), None) => Ok((assign, lower)),
+        _ => Err(StepError::new(
+            "parse assign",
+            "expected exactly one descriptor (the lower dir)",
+        )),
+    }
 }
 
 fn parent_gone(alive: &OwnedFd) -> bool {
@@ -429,6 +457,32 @@ fn cstrings(items: &[String], what: &str) -> Result<Vec<CString>, StepError> {
         .iter()
         .map(|s| CString::new(s.as_bytes()).step(|| format!("{what} contains a NUL byte")))
         .collect()
+}
+
+/// A detached copy of the mount at `path` (`open_tree(OPEN_TREE_CLONE)`): the root of an
+/// anonymous mount namespace, which the kernel lets overlayfs use as a layer from inside
+/// another mount namespace (a path of the host's own mount tree it refuses there). The driver
+/// passes it to a spare's init, which mounts the workspace over it after `pivot_root`; it
+/// vanishes when the last descriptor is closed (the overlay keeps a private clone of it).
+pub(crate) fn detached_tree(path: &Path) -> std::io::Result<OwnedFd> {
+    use std::os::unix::ffi::OsStrExt;
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: open_tree reads a NUL-terminated path we own and returns a new descriptor.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Whether a path is safe to splice into mount option strings (`lowerdir=...`).

@@ -6,8 +6,9 @@
 //! `SCM_RIGHTS`. Configuration is JSON, so nothing (environment values included) ever shows up in
 //! the host's process list.
 //!
-//! Driver → helper/init: the [`InitConfig`] (first packet), [`MSG_CGROUPS`], then
-//! [`Request`]s.
+//! Driver → helper/init: the [`InitConfig`] (first packet), [`MSG_CGROUPS`]; then, once the
+//! sandbox is built up to its workspace (a spare), [`Assign`] with the lower dir's descriptor,
+//! then [`Request`]s.
 //! Helper/init → driver: one text line per packet, see the `MSG_*` prefixes.
 
 use serde::{Deserialize, Serialize};
@@ -28,8 +29,6 @@ pub(crate) struct InitConfig {
     /// Host directory that becomes the sandbox root (a tmpfs is mounted on it in the sandbox's
     /// private mount namespace only).
     pub root_dir: PathBuf,
-    /// Cached read-only extraction of the snapshot: the overlay's lower layer.
-    pub lower_dir: PathBuf,
     /// The driver's ready-made /etc for this uid, gid and hostname, bound read-only.
     pub etc_dir: PathBuf,
     /// Extra host directories bound read-only at the same path.
@@ -38,10 +37,20 @@ pub(crate) struct InitConfig {
     pub uid: u32,
     pub gid: u32,
     pub hostname: String,
-    pub workspace_bytes: u64,
     pub tmp_bytes: u64,
     pub home_bytes: u64,
     pub shm_bytes: u64,
+}
+
+/// Driver → a spare sandbox's init (which has built everything but the workspace): this spare
+/// is now one sandbox's. Sent with one descriptor, the snapshot's cached extraction (the
+/// overlay's lower layer) opened `O_PATH` by the driver: the host path is out of init's reach
+/// after `pivot_root`, the descriptor is not. Init mounts the workspace, answers
+/// [`MSG_ASSIGNED`] and only then serves [`Request`]s.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Assign {
+    /// Size of the workspace's writable layer (the disk quota).
+    pub workspace_bytes: u64,
 }
 
 /// What the driver asks a running sandbox's init to do.
@@ -75,8 +84,10 @@ pub(crate) const MSG_CGROUPS: &str = "cgroups";
 
 /// `pid <host pid of init>`: sent by the outer helper once init is in the sandbox's cgroups.
 pub(crate) const MSG_PID: &str = "pid ";
-/// `ready`: init built the sandbox and now serves requests.
+/// `ready`: init built the sandbox (all but the workspace: a spare) and waits for [`Assign`].
 pub(crate) const MSG_READY: &str = "ready";
+/// `assigned`: init mounted the workspace and now serves requests.
+pub(crate) const MSG_ASSIGNED: &str = "assigned";
 /// `error <step>: <detail>`: building the sandbox failed.
 pub(crate) const MSG_ERROR: &str = "error ";
 /// `started <id>`: the command's process exists. Carries a pidfd of it (`SCM_RIGHTS`) and its
@@ -108,6 +119,7 @@ pub(crate) enum RawExit {
 pub(crate) enum Reply {
     Pid(i32),
     Ready,
+    Assigned,
     Error(String),
     Started { id: u64 },
     Failed { id: u64, message: String },
@@ -121,6 +133,9 @@ pub(crate) fn parse_reply(text: &str) -> Option<Reply> {
     }
     if text == MSG_READY {
         return Some(Reply::Ready);
+    }
+    if text == MSG_ASSIGNED {
+        return Some(Reply::Assigned);
     }
     if let Some(msg) = text.strip_prefix(MSG_ERROR) {
         return Some(Reply::Error(msg.to_string()));
@@ -363,6 +378,7 @@ mod tests {
     fn replies_parse() {
         assert_eq!(parse_reply("pid 42\n"), Some(Reply::Pid(42)));
         assert_eq!(parse_reply("ready"), Some(Reply::Ready));
+        assert_eq!(parse_reply("assigned"), Some(Reply::Assigned));
         assert_eq!(
             parse_reply("error mount /proc: EPERM"),
             Some(Reply::Error("mount /proc: EPERM".into()))

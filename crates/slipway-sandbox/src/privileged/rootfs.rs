@@ -166,7 +166,7 @@ pub(super) fn build(cfg: &InitConfig) -> Result<(), StepError> {
     dev(root, cfg)?;
     proc(root)?;
     private_dirs(root, cfg)?;
-    workspace(root, cfg)?;
+    workspace_mount_points(root)?;
 
     // Switch to the new root and drop every reference to the host's mount tree.
     unistd::chdir(root).step(|| format!("chdir {}", root.display()))?;
@@ -448,40 +448,53 @@ fn private_dirs(root: &Path, cfg: &InitConfig) -> Result<(), StepError> {
     )
 }
 
-fn workspace(root: &Path, cfg: &InitConfig) -> Result<(), StepError> {
+/// The workspace's mount points; the workspace itself is mounted when the sandbox is assigned
+/// (`mount_workspace`), after `pivot_root` (mounting on a directory of the read-only root is
+/// fine).
+fn workspace_mount_points(root: &Path) -> Result<(), StepError> {
     mkdir(&root.join("workspace"), 0o755)?;
-    let layers = root.join(LAYERS_DIR);
-    let app = root.join(WORKSPACE_DIR);
-    mkdir(&layers, 0o700)?;
-    mkdir(&app, 0o755)?;
+    mkdir(&root.join(LAYERS_DIR), 0o700)?;
+    mkdir(&root.join(WORKSPACE_DIR), 0o755)
+}
+
+/// Mounts `/workspace/app` in the sandbox's (already pivoted) root: a tmpfs of
+/// `workspace_bytes` for the upper and work dirs, and the overlay over `lower`, the driver's
+/// `O_PATH` descriptor of the cached extraction, named by its `/proc/self/fd/N` link (the
+/// kernel resolves it to the descriptor's directory, which lives in the host's mount tree).
+pub(super) fn mount_workspace(
+    lower: &std::os::fd::OwnedFd,
+    workspace_bytes: u64,
+    uid: u32,
+    gid: u32,
+) -> Result<(), StepError> {
+    use std::os::fd::AsRawFd;
+    let layers = Path::new("/").join(LAYERS_DIR);
+    let app = Path::new("/").join(WORKSPACE_DIR);
+    let lower_meta = nix::sys::stat::fstat(lower).step(|| "stat lower dir".into())?;
+    if lower_meta.st_mode & libc::S_IFMT != libc::S_IFDIR {
+        return Err(StepError::new("stat lower dir", "not a directory"));
+    }
+    let lower_mode = lower_meta.st_mode & 0o7777;
     // The upper layer's tmpfs size is the workspace disk quota; its inode count is bounded too,
     // so empty files cannot pin unbounded kernel memory.
-    let inodes = (cfg.workspace_bytes / 1024).max(16_384);
+    let inodes = (workspace_bytes / 1024).max(16_384);
     tmpfs(
         &layers,
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        &format!("mode=0700,size={},nr_inodes={inodes}", cfg.workspace_bytes),
+        &format!("mode=0700,size={workspace_bytes},nr_inodes={inodes}"),
     )?;
     let upper = layers.join("upper");
     let work = layers.join("work");
-    let lower_mode = fs::metadata(&cfg.lower_dir)
-        .step(|| format!("stat lower dir {}", cfg.lower_dir.display()))?
-        .mode()
-        & 0o7777;
     mkdir(&upper, 0o755)?;
     mkdir(&work, 0o700)?;
     // The overlay's root directory takes its owner and mode from the upper directory.
-    unistd::chown(
-        &upper,
-        Some(Uid::from_raw(cfg.uid)),
-        Some(Gid::from_raw(cfg.gid)),
-    )
-    .step(|| "chown upper layer".into())?;
+    unistd::chown(&upper, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
+        .step(|| "chown upper layer".into())?;
     fs::set_permissions(&upper, fs::Permissions::from_mode(lower_mode))
         .step(|| "chmod upper layer".into())?;
     let data = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        cfg.lower_dir.display(),
+        "lowerdir=/proc/self/fd/{},upperdir={},workdir={}",
+        lower.as_raw_fd(),
         upper.display(),
         work.display()
     );
