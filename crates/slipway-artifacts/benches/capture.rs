@@ -539,7 +539,15 @@ fn child(args: &[String]) {
             };
             for _ in 0..args[4].parse::<usize>().unwrap() {
                 let _ = fs::remove_file(&args[2]);
+                let (t, c) = (Instant::now(), cpu_time());
                 capture_to_file(Path::new(&args[1]), Path::new(&args[2]), &opts).expect("capture");
+                if std::env::var_os("BENCH_PRINT").is_some() {
+                    eprintln!(
+                        "capture {:.1} ms cpu {:.1} ms",
+                        t.elapsed().as_secs_f64() * 1e3,
+                        cpu_time().saturating_sub(c).as_secs_f64() * 1e3
+                    );
+                }
             }
         }
         Some("capture") => {

@@ -2,11 +2,11 @@
 
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
-use std::ops::Range;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Condvar, Mutex};
 
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
@@ -396,7 +396,7 @@ const OUT_CHUNK: usize = 1 << 20;
 /// How much compressed output accumulates before its writeback is started.
 const WRITEBACK_CHUNK: u64 = 2 << 20;
 /// How much compressed output is written between two early `fdatasync`s ([`sync_early`]).
-const SYNC_CHUNK: u64 = 8 << 20;
+const SYNC_CHUNK: u64 = 2 << 20;
 
 impl Sink<'_> {
     fn send(&mut self) -> io::Result<()> {
@@ -499,20 +499,20 @@ pub(crate) const TAR_BLOCK: usize = 512;
 /// long-name entry in front.
 const NAME_FIELD: usize = 100;
 
-/// Files up to this size are read and hashed ahead on the worker pool, a batch at a time,
-/// while earlier batches are archived: for small files the per-file system calls (open, fstat,
-/// read, close) cost more than their bytes, and for bigger ones hashing costs more than
-/// archiving; done on the archiving thread, either would hold up the whole pipeline. Bigger
-/// files are streamed (read, hashed and archived) by the archiving thread.
+/// Files up to this size are read and hashed ahead by the reader threads while earlier
+/// entries are archived: for small files the per-file system calls (open, fstat, read, close)
+/// cost more than their bytes, and for bigger ones hashing costs more than archiving; done on
+/// the archiving thread, either would hold up the whole pipeline. Bigger files are streamed
+/// (read, hashed and archived) by the archiving thread.
 const READ_AHEAD_MAX_FILE: u64 = 4 << 20;
-/// Bounds of the read-ahead stage ([`read_ahead`]): entries are taken in windows of
-/// `BATCH_ENTRIES`, of which at most `BATCH_BYTES` of file contents plus one file are held at
-/// a time.
-const BATCH_BYTES: u64 = 4 << 20;
-const BATCH_ENTRIES: usize = 1024;
-/// Batches read ahead and waiting to be archived, besides the one being read and the one being
-/// archived.
-const AHEAD: usize = 2;
+/// Most bytes of file contents read ahead and not yet archived, besides the one file the
+/// archiver is waiting for (which is always read).
+const AHEAD_BYTES: u64 = 4 << 20;
+/// Entries handed out to a reader at a time (consecutive, so the reader's open directory is
+/// mostly reused and the archiver is woken at most once per run).
+const RUN: usize = 32;
+/// Most entries claimed ahead of the archiver: the size of the ring of results.
+const RING: usize = 4096;
 /// Compressed chunks queued for the output thread.
 const OUT_QUEUE: usize = 4;
 /// Headers, padding and small files are gathered into writes of this size into the encoder
@@ -532,119 +532,262 @@ enum Ahead {
 
 type ReadAhead = Result<Ahead, CaptureError>;
 
-/// One batch handed from the read-ahead stage to the archiver: the results for `range`.
-struct Batch {
-    range: Range<usize>,
-    results: Vec<ReadAhead>,
+/// The read-ahead stage: reader threads (one per thread of the rayon pool) take runs of `RUN` consecutive entries
+/// (in order, from a shared counter), read and hash the small files in them and leave the
+/// results in a ring of `RING` slots, which the archiver takes in order. No barrier between
+/// batches: a reader only waits when it is `RING` entries ahead of the archiver or when
+/// `AHEAD_BYTES` of read contents are waiting to be archived (the entry the archiver waits for
+/// is read whatever the budget, so the stage always progresses), and the archiver only waits
+/// for the entry it needs. A file's size need not be known in advance: a file the walk did not
+/// `stat` is opened, and its budget is taken once its size is known.
+struct Readers<'s> {
+    scan: &'s Scan,
+    slots: Vec<RingSlot>,
+    /// Next entry to hand out.
+    next: AtomicUsize,
+    /// The entry the archiver waits for (`usize::MAX`: none).
+    wanted: AtomicUsize,
+    /// Set when the archiver stops (done or failed): readers stop too.
+    stop: AtomicBool,
+    progress: Mutex<Progress>,
+    /// Readers wait here for ring space or budget.
+    readers_cv: Condvar,
+    /// The archiver waits here for `wanted`.
+    archiver_cv: Condvar,
 }
 
-/// Where a file of the current window stands in the read-ahead stage.
-enum Slot {
-    Todo,
-    /// Opened once (so its size is accounted for and known) but left for a later pass, the
-    /// batch's byte budget being spent.
-    Seen(FileMeta),
-    Done(ReadAhead),
+struct RingSlot {
+    ready: AtomicBool,
+    result: Mutex<Option<ReadAhead>>,
 }
 
-/// The read-ahead stage: reads windows of `BATCH_ENTRIES` entries on the pool and sends
-/// their results, in order, to the archiver. A window is read in passes of at most
-/// `BATCH_BYTES` of file contents (counting what earlier passes read but could not send yet);
-/// each pass sends the longest finished prefix. The first unfinished entry of a pass is read
-/// whatever the budget, so every pass makes progress, and at most `BATCH_BYTES` plus one file
-/// are held per window. File sizes need not be known in advance: a file the walk did not
-/// `stat` is opened, and if it does not fit, its metadata is kept for the next pass.
-fn read_ahead(scan: &Scan, tx: SyncSender<Batch>) {
-    let n = scan.entries.len();
-    let mut start = 0;
-    while start < n {
-        let end = (start + BATCH_ENTRIES).min(n);
-        let mut slots: Vec<Slot> = (start..end).map(|_| Slot::Todo).collect();
-        let mut sent = 0;
-        while sent < slots.len() {
-            let held: u64 = slots[sent..]
-                .iter()
-                .map(|s| match s {
-                    Slot::Done(Ok(Ahead::Data(d, ..))) => d.len() as u64,
-                    _ => 0,
+/// What the archiver has consumed, as last published to the readers.
+struct Progress {
+    /// Entries before this one are archived.
+    consumed: usize,
+    /// Bytes of contents read ahead and not yet archived.
+    held: u64,
+    /// Readers waiting on `readers_cv`.
+    waiting: usize,
+}
+
+impl<'s> Readers<'s> {
+    fn new(scan: &'s Scan) -> Self {
+        Readers {
+            scan,
+            slots: (0..RING.min(scan.entries.len().max(1)))
+                .map(|_| RingSlot {
+                    ready: AtomicBool::new(false),
+                    result: Mutex::new(None),
                 })
-                .sum();
-            let budget = AtomicU64::new(held);
-            let base = start + sent;
-            slots[sent..].par_iter_mut().enumerate().for_each_init(
-                || Opener::new(scan),
-                |opener, (k, slot)| {
-                    if !matches!(slot, Slot::Done(_)) {
-                        let e = &scan.entries[base + k];
-                        *slot = read_one(opener, e, slot, k == 0, &budget);
-                    }
-                },
-            );
-            let ready = slots[sent..]
-                .iter()
-                .take_while(|s| matches!(s, Slot::Done(_)))
-                .count();
-            let results: Vec<ReadAhead> = slots[sent..sent + ready]
-                .iter_mut()
-                .map(|s| match std::mem::replace(s, Slot::Todo) {
-                    Slot::Done(r) => r,
-                    _ => unreachable!("counted as done"),
-                })
-                .collect();
-            let failed = results.iter().any(|r| r.is_err());
-            let batch = Batch {
-                range: base..base + ready,
-                results,
-            };
-            if tx.send(batch).is_err() || failed {
-                // The archiver stopped, or will stop at this error: so do we.
+                .collect(),
+            next: AtomicUsize::new(0),
+            wanted: AtomicUsize::new(usize::MAX),
+            stop: AtomicBool::new(false),
+            progress: Mutex::new(Progress {
+                consumed: 0,
+                held: 0,
+                waiting: 0,
+            }),
+            readers_cv: Condvar::new(),
+            archiver_cv: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One reader thread.
+    fn run(&self) {
+        let _exit = ReaderExit(self);
+        let n = self.scan.entries.len();
+        let ring = self.slots.len();
+        let mut opener = Opener::new(self.scan);
+        loop {
+            let start = self.next.fetch_add(RUN, Ordering::Relaxed);
+            if start >= n {
                 return;
             }
-            sent += ready;
+            let end = (start + RUN).min(n);
+            // Ring space: the slots of this run must have been taken by the archiver.
+            if !self.wait_until(|p| end <= p.consumed + ring) {
+                return;
+            }
+            for k in start..end {
+                if self.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let r = self.read(&mut opener, k);
+                let slot = &self.slots[k % ring];
+                *slot.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                slot.ready.store(true, Ordering::SeqCst);
+                if self.wanted.load(Ordering::SeqCst) == k {
+                    let _guard = self.lock();
+                    self.archiver_cv.notify_one();
+                }
+            }
         }
-        start = end;
     }
-}
 
-/// One entry of a read-ahead pass: reads a small file if the pass's `budget` allows (or
-/// `force`), otherwise returns what is known of it for a later pass.
-fn read_one(
-    opener: &mut Opener<'_>,
-    e: &ScanEntry,
-    slot: &Slot,
-    force: bool,
-    budget: &AtomicU64,
-) -> Slot {
-    let seen = match (&e.kind, slot) {
-        (ScanKind::Symlink { .. }, _) => return Slot::Done(Ok(Ahead::Symlink)),
-        (_, Slot::Seen(m)) => Some(*m),
-        (ScanKind::File(m), _) => *m,
-    };
-    let fits = |size: u64| force || budget.fetch_add(size, Ordering::Relaxed) + size <= BATCH_BYTES;
-    if let Some(m) = &seen {
-        if m.key.size > READ_AHEAD_MAX_FILE {
-            return Slot::Done(Ok(Ahead::Stream(*m)));
+    /// Waits on `readers_cv` until `ok` holds (true) or the archiver stops (false).
+    fn wait_until(&self, ok: impl Fn(&Progress) -> bool) -> bool {
+        let mut p = self.lock();
+        while !ok(&p) {
+            if self.stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            self.before_waiting();
+            p.waiting += 1;
+            p = self.readers_cv.wait(p).unwrap_or_else(|e| e.into_inner());
+            p.waiting -= 1;
         }
-        if !fits(m.key.size) {
-            return Slot::Seen(*m);
+        !self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Takes `size` bytes of the read-ahead budget for entry `k`, waiting while the budget is
+    /// spent and the archiver is not waiting for `k` itself.
+    fn take_budget(&self, k: usize, size: u64) -> bool {
+        let mut p = self.lock();
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            if p.held + size <= AHEAD_BYTES || p.consumed == k {
+                p.held += size;
+                return true;
+            }
+            self.before_waiting();
+            p.waiting += 1;
+            p = self.readers_cv.wait(p).unwrap_or_else(|e| e.into_inner());
+            p.waiting -= 1;
         }
     }
-    let result = (|| {
+
+    /// Called by a reader about to wait, with `progress` locked: the archiver may be waiting
+    /// for the end of a run while entries before it are ready (see [`Readers::take`]); it must
+    /// take those and publish its progress, or this reader could wait for ever.
+    fn before_waiting(&self) {
+        if self.wanted.load(Ordering::SeqCst) != usize::MAX {
+            self.archiver_cv.notify_one();
+        }
+    }
+
+    fn read(&self, opener: &mut Opener<'_>, k: usize) -> ReadAhead {
+        let e = &self.scan.entries[k];
+        let seen = match &e.kind {
+            ScanKind::Symlink { .. } => return Ok(Ahead::Symlink),
+            ScanKind::File(m) => *m,
+        };
+        if let Some(m) = &seen {
+            if m.key.size > READ_AHEAD_MAX_FILE {
+                return Ok(Ahead::Stream(*m));
+            }
+        }
         let (f, m) = opener.open_checked(e, seen.as_ref())?;
         let size = m.key.size;
-        if seen.is_none() {
-            if size > READ_AHEAD_MAX_FILE {
-                return Ok(Slot::Done(Ok(Ahead::Stream(m))));
-            }
-            if !fits(size) {
-                return Ok(Slot::Seen(m));
-            }
+        if size > READ_AHEAD_MAX_FILE {
+            return Ok(Ahead::Stream(m));
+        }
+        if !self.take_budget(k, size) {
+            return Err(CaptureError::FileChanged {
+                path: e.path.clone(),
+            });
         }
         let data = read_exact_vec(&f, size as usize, &e.path)?;
         let sha: [u8; 32] = Sha256::digest(&data).into();
-        Ok(Slot::Done(Ok(Ahead::Data(data, sha, m))))
-    })();
-    result.unwrap_or_else(|e| Slot::Done(Err(e)))
+        Ok(Ahead::Data(data, sha, m))
+    }
+
+    /// The archiver's side: the result for entry `k`, waiting for it if needed. `consumed` and
+    /// `released` (bytes of archived contents not yet returned to the budget) are published to
+    /// the readers before waiting.
+    fn take(&self, k: usize, released: &mut u64) -> ReadAhead {
+        let slot = &self.slots[k % self.slots.len()];
+        if !slot.ready.load(Ordering::SeqCst) {
+            self.publish(k, released);
+            // Wake up when the whole run holding `k` is read: a reader fills a run in order.
+            let last = (k | (RUN - 1)).min(self.scan.entries.len() - 1);
+            let want = if self.slots[last % self.slots.len()]
+                .ready
+                .load(Ordering::SeqCst)
+            {
+                k
+            } else {
+                last
+            };
+            let mut p = self.lock();
+            self.wanted.store(want, Ordering::SeqCst);
+            let last_slot = &self.slots[want % self.slots.len()];
+            while !last_slot.ready.load(Ordering::SeqCst) && !slot.ready.load(Ordering::SeqCst) {
+                if self.stop.load(Ordering::SeqCst) {
+                    // Only a reader that panicked sets `stop` while the archiver runs.
+                    self.wanted.store(usize::MAX, Ordering::SeqCst);
+                    return Err(CaptureError::Unreadable {
+                        path: self.scan.entries[k].path.clone(),
+                        source: io::Error::other("a reader thread failed"),
+                    });
+                }
+                p = self.archiver_cv.wait(p).unwrap_or_else(|e| e.into_inner());
+            }
+            self.wanted.store(usize::MAX, Ordering::SeqCst);
+            drop(p);
+            // `want` is the end of `k`'s run, read in order after `k` by the same reader.
+            while !slot.ready.load(Ordering::SeqCst) {
+                std::hint::spin_loop();
+            }
+        }
+        let r = slot
+            .result
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .expect("a ready slot holds a result");
+        slot.ready.store(false, Ordering::SeqCst);
+        r
+    }
+
+    /// Tells the readers that entries before `consumed` are archived and returns `released`
+    /// bytes to the budget.
+    fn publish(&self, consumed: usize, released: &mut u64) {
+        let mut p = self.lock();
+        p.consumed = consumed;
+        p.held -= *released;
+        *released = 0;
+        if p.waiting > 0 {
+            self.readers_cv.notify_all();
+        }
+    }
+
+    /// Stops the readers (the archiver is done or failed).
+    fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _guard = self.lock();
+        self.readers_cv.notify_all();
+    }
+}
+
+/// Wakes the archiver if a reader thread panics, so it fails instead of waiting for ever.
+struct ReaderExit<'a, 's>(&'a Readers<'s>);
+
+impl Drop for ReaderExit<'_, '_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.stop.store(true, Ordering::SeqCst);
+            let _guard = self.0.lock();
+            self.0.archiver_cv.notify_all();
+            self.0.readers_cv.notify_all();
+        }
+    }
+}
+
+/// Stops the readers when the archiver leaves, however it leaves.
+struct StopReaders<'a, 's>(&'a Readers<'s>);
+
+impl Drop for StopReaders<'_, '_> {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
 }
 
 /// Writes the deterministic archive of `scan` to `out` and hashes exactly the bytes archived.
@@ -669,11 +812,13 @@ pub(crate) fn write_archive(
             }
         }
     };
-    // Four stages run at once, connected by bounded queues: the pool reads batches of small
-    // files ahead (in order, up to `AHEAD` batches beyond the one being archived), this thread
-    // assembles the tar stream in order, zstd's workers compress it, and the output thread
-    // writes and hashes the compressed bytes. No stage waits for another as long as its queue
-    // is neither empty nor full, and memory stays bounded by the queues.
+    // Four stages run at once, connected by bounded queues: reader threads read and hash
+    // small files ahead (at most `RING` entries and `AHEAD_BYTES` of contents beyond the entry
+    // being archived; see [`Readers`]), this thread assembles the tar stream in order, zstd's
+    // workers compress it, and the output thread writes and hashes the compressed bytes. No
+    // stage waits for another as long as its queue is neither empty nor full, and memory stays
+    // bounded by the queues.
+    let readers = &Readers::new(scan);
     std::thread::scope(|s| -> Result<Written, CaptureError> {
         let (out_tx, out_rx) = sync_channel::<Vec<u8>>(OUT_QUEUE);
         let (spare_tx, spare_rx) = sync_channel::<Vec<u8>>(OUT_QUEUE + 1);
@@ -690,7 +835,7 @@ pub(crate) fn write_archive(
             over: &over,
             failed,
         };
-        let archived = archive(s, scan, sink, opts, &io_err);
+        let archived = archive(s, scan, readers, sink, opts, &io_err);
         // The sink is gone (finished or dropped on error): the output thread ends.
         let (hasher, result) = output.join().expect("the output thread does not panic");
         if let Err(source) = result {
@@ -729,6 +874,7 @@ struct Archived {
 fn archive<'scope, 'env>(
     s: &'scope std::thread::Scope<'scope, 'env>,
     scan: &'env Scan,
+    readers: &'env Readers<'env>,
     sink: Sink<'_>,
     opts: &CaptureOptions,
     io_err: &(impl Fn(io::Error) -> CaptureError + Sync),
@@ -746,22 +892,24 @@ fn archive<'scope, 'env>(
         keys: Vec::with_capacity(scan.entries.len()),
         uncompressed: 0,
     };
-    let (tx, rx) = sync_channel::<Batch>(AHEAD);
-    s.spawn(move || read_ahead(scan, tx));
+    let stopper = StopReaders(readers);
+    // As many readers as the walk's pool has threads (one per CPU by default).
+    for _ in 0..rayon::current_num_threads() {
+        s.spawn(move || readers.run());
+    }
     let mut opener = Opener::new(scan);
-    let mut next = 0;
-    for batch in rx {
-        debug_assert_eq!(batch.range.start, next);
-        next = batch.range.end;
-        w.write_batch(scan, &mut opener, batch.range, batch.results, io_err)?;
+    let mut released = 0u64;
+    for k in 0..scan.entries.len() {
+        let pre = readers.take(k, &mut released);
+        if let Ok(Ahead::Data(d, ..)) = &pre {
+            released += d.len() as u64;
+        }
+        w.write_one(scan, &mut opener, k, pre, io_err)?;
+        if (k + 1) % RUN == 0 {
+            readers.publish(k + 1, &mut released);
+        }
     }
-    if next != scan.entries.len() {
-        // The read-ahead stage stopped early without an error in what it sent: cannot happen,
-        // but never publish a truncated archive.
-        return Err(io_err(io::Error::other(
-            "the read-ahead stage stopped early",
-        )));
-    }
+    drop(stopper);
     // End of archive: two zero blocks.
     w.enc.write_all(&[0u8; 2 * TAR_BLOCK]).map_err(io_err)?;
     let ArchiveWriter {
@@ -798,15 +946,16 @@ struct ArchiveWriter<'a> {
 }
 
 impl ArchiveWriter<'_> {
-    fn write_batch(
+    fn write_one(
         &mut self,
         scan: &Scan,
         opener: &mut Opener<'_>,
-        range: Range<usize>,
-        ahead: Vec<ReadAhead>,
+        k: usize,
+        pre: ReadAhead,
         io_err: &(impl Fn(io::Error) -> CaptureError + Sync),
     ) -> Result<(), CaptureError> {
-        for (e, pre) in scan.entries[range].iter().zip(ahead) {
+        {
+            let e = &scan.entries[k];
             let (kind, sha, key) = match (&e.kind, pre?) {
                 (ScanKind::Symlink { target }, _) => {
                     write_header(
@@ -842,7 +991,7 @@ impl ArchiveWriter<'_> {
                     pad(&mut self.enc, m.key.size).map_err(io_err)?;
                     (kind, h.finalize().into(), Some(m.key))
                 }
-                (ScanKind::File(_), Ahead::Symlink) => unreachable!("read_ahead keeps kinds"),
+                (ScanKind::File(_), Ahead::Symlink) => unreachable!("readers keep kinds"),
             };
             self.tree
                 .push(&e.path, kind, &sha)

@@ -35,8 +35,9 @@ pub struct CaptureOptions {
     /// archives byte-identical: two captures compare equal only at the same level. The content
     /// hash does not depend on it.
     pub zstd_level: i32,
-    /// zstd's compression workers; 0 picks the number of CPUs. (The walk and the reading and
-    /// hashing of files run on the rayon pool.) The archive's bytes do not depend on it.
+    /// zstd's compression workers; 0 picks the number of CPUs. (The walk runs on the rayon
+    /// pool, and files are read and hashed by as many reader threads as the pool has.) The
+    /// archive's bytes do not depend on it.
     pub threads: usize,
     /// Where the stat cache lives; `None` disables it (every file is read).
     pub stat_cache_dir: Option<PathBuf>,
