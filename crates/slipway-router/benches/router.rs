@@ -142,7 +142,7 @@ fn main() {
     // Whose CPU time a scenario is charged: the proxy's threads or processes (CPU time per
     // request is far less noisy than requests/s on a shared machine).
     let nginx_pid = nginx.id();
-    let cpu_of = |name: &str| -> f64 {
+    let cpu_of = |name: &str| -> [f64; 2] {
         if name.starts_with("nginx") {
             nginx_workers_cpu(nginx_pid)
         } else if name.contains("shared") {
@@ -163,10 +163,14 @@ fn main() {
         wrk.run(url, host, "1s", &connections); // warm-up: connections, pools, page cache
         let cpu_before = cpu_of(name);
         let mut result = wrk.run(url, host, &duration, &connections);
-        result.cpu_us = (cpu_of(name) - cpu_before) * 1e6 / result.requests.max(1.0);
+        let cpu_after = cpu_of(name);
+        let per_request =
+            |i: usize| (cpu_after[i] - cpu_before[i]) * 1e6 / result.requests.max(1.0);
+        result.sys_us = per_request(1);
+        result.cpu_us = per_request(0) + result.sys_us;
         eprintln!(
-            "{name:>30}: {:>8.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  {:>6.1} us CPU/req",
-            result.rps, result.p50_ms, result.p99_ms, result.cpu_us
+            "{name:>30}: {:>8.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  {:>6.1} us CPU/req ({:.1} system)",
+            result.rps, result.p50_ms, result.p99_ms, result.cpu_us, result.sys_us
         );
         results.push((*name, result));
     }
@@ -393,11 +397,13 @@ struct WrkResult {
     p99_ms: f64,
     /// CPU time (user + system) of the server under test per request, in microseconds.
     cpu_us: f64,
+    /// The part of `cpu_us` spent in the kernel.
+    sys_us: f64,
 }
 
 /// Seconds of CPU time (user + system) used so far by this process's threads named `prefix…`.
-fn threads_cpu(prefix: &str) -> f64 {
-    let mut total = 0.0;
+fn threads_cpu(prefix: &str) -> [f64; 2] {
+    let mut total = [0.0; 2];
     for task in std::fs::read_dir("/proc/self/task")
         .into_iter()
         .flatten()
@@ -405,24 +411,26 @@ fn threads_cpu(prefix: &str) -> f64 {
     {
         let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
         if comm.trim_end().starts_with(prefix) {
-            total += stat_cpu(&task.path().join("stat"));
+            let [user, sys] = stat_cpu(&task.path().join("stat"));
+            total[0] += user;
+            total[1] += sys;
         }
     }
     total
 }
 
 /// Seconds of CPU time used so far by the worker processes of the nginx master `pid`.
-fn nginx_workers_cpu(pid: u32) -> f64 {
+fn nginx_workers_cpu(pid: u32) -> [f64; 2] {
     let children =
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
     children
         .split_whitespace()
         .map(|child| stat_cpu(Path::new(&format!("/proc/{child}/stat"))))
-        .sum()
+        .fold([0.0; 2], |[u, s], [cu, cs]| [u + cu, s + cs])
 }
 
-/// utime + stime of a `/proc/.../stat` file, in seconds.
-fn stat_cpu(path: &Path) -> f64 {
+/// utime and stime of a `/proc/.../stat` file, in seconds.
+fn stat_cpu(path: &Path) -> [f64; 2] {
     let stat = std::fs::read_to_string(path).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
     let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
@@ -434,7 +442,7 @@ fn stat_cpu(path: &Path) -> f64 {
             .unwrap_or(0.0)
     };
     let hz = libc_sysconf_clk_tck();
-    (ticks(11) + ticks(12)) / hz
+    [ticks(11) / hz, ticks(12) / hz]
 }
 
 fn libc_sysconf_clk_tck() -> f64 {
@@ -505,6 +513,7 @@ impl Wrk {
             p50_ms: latency_ms(&field("50%")),
             p99_ms: latency_ms(&field("99%")),
             cpu_us: 0.0,
+            sys_us: 0.0,
         }
     }
 }

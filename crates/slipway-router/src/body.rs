@@ -159,7 +159,9 @@ pub(crate) struct LimitedBody {
     /// [`Overflow`] for the proxy to drain it.
     inner: Option<Incoming>,
     remaining: u64,
-    overflow: Arc<Overflow>,
+    /// `None` for a body that is already complete (most requests): it cannot cross the
+    /// limit, and this saves an allocation per request.
+    overflow: Option<Arc<Overflow>>,
 }
 
 /// Shared between a [`LimitedBody`] and the proxy that sent it: set when the limit was
@@ -185,7 +187,7 @@ impl Overflow {
 }
 
 impl LimitedBody {
-    pub(crate) fn new(inner: Incoming, limit: u64, overflow: Arc<Overflow>) -> Self {
+    pub(crate) fn new(inner: Incoming, limit: u64, overflow: Option<Arc<Overflow>>) -> Self {
         Self {
             inner: Some(inner),
             remaining: limit,
@@ -216,12 +218,14 @@ impl Body for LimitedBody {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     if len > this.remaining {
-                        this.overflow.exceeded.store(true, Ordering::Release);
-                        *this
-                            .overflow
-                            .rest
-                            .lock()
-                            .unwrap_or_else(|poisoned| poisoned.into_inner()) = this.inner.take();
+                        let rest = this.inner.take();
+                        if let Some(overflow) = &this.overflow {
+                            overflow.exceeded.store(true, Ordering::Release);
+                            *overflow
+                                .rest
+                                .lock()
+                                .unwrap_or_else(|poisoned| poisoned.into_inner()) = rest;
+                        }
                         return Poll::Ready(Some(Err(BodyTooLarge.into())));
                     }
                     this.remaining -= len;

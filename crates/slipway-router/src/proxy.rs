@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
+
 use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{
@@ -19,6 +21,7 @@ use crate::body::{BodyTooLarge, LimitedBody, Overflow, RouterBody};
 use crate::config::RouterConfig;
 use crate::error_page::{error_response, ErrorCode};
 use crate::table::{InFlightGuard, Upstream};
+use crate::timer::CoarseSleep;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -52,6 +55,21 @@ struct IdleConnection {
     since: Instant,
 }
 
+/// What one client connection keeps between its requests.
+pub(crate) struct Local {
+    /// The response-header deadline, re-armed per request instead of made anew (a new one
+    /// costs two allocations and a registration with the ticker).
+    sleep: Mutex<Option<CoarseSleep>>,
+}
+
+impl Local {
+    pub(crate) fn new() -> Self {
+        Self {
+            sleep: Mutex::new(None),
+        }
+    }
+}
+
 impl UpstreamPool {
     pub(crate) fn new(upstream: Arc<dyn Upstream>, config: &RouterConfig) -> Self {
         let inner = PoolInner {
@@ -70,43 +88,52 @@ impl UpstreamPool {
     /// Sends `request` on an idle connection, or a new one. A request that never left because
     /// the reused connection turned out to be closed (the app hung up while it sat idle) is
     /// retried once on a fresh connection.
+    ///
+    /// Only the common case (an idle connection at hand) is inline; opening a connection is
+    /// boxed, so the future of every request stays small (hyper moves it into place, copying
+    /// all of it).
     async fn send(
         &self,
         request: Request<LimitedBody>,
     ) -> Result<(Response<Incoming>, Checkin), UpstreamError> {
         let shard = current_shard();
-        let (mut sender, reused) = match self.inner.take_idle(shard) {
-            Some(sender) => (sender, true),
-            None => (self.inner.connect().await?, false),
+        let Some(mut sender) = self.inner.take_idle(shard) else {
+            return Box::pin(self.send_fresh(request, shard)).await;
         };
-        let checkin = |sender| Checkin {
+        match sender.try_send_request(request).await {
+            Ok(response) => Ok((response, self.checkin(sender, shard))),
+            Err(mut err) => match err.take_message() {
+                Some(request) => Box::pin(self.send_fresh(request, shard)).await,
+                None => Err(UpstreamError::Http(err.into_error())),
+            },
+        }
+    }
+
+    async fn send_fresh(
+        &self,
+        request: Request<LimitedBody>,
+        shard: usize,
+    ) -> Result<(Response<Incoming>, Checkin), UpstreamError> {
+        let mut sender = self.inner.connect().await?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(UpstreamError::Http)?;
+        Ok((response, self.checkin(sender, shard)))
+    }
+
+    fn checkin(&self, sender: SendRequest<LimitedBody>, shard: usize) -> Checkin {
+        Checkin {
             sender,
             shard,
             pool: Arc::downgrade(&self.inner),
-        };
-        match sender.try_send_request(request).await {
-            Ok(response) => Ok((response, checkin(sender))),
-            Err(mut err) => match err.take_message() {
-                Some(request) if reused => {
-                    let mut sender = self.inner.connect().await?;
-                    let response = sender
-                        .send_request(request)
-                        .await
-                        .map_err(UpstreamError::Http)?;
-                    Ok((response, checkin(sender)))
-                }
-                _ => Err(UpstreamError::Http(err.into_error())),
-            },
         }
     }
 }
 
 impl PoolInner {
     fn lock_idle(&self, shard: usize) -> std::sync::MutexGuard<'_, Vec<IdleConnection>> {
-        // A panic while holding the lock leaves at worst a connection too many or too few.
-        self.idle[shard % SHARDS]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.idle[shard % SHARDS])
     }
 
     fn take_idle(&self, shard: usize) -> Option<SendRequest<LimitedBody>> {
@@ -119,7 +146,13 @@ impl PoolInner {
         None
     }
 
-    async fn connect(&self) -> Result<SendRequest<LimitedBody>, UpstreamError> {
+    /// Opens a connection. Boxed: the connect and handshake futures are large and rarely
+    /// needed, and every request's future would otherwise carry (and copy) their space.
+    fn connect(&self) -> BoxFuture<'_, Result<SendRequest<LimitedBody>, UpstreamError>> {
+        Box::pin(self.open())
+    }
+
+    async fn open(&self) -> Result<SendRequest<LimitedBody>, UpstreamError> {
         let stream = tokio::time::timeout(self.connect_timeout, self.upstream.connect())
             .await
             .map_err(|_| UpstreamError::ConnectTimeout(self.connect_timeout))?
@@ -153,6 +186,13 @@ impl PoolInner {
             idle.push(IdleConnection { sender, since: now });
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock leaves at worst a connection too many or too few.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Idle lists per pool. Each thread takes connections from and returns them to its own list,
@@ -227,6 +267,7 @@ pub(crate) async fn forward(
     config: &RouterConfig,
     mut req: Request<Incoming>,
     client_ip: &HeaderValue,
+    local: &Local,
     guard: InFlightGuard,
     json: bool,
 ) -> Response<RouterBody> {
@@ -243,7 +284,9 @@ pub(crate) async fn forward(
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();
+    let mut host_from_uri = false;
     let original_host = parts.headers.get(HOST).cloned().or_else(|| {
+        host_from_uri = true;
         parts
             .uri
             .authority()
@@ -251,7 +294,7 @@ pub(crate) async fn forward(
     });
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(EXPECT);
-    add_forwarded(&mut parts.headers, client_ip, original_host);
+    add_forwarded(&mut parts.headers, client_ip, original_host, host_from_uri);
     if let Some(protocol) = &upgrade {
         parts
             .headers
@@ -262,21 +305,33 @@ pub(crate) async fn forward(
     parts.uri = upstream_uri(&parts.uri);
     parts.version = Version::HTTP_11;
 
-    let overflow = Arc::new(Overflow::default());
-    let body = LimitedBody::new(body, config.max_request_body, Arc::clone(&overflow));
+    let overflow = (!body.is_end_stream()).then(|| Arc::new(Overflow::default()));
+    let body = LimitedBody::new(body, config.max_request_body, overflow.clone());
     let request = Request::from_parts(parts, body);
 
     // The coarse timer: this deadline is armed on every request (see `timer.rs`).
-    let result = crate::timer::timeout(config.response_header_timeout, pool.send(request)).await;
+    let deadline = Instant::now() + config.response_header_timeout;
+    let kept = lock(&local.sleep).take();
+    let mut sleep = match kept {
+        Some(sleep) => {
+            sleep.reset(deadline);
+            sleep
+        }
+        None => CoarseSleep::until(deadline),
+    };
+    let send = std::pin::pin!(pool.send(request));
+    let result = crate::timer::timeout(&mut sleep, send).await;
+    sleep.disarm();
+    *lock(&local.sleep) = Some(sleep);
     let (mut response, checkin) = match result {
         Err(_) => {
             warn!(upstream = %pool.inner.name, "upstream response headers timed out");
             return error_response(ErrorCode::UpstreamTimeout, json);
         }
         Ok(Err(err)) => {
-            let code = classify(&err, overflow.exceeded());
+            let code = classify(&err, overflow.as_ref().is_some_and(|o| o.exceeded()));
             if code == ErrorCode::BodyTooLarge {
-                if let Some(rest) = overflow.take_rest() {
+                if let Some(rest) = overflow.as_ref().and_then(|o| o.take_rest()) {
                     drain_rejected(rest, config);
                 }
                 return body_too_large(version, json);
@@ -293,23 +348,12 @@ pub(crate) async fn forward(
             return error_response(ErrorCode::UpstreamError, json);
         };
         let upstream_upgrade = hyper::upgrade::on(&mut response);
-        let name = pool.inner.name.clone();
-        tokio::spawn(async move {
-            // Counted as in flight until either side closes.
-            let _guard = guard;
-            match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                Ok((client, upstream)) => {
-                    let mut client = TokioIo::new(client);
-                    let mut upstream = TokioIo::new(upstream);
-                    if let Err(err) =
-                        tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-                    {
-                        debug!(upstream = %name, error = %err, "upgraded connection ended with an error");
-                    }
-                }
-                Err(err) => debug!(upstream = %name, error = %err, "upgrade did not complete"),
-            }
-        });
+        splice(
+            pool.inner.name.clone(),
+            client_upgrade,
+            upstream_upgrade,
+            guard,
+        );
         let (mut parts, _empty) = response.into_parts();
         let protocol = parts.headers.get(UPGRADE).cloned();
         strip_hop_by_hop(&mut parts.headers);
@@ -325,6 +369,30 @@ pub(crate) async fn forward(
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, RouterBody::proxied(body, checkin, guard))
+}
+
+/// Splices an upgraded client connection to its upgraded upstream connection, in a task of
+/// its own. Not inline in [`forward`]: its future would grow every request's future.
+fn splice(
+    name: String,
+    client_upgrade: hyper::upgrade::OnUpgrade,
+    upstream_upgrade: hyper::upgrade::OnUpgrade,
+    guard: InFlightGuard,
+) {
+    tokio::spawn(async move {
+        // Counted as in flight until either side closes.
+        let _guard = guard;
+        match tokio::try_join!(client_upgrade, upstream_upgrade) {
+            Ok((client, upstream)) => {
+                let mut client = TokioIo::new(client);
+                let mut upstream = TokioIo::new(upstream);
+                if let Err(err) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                    debug!(upstream = %name, error = %err, "upgraded connection ended with an error");
+                }
+            }
+            Err(err) => debug!(upstream = %name, error = %err, "upgrade did not complete"),
+        }
+    });
 }
 
 /// The 413 page; over HTTP/1 it also says the connection closes once the refused body has been
@@ -441,27 +509,35 @@ fn add_forwarded(
     headers: &mut HeaderMap,
     client_ip: &HeaderValue,
     original_host: Option<HeaderValue>,
+    host_from_uri: bool,
 ) {
-    let previous: Vec<&str> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    if previous.is_empty() {
-        headers.insert(X_FORWARDED_FOR, client_ip.clone());
-    } else {
-        let ip = client_ip.to_str().unwrap_or_default();
-        let forwarded_for = format!("{}, {ip}", previous.join(", "));
-        // Made of header values and an IP address, so it is a valid header value.
-        if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-            headers.insert(X_FORWARDED_FOR, value);
+    use hyper::header::Entry;
+    // One hash of the name, whether or not the client sent the header.
+    match headers.entry(X_FORWARDED_FOR) {
+        Entry::Vacant(vacant) => {
+            vacant.insert(client_ip.clone());
+        }
+        Entry::Occupied(mut occupied) => {
+            let previous: Vec<&str> = occupied.iter().filter_map(|v| v.to_str().ok()).collect();
+            let ip = client_ip.to_str().unwrap_or_default();
+            let forwarded_for = if previous.is_empty() {
+                ip.to_owned()
+            } else {
+                format!("{}, {ip}", previous.join(", "))
+            };
+            // Made of header values and an IP address, so it is a valid header value.
+            if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+                occupied.insert(value);
+            }
         }
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     match original_host {
         Some(host) => {
-            headers.insert(X_FORWARDED_HOST, host.clone());
-            headers.insert(HOST, host);
+            if host_from_uri {
+                headers.insert(HOST, host.clone());
+            }
+            headers.insert(X_FORWARDED_HOST, host);
         }
         None => {
             headers.remove(X_FORWARDED_HOST);

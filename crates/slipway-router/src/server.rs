@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use crate::body::RouterBody;
 use crate::error_page::{error_response, error_response_with, wants_json, ErrorCode};
 use crate::host::request_host;
+use crate::proxy::Local;
 use crate::table::{Route, Router};
 use crate::timer::{self, CoarseTimer};
 use crate::{proxy, static_files};
@@ -254,13 +255,19 @@ async fn serve_on(
                 }
             }
         };
-        let router = Arc::clone(&router);
-        // Formatted once per connection, not per request.
-        let client_ip = client_ip_header(peer);
+        let client = Arc::new(ClientConnection {
+            router: Arc::clone(&router),
+            // Formatted once per connection, not per request.
+            client_ip: client_ip_header(peer),
+            local: Local::new(),
+        });
         let service = service_fn(move |req: Request<Incoming>| {
-            let router = Arc::clone(&router);
-            let client_ip = client_ip.clone();
-            async move { Ok::<_, Infallible>(handle(&router, req, &client_ip).await) }
+            let client = Arc::clone(&client);
+            async move {
+                Ok::<_, Infallible>(
+                    handle(&client.router, req, &client.client_ip, &client.local).await,
+                )
+            }
         });
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -288,6 +295,13 @@ async fn serve_on(
     drop(ticker_stop);
 }
 
+/// What every request of one client connection shares.
+struct ClientConnection {
+    router: Arc<Router>,
+    client_ip: HeaderValue,
+    local: Local,
+}
+
 fn client_ip_header(peer: SocketAddr) -> HeaderValue {
     let ip = peer.ip().to_canonical().to_string();
     // An IP address in text form is always a valid header value.
@@ -299,6 +313,7 @@ pub(crate) async fn handle(
     router: &Router,
     req: Request<Incoming>,
     client_ip: &HeaderValue,
+    local: &Local,
 ) -> Response<RouterBody> {
     let json = wants_json(req.headers());
     let Some(host) = request_host(&req) else {
@@ -310,7 +325,7 @@ pub(crate) async fn handle(
     let guard = entry.in_flight.enter();
     match (&entry.route, &entry.pool) {
         (Route::Upstream(_), Some(pool)) => {
-            proxy::forward(pool, router.config(), req, client_ip, guard, json).await
+            proxy::forward(pool, router.config(), req, client_ip, local, guard, json).await
         }
         (Route::Static(site), _) => static_files::serve(site, &req, json),
         (Route::Unavailable(page), _) => error_response_with(

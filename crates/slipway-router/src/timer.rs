@@ -62,10 +62,16 @@ impl CoarseSleep {
         }
     }
 
-    fn reset(&self, deadline: Instant) {
+    /// Moves the deadline; a registered sleep stays registered (no lock, no allocation).
+    pub(crate) fn reset(&self, deadline: Instant) {
         self.shared
             .deadline
             .store(nanos(deadline), Ordering::Release);
+    }
+
+    /// Moves the deadline out of reach, so a sleep kept for reuse never fires meanwhile.
+    pub(crate) fn disarm(&self) {
+        self.shared.deadline.store(u64::MAX, Ordering::Release);
     }
 }
 
@@ -74,10 +80,15 @@ impl Future for CoarseSleep {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let shared = &self.shared;
+        shared.waker.register(cx.waker());
+        if shared.registered.load(Ordering::Acquire) {
+            // The ticker wakes it once the deadline has passed (and unregisters it first), so
+            // a registered sleep need not read the clock on every poll.
+            return Poll::Pending;
+        }
         if nanos(Instant::now()) >= shared.deadline.load(Ordering::Acquire) {
             return Poll::Ready(());
         }
-        shared.waker.register(cx.waker());
         if !shared.registered.swap(true, Ordering::AcqRel) {
             lock(registry()).push(Arc::downgrade(shared));
         }
@@ -91,16 +102,20 @@ impl Future for CoarseSleep {
 
 impl hyper::rt::Sleep for CoarseSleep {}
 
-/// `fut`, or `Err(())` once `duration` has passed (up to one tick later).
-pub(crate) async fn timeout<F: Future>(duration: Duration, fut: F) -> Result<F::Output, ()> {
-    let sleep = CoarseSleep::until(Instant::now() + duration);
-    tokio::pin!(fut);
-    tokio::pin!(sleep);
+/// `fut`, or `Err(())` once `sleep` has fired (up to one tick after its deadline).
+///
+/// Takes the future pinned where the caller keeps it: moved in by value, a large future
+/// would be stored (and copied) twice in this one's state. The sleep is borrowed so callers
+/// can keep one per connection and re-arm it per request ([`CoarseSleep::reset`]).
+pub(crate) async fn timeout<F: Future>(
+    sleep: &mut CoarseSleep,
+    mut fut: Pin<&mut F>,
+) -> Result<F::Output, ()> {
     std::future::poll_fn(|cx| {
         if let Poll::Ready(output) = fut.as_mut().poll(cx) {
             return Poll::Ready(Ok(output));
         }
-        sleep.as_mut().poll(cx).map(Err)
+        Pin::new(&mut *sleep).poll(cx).map(Err)
     })
     .await
 }
@@ -197,12 +212,26 @@ mod tests {
         sleep.await;
         assert!(started.elapsed() >= Duration::from_millis(100));
 
-        assert_eq!(timeout(Duration::from_secs(5), async { 7 }).await, Ok(7));
-        let started = Instant::now();
+        let mut sleep = CoarseSleep::until(Instant::now() + Duration::from_secs(5));
         assert_eq!(
-            timeout(Duration::from_millis(100), std::future::pending::<()>()).await,
+            timeout(&mut sleep, std::pin::pin!(async { 7 })).await,
+            Ok(7)
+        );
+        // The same sleep, re-armed.
+        let started = Instant::now();
+        sleep.reset(started + Duration::from_millis(100));
+        assert_eq!(
+            timeout(&mut sleep, std::pin::pin!(std::future::pending::<()>())).await,
             Err(())
         );
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        // Disarmed, it does not fire; re-armed after firing, it fires again.
+        sleep.disarm();
+        let waited = tokio::time::timeout(Duration::from_millis(200), &mut sleep).await;
+        assert!(waited.is_err(), "a disarmed sleep fired");
+        let started = Instant::now();
+        sleep.reset(started + Duration::from_millis(100));
+        (&mut sleep).await;
         assert!(started.elapsed() >= Duration::from_millis(100));
 
         let _ = stop_tx.send(());

@@ -3,7 +3,6 @@
 //! Its own test binary, with a single test: it samples this process's resident memory, which
 //! tests running beside it in one process would disturb.
 
-#[allow(dead_code)]
 mod util;
 
 use std::sync::atomic::{AtomicU64, Ordering};
