@@ -126,6 +126,10 @@ pub struct ServeArgs {
     /// are removed.
     #[arg(long, env = "SLIPWAY_GC_INTERVAL", value_name = "SECONDS")]
     pub gc_interval: Option<u64>,
+    /// Memory all static releases together may keep their small files in, in MiB (0: serve
+    /// every file from disk) [default: 256].
+    #[arg(long, env = "SLIPWAY_STATIC_CACHE_MIB", value_name = "MIB")]
+    pub static_cache_mib: Option<u64>,
 }
 
 /// The config file. Unknown keys are refused so that a typo is not silently ignored.
@@ -146,6 +150,7 @@ pub struct FileConfig {
     pub gate_token_ttl: Option<u64>,
     pub warm_time: Option<u64>,
     pub gc_interval: Option<u64>,
+    pub static_cache_mib: Option<u64>,
 }
 
 impl FileConfig {
@@ -184,7 +189,12 @@ pub struct ServeConfig {
     pub warm_time: std::time::Duration,
     /// How often artifact garbage collection runs; `None`: never.
     pub gc_interval: Option<std::time::Duration>,
+    /// The memory budget, in bytes, that every static release's file cache shares.
+    pub static_cache_bytes: u64,
 }
+
+/// The most `--static-cache-mib` accepts: 64 GiB.
+const MAX_STATIC_CACHE_MIB: u64 = 64 * 1024;
 
 /// `HOST=IP`: a host name as a spec would name it (no port) and an IP address.
 fn parse_egress_pin(raw: &str) -> anyhow::Result<(String, std::net::IpAddr)> {
@@ -275,6 +285,15 @@ impl ServeConfig {
             0 => None,
             secs => Some(std::time::Duration::from_secs(secs)),
         };
+        let static_cache_mib = args
+            .static_cache_mib
+            .or(file.static_cache_mib)
+            .unwrap_or(256);
+        if static_cache_mib > MAX_STATIC_CACHE_MIB {
+            bail!(
+                "static cache must be at most {MAX_STATIC_CACHE_MIB} MiB (64 GiB), got {static_cache_mib} MiB"
+            );
+        }
         let egress_pins = if args.egress_pin.is_empty() {
             file.egress_pin.unwrap_or_default()
         } else {
@@ -287,6 +306,7 @@ impl ServeConfig {
             warm_time,
             egress_pins,
             gc_interval,
+            static_cache_bytes: static_cache_mib << 20,
             trust_policy,
             config_file: args.config,
             data_dir,
@@ -657,8 +677,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         agent_root = %config.agent_root.as_str(),
         allowed_roots = %config.allowed_roots.join(","),
         base_domain = %config.base_domain,
+        static_cache_mib = config.static_cache_bytes >> 20,
         "configuration"
     );
+    slipway_router::CacheBudget::global().set_limit(config.static_cache_bytes);
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let server = build_server(config).await?;

@@ -236,7 +236,37 @@ fn without_a_config_file_the_server_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(&dir.path().join("data"), &[], &[]);
     s.wait_for_log("no config file");
+    s.wait_for_log("static_cache_mib=256");
     s.stop();
+}
+
+#[test]
+fn the_static_cache_budget_is_configurable_and_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(
+        &dir.path().join("data"),
+        &[],
+        &[("SLIPWAY_STATIC_CACHE_MIB", "0")],
+    );
+    s.wait_for_log("static_cache_mib=0");
+    s.stop();
+
+    let out = slipway_command()
+        .args([
+            "serve",
+            "--data-dir",
+            dir.path().join("d").to_str().unwrap(),
+            "--static-cache-mib",
+            "70000",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("static cache must be at most 65536 MiB") && stderr.contains("70000"),
+        "{stderr}"
+    );
 }
 
 #[test]
