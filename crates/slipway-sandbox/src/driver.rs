@@ -637,7 +637,10 @@ impl LinuxDriver {
     /// Starts building a spare for `key` in the background, unless one is being built or one
     /// for `key` is ready.
     fn refill_spare(&self, key: &SpareKey, spec: &SandboxSpec) {
-        if lock(&self.spare.ready).as_ref().is_some_and(|s| s.key == *key) {
+        if lock(&self.spare.ready)
+            .as_ref()
+            .is_some_and(|s| s.key == *key)
+        {
             return;
         }
         {
