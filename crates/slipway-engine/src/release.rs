@@ -519,10 +519,11 @@ pub(crate) async fn extracted(
         let reader = artifacts
             .open_release(&agent, &hash)
             .map_err(|e| e.to_string())?;
-        let mut options = slipway_artifacts::ExtractOptions::default();
-        options.owner = Some((uid, uid));
-        options.max_bytes = max_bytes;
-        options.max_entries = max_entries;
+        let options = slipway_artifacts::ExtractOptions {
+            owner: Some((uid, uid)),
+            max_bytes,
+            max_entries,
+        };
         slipway_artifacts::extract(reader, &dest, &options).map_err(|e| e.to_string())?;
         Ok(())
     })

@@ -138,11 +138,12 @@ pub(crate) async fn resolve(
 
 fn capture_options(engine: &Engine) -> slipway_artifacts::CaptureOptions {
     let cfg = &engine.inner.config;
-    let mut o = slipway_artifacts::CaptureOptions::default();
-    o.max_files = cfg.max_snapshot_files;
-    o.max_compressed_bytes = cfg.max_snapshot_bytes;
-    o.stat_cache_dir = Some(cfg.cache_dir.join("stat"));
-    o
+    slipway_artifacts::CaptureOptions {
+        max_files: cfg.max_snapshot_files,
+        max_compressed_bytes: cfg.max_snapshot_bytes,
+        stat_cache_dir: Some(cfg.cache_dir.join("stat")),
+        ..Default::default()
+    }
 }
 
 /// The cached, read-only extraction of a snapshot, owned by the workload uid. Extracted once
@@ -207,10 +208,11 @@ fn extract_into(
         std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
     }
     let reader = artifacts.open(agent, hash).map_err(|e| e.to_string())?;
-    let mut options = slipway_artifacts::ExtractOptions::default();
-    options.owner = Some((uid, uid));
-    options.max_bytes = max_bytes;
-    options.max_entries = max_entries;
+    let options = slipway_artifacts::ExtractOptions {
+        owner: Some((uid, uid)),
+        max_bytes,
+        max_entries,
+    };
     slipway_artifacts::extract(reader, dest, &options).map_err(|e| e.to_string())?;
     Ok(())
 }

@@ -847,6 +847,6 @@ mod tests {
         );
         let refs = s.referenced_artifacts().unwrap();
         assert!(refs.releases["agt-a"].contains(&"c".repeat(64)));
-        assert_eq!(s.schema_version().unwrap() >= 2, true);
+        assert!(s.schema_version().unwrap() >= 2);
     }
 }

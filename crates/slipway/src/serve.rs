@@ -723,6 +723,64 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The run engine: sandboxes when this machine can make them (otherwise runs fail and say why),
+/// the build egress allowlist derived from the host's npm and pip configuration.
+/// The cgroup directory holding this server's sandboxes. Start-up cleanup kills everything
+/// under it, so two servers on one machine (two data directories) must not share it: the name
+/// carries a digest of the data directory's path.
+fn cgroup_parent_for(data_dir: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::ffi::OsStrExt;
+    let canonical = data_dir
+        .canonicalize()
+        .unwrap_or_else(|_| data_dir.to_path_buf());
+    let digest = Sha256::digest(canonical.as_os_str().as_bytes());
+    format!("slipway-{}", &hex::encode(digest)[..12])
+}
+
+fn build_engine(
+    config: &ServeConfig,
+    store: Arc<dyn Store>,
+    artifacts: Arc<slipway_artifacts::LocalArtifactStore>,
+    router: Arc<Router>,
+    app_addr: SocketAddr,
+    clock: slipway_api::Clock,
+) -> anyhow::Result<Engine> {
+    let driver = match slipway_sandbox::check_support() {
+        Ok(()) => {
+            let helper = std::env::current_exe()
+                .context("cannot find the slipway executable for sandbox helpers")?;
+            let mut driver_config =
+                slipway_sandbox::DriverConfig::new(helper, config.data_dir.join("sandboxes"));
+            driver_config.cgroup_parent = cgroup_parent_for(&config.data_dir);
+            slipway_sandbox::LinuxDriver::new(driver_config).map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(reason) = &driver {
+        warn!("sandboxes are unavailable, so every deployment run will fail until this is fixed: {reason}");
+    }
+    let mut engine_config =
+        EngineConfig::new(config.data_dir.join("cache"), config.agent_root.clone());
+    engine_config.base_domain = config.base_domain.clone();
+    engine_config.app_port = app_addr.port();
+    engine_config.warm_time = config.warm_time;
+    let registry = slipway_sandbox::RegistryConfig::derive();
+    engine_config.egress_allow = registry.egress_config(&config.egress_allow).allow_hosts;
+    engine_config.egress_env = registry.sandbox_env();
+    info!(hosts = %engine_config.egress_allow.join(","), "build egress allowlist");
+    engine_config.runtime_egress_pins = config.egress_pins.clone();
+    Ok(Engine::new(
+        store,
+        artifacts,
+        driver,
+        router,
+        engine_config,
+        EventBus::default(),
+        clock,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -785,62 +843,4 @@ mod tests {
             .to_string()
             .contains("must not be /"));
     }
-}
-
-/// The run engine: sandboxes when this machine can make them (otherwise runs fail and say why),
-/// the build egress allowlist derived from the host's npm and pip configuration.
-/// The cgroup directory holding this server's sandboxes. Start-up cleanup kills everything
-/// under it, so two servers on one machine (two data directories) must not share it: the name
-/// carries a digest of the data directory's path.
-fn cgroup_parent_for(data_dir: &Path) -> String {
-    use sha2::{Digest, Sha256};
-    use std::os::unix::ffi::OsStrExt;
-    let canonical = data_dir
-        .canonicalize()
-        .unwrap_or_else(|_| data_dir.to_path_buf());
-    let digest = Sha256::digest(canonical.as_os_str().as_bytes());
-    format!("slipway-{}", &hex::encode(digest)[..12])
-}
-
-fn build_engine(
-    config: &ServeConfig,
-    store: Arc<dyn Store>,
-    artifacts: Arc<slipway_artifacts::LocalArtifactStore>,
-    router: Arc<Router>,
-    app_addr: SocketAddr,
-    clock: slipway_api::Clock,
-) -> anyhow::Result<Engine> {
-    let driver = match slipway_sandbox::check_support() {
-        Ok(()) => {
-            let helper = std::env::current_exe()
-                .context("cannot find the slipway executable for sandbox helpers")?;
-            let mut driver_config =
-                slipway_sandbox::DriverConfig::new(helper, config.data_dir.join("sandboxes"));
-            driver_config.cgroup_parent = cgroup_parent_for(&config.data_dir);
-            slipway_sandbox::LinuxDriver::new(driver_config).map_err(|e| e.to_string())
-        }
-        Err(e) => Err(e.to_string()),
-    };
-    if let Err(reason) = &driver {
-        warn!("sandboxes are unavailable, so every deployment run will fail until this is fixed: {reason}");
-    }
-    let mut engine_config =
-        EngineConfig::new(config.data_dir.join("cache"), config.agent_root.clone());
-    engine_config.base_domain = config.base_domain.clone();
-    engine_config.app_port = app_addr.port();
-    engine_config.warm_time = config.warm_time;
-    let registry = slipway_sandbox::RegistryConfig::derive();
-    engine_config.egress_allow = registry.egress_config(&config.egress_allow).allow_hosts;
-    engine_config.egress_env = registry.sandbox_env();
-    info!(hosts = %engine_config.egress_allow.join(","), "build egress allowlist");
-    engine_config.runtime_egress_pins = config.egress_pins.clone();
-    Ok(Engine::new(
-        store,
-        artifacts,
-        driver,
-        router,
-        engine_config,
-        EventBus::default(),
-        clock,
-    ))
 }
