@@ -478,7 +478,10 @@ impl LinuxDriver {
             return Err(CreateError::Exists { id });
         }
         let key = SpareKey::of(&spec);
-        let mut taken = self.take_spare(&key).await;
+        let (mut taken, was_ready) = self.take_spare(&key).await;
+        // No spare was waiting: creates are coming faster than spares are built, so the next
+        // one starts at once rather than after `REFILL_DELAY`.
+        let burst = !was_ready;
         let mut retried = false;
         let inner = loop {
             let from_spare = taken.is_some();
@@ -497,8 +500,12 @@ impl LinuxDriver {
                     }
                     // The spare is used up: the next one is built in the background, for
                     // the configuration just asked for, once this sandbox is past its first
-                    // moments (see `REFILL_DELAY`).
-                    self.refill_spare_later(&key, &spec, inner.gone.clone());
+                    // moments (see `REFILL_DELAY`), or at once in a burst of creates.
+                    if burst {
+                        self.refill_spare(&key, &spec);
+                    } else {
+                        self.refill_spare_later(&key, &spec, inner.gone.clone());
+                    }
                     break inner;
                 }
                 Err((err, Fate::Untouched(spare))) => {
@@ -549,25 +556,28 @@ impl LinuxDriver {
     /// Takes the ready spare if it was built for `key` and is alive; a spare built for
     /// another configuration, or dead, is discarded. When a spare for `key` is being built (or
     /// scheduled: then it is started now), waits for it rather than building a second one.
-    async fn take_spare(&self, key: &SpareKey) -> Option<Spare> {
+    /// Also says whether a usable spare was ready at once.
+    async fn take_spare(&self, key: &SpareKey) -> (Option<Spare>, bool) {
         let slot = &self.spare;
         let deadline = tokio::time::Instant::now() + self.config.setup_timeout;
+        let mut at_once = true;
         loop {
             let notified = slot.built.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if let Some(spare) = lock(&slot.ready).take() {
                 if spare.key == *key && spare.alive() {
-                    return Some(spare);
+                    return (Some(spare), at_once);
                 }
                 self.discard(spare);
             }
+            at_once = false;
             self.start_pending(key);
             if lock(&slot.building).as_ref() != Some(key) {
-                return None;
+                return (None, false);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return None;
+                return (None, false);
             }
         }
     }
