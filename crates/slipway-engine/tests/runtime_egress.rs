@@ -6,13 +6,11 @@
 //! (`upstream.test`) is pinned to 127.0.0.1 by the engine's operator configuration, which is how
 //! an operator opens an internal host; nothing is aimed off this machine.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use slipway_core::{DeploymentStatus, DeploymentTarget};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::counting_upstream::Upstream;
 use crate::util::*;
 
 /// The app: `/ok` fetches the allowed upstream, `/denied` another name, `/direct` tries the
@@ -55,59 +53,6 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(('127.0.0.1', int(os.environ['PORT'])), H).serve_forever()
 "#;
 
-/// An HTTP server on the host's loopback answering `hello from upstream`; counts connections.
-struct Upstream {
-    port: u16,
-    connections: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Upstream {
-    async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let connections = Arc::new(AtomicUsize::new(0));
-        let counted = connections.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                counted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 1024];
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let body = "hello from upstream";
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = stream.write_all(resp.as_bytes()).await;
-                    let _ = stream.shutdown().await;
-                });
-            }
-        });
-        Self {
-            port,
-            connections,
-            task,
-        }
-    }
-
-    fn connections(&self) -> usize {
-        self.connections.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 async fn egress_harness(opts: Options) -> Option<Harness> {
     harness_with(Options {
         runtime_egress_pins: vec![("upstream.test".into(), "127.0.0.1".parse().unwrap())],
@@ -133,7 +78,7 @@ async fn a_running_app_reaches_only_its_allow_listed_host_and_denials_are_logged
     let Some(h) = egress_harness(Options::default()).await else {
         return;
     };
-    let upstream = Upstream::start().await;
+    let upstream = Upstream::start("hello from upstream").await;
     set_app_spec(
         &h,
         &upstream,
@@ -189,7 +134,7 @@ async fn without_an_allowlist_a_running_app_has_no_proxy_and_no_way_out() {
     let Some(h) = egress_harness(Options::default()).await else {
         return;
     };
-    let upstream = Upstream::start().await;
+    let upstream = Upstream::start("hello from upstream").await;
     set_app_spec(&h, &upstream, Vec::new(), "preview");
     let run = h.start().await;
     let ready = h
@@ -222,7 +167,7 @@ async fn a_cold_booted_production_instance_gets_its_versions_egress() {
     else {
         return;
     };
-    let upstream = Upstream::start().await;
+    let upstream = Upstream::start("hello from upstream").await;
     // Version 1 may reach the upstream; version 2 may not.
     set_app_spec(
         &h,

@@ -11,8 +11,10 @@
 //! `BENCH_DURATION`, `BENCH_CONNECTIONS` (8), `BENCH_ROUNDS` (1), `BENCH_KEEP` (keep the
 //! callgrind dumps and print where, for `callgrind_annotate`).
 
+mod common;
+use common::Loopback;
+
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -20,13 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper::Response;
-use hyper_util::rt::TokioIo;
-use slipway_router::{Route, Router, RouterConfig, Upstream};
-use tokio::net::{TcpListener, TcpStream};
+use slipway_router::{Route, Router, RouterConfig};
+use tokio::net::TcpListener;
 
 /// Counts heap allocations (all threads).
 struct Counting;
@@ -189,36 +186,8 @@ fn app() {
     runtime.block_on(async {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         println!("{}", listener.local_addr().unwrap());
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let service = service_fn(|_req| async {
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
-                        b"hello from the app\n",
-                    ))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
+        common::serve_app(listener, b"hello from the app\n").await;
     });
-}
-
-struct Loopback(SocketAddr);
-
-impl Upstream for Loopback {
-    fn connect(&self) -> futures_util::future::BoxFuture<'static, std::io::Result<TcpStream>> {
-        let addr = self.0;
-        Box::pin(async move { TcpStream::connect(addr).await })
-    }
-
-    fn name(&self) -> String {
-        "bench app".into()
-    }
 }
 
 fn router(app: SocketAddr) {

@@ -9,7 +9,9 @@
 //! `BENCH_THREADS` (wrk -t, 2), `BENCH_WORKERS` (router I/O threads = nginx workers, default 2),
 //! `BENCH_ONLY` (run only scenarios whose name contains it).
 
-use std::convert::Infallible;
+mod common;
+use common::Loopback;
+
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -17,13 +19,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper::Response;
-use hyper_util::rt::TokioIo;
-use slipway_router::{Route, Router, RouterConfig, StaticSite, Upstream};
-use tokio::net::{TcpListener, TcpStream};
+use slipway_router::{Route, Router, RouterConfig, StaticSite};
+use tokio::net::TcpListener;
 
 const HELLO: &str = "hello from the app\n";
 const APP_HOST: &str = "app.bench";
@@ -316,38 +313,8 @@ fn ensure_tools() {
 async fn start_app() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let service = service_fn(|_req| async {
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
-                        HELLO.as_bytes(),
-                    ))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
+    tokio::spawn(common::serve_app(listener, HELLO.as_bytes()));
     addr
-}
-
-struct Loopback(SocketAddr);
-
-impl Upstream for Loopback {
-    fn connect(&self) -> futures_util::future::BoxFuture<'static, std::io::Result<TcpStream>> {
-        let addr = self.0;
-        Box::pin(async move { TcpStream::connect(addr).await })
-    }
-
-    fn name(&self) -> String {
-        "bench app".into()
-    }
 }
 
 fn free_port() -> u16 {

@@ -3,73 +3,15 @@
 //! is pinned to 127.0.0.1 the way an operator pins an internal host (a pin opens nothing by
 //! itself: the name must be allow-listed too). No traffic leaves this machine.
 
+use crate::counting_upstream::Upstream;
 use crate::require_sandboxes;
 use crate::util::*;
 use slipway_sandbox::{
     DeniedAttempt, EgressPolicy, EgressProxy, ExecRequest, Sandbox, SandboxHandle,
     DEFAULT_PROXY_PORT,
 };
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// An HTTP server on the host's loopback that answers every request with `hello from
-/// upstream` and counts the connections it accepted.
-struct Upstream {
-    port: u16,
-    connections: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Upstream {
-    async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let connections = Arc::new(AtomicUsize::new(0));
-        let counted = connections.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    return;
-                };
-                counted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 1024];
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let body = "hello from upstream\n";
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = stream.write_all(resp.as_bytes()).await;
-                    let _ = stream.shutdown().await;
-                });
-            }
-        });
-        Self {
-            port,
-            connections,
-            task,
-        }
-    }
-
-    fn connections(&self) -> usize {
-        self.connections.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
 
 /// Opens a run-time proxy in `sb` allowing `upstream.test:<port>` (pinned to 127.0.0.1) and
 /// recording every denial.
@@ -98,7 +40,7 @@ async fn run_with(sb: &Sandbox, proxy: &EgressProxy, command: &str) -> Ran {
 #[tokio::test]
 async fn an_allow_listed_host_is_reached_through_the_proxy() {
     require_sandboxes!();
-    let upstream = Upstream::start().await;
+    let upstream = Upstream::start("hello from upstream\n").await;
     let fx = Fixture::new();
     let sb = fx.sandbox().await;
     let (proxy, denials) = open_proxy(&sb, &upstream).await;
@@ -131,7 +73,7 @@ async fn an_allow_listed_host_is_reached_through_the_proxy() {
 #[tokio::test]
 async fn a_host_not_on_the_list_is_refused_before_connecting_and_reported() {
     require_sandboxes!();
-    let upstream = Upstream::start().await;
+    let upstream = Upstream::start("hello from upstream\n").await;
     let fx = Fixture::new();
     let sb = fx.sandbox().await;
     let (proxy, denials) = open_proxy(&sb, &upstream).await;
@@ -187,7 +129,7 @@ async fn a_host_not_on_the_list_is_refused_before_connecting_and_reported() {
 #[tokio::test]
 async fn without_an_allowlist_a_running_app_has_no_proxy_and_no_way_out() {
     require_sandboxes!();
-    let upstream = Upstream::start().await;
+    let upstream = Upstream::start("hello from upstream\n").await;
     let fx = Fixture::new();
     let sb = fx.sandbox().await;
     let port = upstream.port;
@@ -216,7 +158,7 @@ async fn without_an_allowlist_a_running_app_has_no_proxy_and_no_way_out() {
 #[tokio::test]
 async fn closing_the_proxy_cuts_the_way_out() {
     require_sandboxes!();
-    let upstream = Upstream::start().await;
+    let upstream = Upstream::start("hello from upstream\n").await;
     let fx = Fixture::new();
     let sb = fx.sandbox().await;
     let (proxy, _denials) = open_proxy(&sb, &upstream).await;

@@ -1,5 +1,6 @@
 //! One test binary for the crate (see util.rs for the shared helpers).
 
+mod counting_upstream;
 mod util;
 
 mod basic;
