@@ -358,7 +358,6 @@ pub(crate) struct Written {
     pub file_count: u64,
     pub uncompressed_bytes: u64,
     pub compressed_bytes: u64,
-    pub artifact_sha256: String,
 }
 
 impl Written {
@@ -369,14 +368,13 @@ impl Written {
             file_count: self.file_count,
             size_bytes: self.compressed_bytes,
             uncompressed_bytes: self.uncompressed_bytes,
-            artifact_sha256: self.artifact_sha256.clone(),
             deduplicated,
         }
     }
 }
 
 /// Counts and bounds the compressed bytes, and hands them, in chunks of `OUT_CHUNK`, to the
-/// output thread ([`write_out`]), which writes and hashes them while compression goes on.
+/// output thread ([`write_out`]), which writes them while compression goes on.
 struct Sink<'a> {
     tx: SyncSender<Vec<u8>>,
     /// Chunks the output thread is done with, for reuse.
@@ -436,19 +434,17 @@ impl Write for Sink<'_> {
     }
 }
 
-/// The output thread: writes the compressed chunks to `out`, hashes them (the artifact's
-/// sha256), starts their writeback every `WRITEBACK_CHUNK`, asks the sync thread for an
-/// early `fdatasync` every `SYNC_CHUNK` (see [`sync_early`]), and returns the chunks for
-/// reuse. Keeps draining after an error so the sink never blocks; the first error is
-/// returned.
+/// The output thread: writes the compressed chunks to `out`, starts their writeback every
+/// `WRITEBACK_CHUNK`, asks the sync thread for an early `fdatasync` every `SYNC_CHUNK` (see
+/// [`sync_early`]), and returns the chunks for reuse. Keeps draining after an error so the
+/// sink never blocks; the first error is returned.
 fn write_out(
     out: &File,
     rx: Receiver<Vec<u8>>,
     spare: SyncSender<Vec<u8>>,
     sync: SyncSender<()>,
     failed: &AtomicBool,
-) -> (Sha256, io::Result<()>) {
-    let mut hasher = Sha256::new();
+) -> io::Result<()> {
     let mut result = Ok(());
     let (mut written, mut written_back, mut synced) = (0u64, 0u64, 0u64);
     let mut w = out;
@@ -456,7 +452,6 @@ fn write_out(
         if result.is_ok() {
             match w.write_all(&chunk) {
                 Ok(()) => {
-                    hasher.update(&chunk);
                     written += chunk.len() as u64;
                     if written - written_back >= WRITEBACK_CHUNK {
                         start_writeback(out, written_back, written - written_back);
@@ -478,7 +473,7 @@ fn write_out(
         chunk.clear();
         let _ = spare.try_send(chunk);
     }
-    (hasher, result)
+    result
 }
 
 /// The sync thread: an `fdatasync` of the archive whenever the output thread asks (every
@@ -815,7 +810,7 @@ pub(crate) fn write_archive(
     // Four stages run at once, connected by bounded queues: reader threads read and hash
     // small files ahead (at most `RING` entries and `AHEAD_BYTES` of contents beyond the entry
     // being archived; see [`Readers`]), this thread assembles the tar stream in order, zstd's
-    // workers compress it, and the output thread writes and hashes the compressed bytes. No
+    // workers compress it, and the output thread writes the compressed bytes. No
     // stage waits for another as long as its queue is neither empty nor full, and memory stays
     // bounded by the queues.
     let readers = &Readers::new(scan);
@@ -837,7 +832,7 @@ pub(crate) fn write_archive(
         };
         let archived = archive(s, scan, readers, sink, opts, &io_err);
         // The sink is gone (finished or dropped on error): the output thread ends.
-        let (hasher, result) = output.join().expect("the output thread does not panic");
+        let result = output.join().expect("the output thread does not panic");
         if let Err(source) = result {
             // A failed write makes the archiver fail too; report the real cause.
             return Err(CaptureError::Write {
@@ -850,7 +845,6 @@ pub(crate) fn write_archive(
             file_count: scan.entries.len() as u64,
             uncompressed_bytes: w.uncompressed,
             compressed_bytes: compressed,
-            artifact_sha256: hex::encode(hasher.finalize()),
             hashed: Hashed {
                 shas: w.shas,
                 keys: w.keys,

@@ -84,8 +84,6 @@ pub struct Captured {
     pub size_bytes: u64,
     /// Sum of file sizes.
     pub uncompressed_bytes: u64,
-    /// sha256 of the archive bytes (what a signature covers).
-    pub artifact_sha256: String,
     /// The store already had this content; nothing new was written.
     pub deduplicated: bool,
 }

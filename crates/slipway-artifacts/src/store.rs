@@ -9,8 +9,6 @@ use std::io::{self, Read};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
 use crate::capture::{load_cache, prehash, save_cache, write_archive, CaptureError};
 use crate::fsutil::{fsync_dir, rename_noreplace};
 use crate::scan::scan;
@@ -234,17 +232,13 @@ impl LocalArtifactStore {
             path: path.clone(),
             source,
         };
-        let mut f = File::open(&path).map_err(ioerr)?;
-        let size = f.metadata().map_err(ioerr)?.len();
-        let mut h = Sha256::new();
-        io::copy(&mut f, &mut h).map_err(ioerr)?;
+        let size = fs::metadata(&path).map_err(ioerr)?.len();
         Ok(Captured {
             content_hash: hash.to_string(),
             artifact_path: path.clone(),
             file_count,
             size_bytes: size,
             uncompressed_bytes: uncompressed,
-            artifact_sha256: hex::encode(h.finalize()),
             deduplicated: true,
         })
     }

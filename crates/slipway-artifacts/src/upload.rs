@@ -85,7 +85,6 @@ pub(crate) fn verify_into(
         .suffix(".partial")
         .tempfile_in(dir)
         .map_err(stage_err)?;
-    let mut archive_sha = Sha256::new();
     let mut size = 0u64;
     let mut buf = vec![0u8; 256 * 1024];
     loop {
@@ -101,7 +100,6 @@ pub(crate) fn verify_into(
                 limit: opts.max_compressed_bytes,
             });
         }
-        archive_sha.update(&buf[..n]);
         tmp.write_all(&buf[..n]).map_err(stage_err)?;
     }
     tmp.as_file().sync_all().map_err(stage_err)?;
@@ -184,7 +182,6 @@ pub(crate) fn verify_into(
         file_count: summary.files,
         size_bytes: size,
         uncompressed_bytes: summary.bytes,
-        artifact_sha256: hex::encode(archive_sha.finalize()),
         deduplicated: false,
     };
     Ok((tmp.into_temp_path(), captured))

@@ -142,7 +142,8 @@ proptest! {
         let up = store.verify_upload("agent", &want, fs::File::open(&out).unwrap(), &opts()).unwrap();
         prop_assert_eq!(&up.content_hash, &want);
         prop_assert_eq!(up.file_count, t.len() as u64);
-        prop_assert_eq!(&up.artifact_sha256, &c.artifact_sha256);
+        prop_assert_eq!(up.size_bytes, c.size_bytes);
+        prop_assert_eq!(fs::read(&up.artifact_path).unwrap(), fs::read(&out).unwrap());
     }
 }
 
