@@ -48,6 +48,7 @@ mod error_page;
 mod host;
 mod proxy;
 mod server;
+mod shard;
 mod static_files;
 mod table;
 mod timer;

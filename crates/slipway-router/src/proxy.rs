@@ -2,7 +2,6 @@
 //! bodies both ways, and HTTP Upgrade (WebSocket) splicing.
 
 use std::error::Error as _;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -20,6 +19,7 @@ use tracing::{debug, warn};
 use crate::body::{BodyTooLarge, LimitedBody, Overflow, RouterBody};
 use crate::config::RouterConfig;
 use crate::error_page::{error_response, ErrorCode};
+use crate::shard::{self, Padded, SHARDS};
 use crate::table::{InFlightGuard, Upstream};
 use crate::timer::CoarseSleep;
 
@@ -42,9 +42,12 @@ pub(crate) struct UpstreamPool {
 struct PoolInner {
     upstream: Arc<dyn Upstream>,
     name: String,
-    /// One idle list per shard (see [`current_shard`]), each oldest first, so checkout takes
-    /// the warmest connection and expiry looks at the front.
-    idle: Box<[Mutex<Vec<IdleConnection>>]>,
+    /// One idle list per thread (see [`crate::shard`]), each oldest first, so checkout takes
+    /// the warmest connection and expiry looks at the front. Each thread takes connections
+    /// from and returns them to its own list, so with [`crate::RouterConfig::io_threads`] a
+    /// connection is used by the thread whose runtime drives it, without waking another
+    /// thread per request.
+    idle: Box<[Padded<Mutex<Vec<IdleConnection>>>]>,
     max_idle: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
@@ -75,7 +78,9 @@ impl UpstreamPool {
         let inner = PoolInner {
             name: upstream.name(),
             upstream,
-            idle: (0..SHARDS).map(|_| Mutex::new(Vec::new())).collect(),
+            idle: (0..SHARDS)
+                .map(|_| Padded(Mutex::new(Vec::new())))
+                .collect(),
             max_idle: config.pool_max_idle_per_upstream,
             idle_timeout: config.pool_idle_timeout,
             connect_timeout: config.connect_timeout,
@@ -96,7 +101,7 @@ impl UpstreamPool {
         &self,
         request: Request<LimitedBody>,
     ) -> Result<(Response<Incoming>, Checkin), UpstreamError> {
-        let shard = current_shard();
+        let shard = shard::current();
         let Some(mut sender) = self.inner.take_idle(shard) else {
             return Box::pin(self.send_fresh(request, shard)).await;
         };
@@ -160,6 +165,9 @@ impl PoolInner {
         // Small request/response exchanges must not wait for Nagle.
         let _ = stream.set_nodelay(true);
         let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            // One `write` of a flattened buffer, not a `writev` of head and body: see
+            // `server.rs`.
+            .writev(false)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::Http)?;
@@ -193,21 +201,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Idle lists per pool. Each thread takes connections from and returns them to its own list,
-/// so with [`crate::RouterConfig::io_threads`] a connection is used by the thread whose
-/// runtime drives it, without waking another thread per request.
-const SHARDS: usize = 8;
-
-static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
-
-thread_local! {
-    static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
-}
-
-fn current_shard() -> usize {
-    SHARD.with(|shard| *shard)
 }
 
 /// A connection lent to one response; handed back to its pool when the response body has
@@ -460,34 +453,26 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// Removes the headers that describe one hop rather than the message (RFC 9110 §7.6.1),
 /// including those the `Connection` header names.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one cheap pass avoids a dozen hash lookups per message.
-    if !headers.keys().any(is_hop_by_hop) {
-        return;
-    }
-    if headers.contains_key(CONNECTION) {
-        let named: Vec<HeaderName> = connection_tokens(headers)
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
+    // Most requests carry none, and most app responses only `Connection` and `Keep-Alive`:
+    // one pass finds the names present, and only those are removed (each removal is a hash
+    // lookup).
+    let mut present: Vec<HeaderName> = Vec::new();
+    let mut names_others = false;
+    for name in headers.keys() {
+        if is_hop_by_hop(name) {
+            names_others |= name == CONNECTION;
+            present.push(name.clone());
         }
     }
-    for name in [
-        CONNECTION,
-        KEEP_ALIVE,
-        TE,
-        TRAILER,
-        TRANSFER_ENCODING,
-        UPGRADE,
-    ] {
-        headers.remove(name);
+    if present.is_empty() {
+        return;
     }
-    let proxy_headers: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| name.as_str().starts_with("proxy-"))
-        .cloned()
-        .collect();
-    for name in proxy_headers {
+    if names_others {
+        present.extend(
+            connection_tokens(headers).filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()),
+        );
+    }
+    for name in present {
         headers.remove(name);
     }
 }

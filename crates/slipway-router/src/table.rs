@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 use crate::config::RouterConfig;
 use crate::error_page::ErrorCode;
 use crate::proxy::UpstreamPool;
+use crate::shard::{self, Padded, SHARDS};
 use crate::static_files::StaticSite;
 
 /// A place the router can open connections to: one app instance.
@@ -126,35 +127,67 @@ pub enum RouteError {
     InvalidHost { host: String },
 }
 
-/// Counts the requests (and upgraded connections) a route is serving.
+/// Counts the requests (and upgraded connections) a route is serving: one counter per thread
+/// (see [`crate::shard`]), summed when read, and a wake-up for [`Drain::wait`] only while
+/// someone waits (`Notify::notify_waiters` takes a lock).
 pub(crate) struct InFlight {
-    count: AtomicUsize,
+    counts: [Padded<AtomicUsize>; SHARDS],
+    /// [`Drain::wait`] calls in progress.
+    watchers: AtomicUsize,
     zero: Notify,
 }
 
 impl InFlight {
     fn new() -> Arc<Self> {
         Arc::new(Self {
-            count: AtomicUsize::new(0),
+            counts: Default::default(),
+            watchers: AtomicUsize::new(0),
             zero: Notify::new(),
         })
     }
 
     pub(crate) fn enter(self: &Arc<Self>) -> InFlightGuard {
-        self.count.fetch_add(1, Ordering::AcqRel);
-        InFlightGuard(Arc::clone(self))
+        let shard = shard::current();
+        self.counts[shard].fetch_add(1, Ordering::SeqCst);
+        InFlightGuard {
+            in_flight: Arc::clone(self),
+            shard,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.counts.iter().map(|c| c.load(Ordering::SeqCst)).sum()
     }
 }
 
 /// Held for as long as one request (including its response body, or its upgraded
 /// connection) is being served.
-pub(crate) struct InFlightGuard(Arc<InFlight>);
+pub(crate) struct InFlightGuard {
+    in_flight: Arc<InFlight>,
+    /// The counter it incremented (the guard may be dropped on another thread).
+    shard: usize,
+}
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.zero.notify_waiters();
+        let in_flight = &self.in_flight;
+        // The decrement that brings the total to zero brings its own counter to zero. Either
+        // this sees the watcher, or the watcher (registered before it reads the counts) sees
+        // the decrement: every access here is `SeqCst`.
+        if in_flight.counts[self.shard].fetch_sub(1, Ordering::SeqCst) == 1
+            && in_flight.watchers.load(Ordering::SeqCst) > 0
+        {
+            in_flight.zero.notify_waiters();
         }
+    }
+}
+
+/// Counts one [`Drain::wait`] as watching while it lives.
+struct Watching<'a>(&'a InFlight);
+
+impl Drop for Watching<'_> {
+    fn drop(&mut self) {
+        self.0.watchers.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -177,12 +210,14 @@ impl Drain {
 
     /// Requests and upgraded connections still being served by the route.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.count.load(Ordering::Acquire)
+        self.in_flight.count()
     }
 
     /// Resolves once nothing is in flight on the route. Upgraded connections (WebSockets) count
     /// until they close, so callers usually bound this with a timeout.
     pub async fn wait(&self) {
+        self.in_flight.watchers.fetch_add(1, Ordering::SeqCst);
+        let _watching = Watching(&self.in_flight);
         loop {
             let notified = self.in_flight.zero.notified();
             tokio::pin!(notified);
