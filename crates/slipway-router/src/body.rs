@@ -35,7 +35,7 @@ enum Kind {
     Proxied {
         inner: Incoming,
         checkin: Option<Checkin>,
-        _guard: InFlightGuard,
+        guard: InFlightGuard,
     },
     /// A file streamed from disk, with exactly `remaining` bytes left to send. Reads go
     /// through `tokio::fs` (the blocking pool): for a 1 MiB file that was about 1.8x the
@@ -65,7 +65,7 @@ impl RouterBody {
             kind: Kind::Proxied {
                 inner,
                 checkin: Some(checkin),
-                _guard: guard,
+                guard,
             },
         }
     }
@@ -92,13 +92,17 @@ impl Body for RouterBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.get_mut().kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Proxied { inner, checkin, .. } => {
+            Kind::Proxied {
+                inner,
+                checkin,
+                guard,
+            } => {
                 let frame = ready!(Pin::new(&mut *inner).poll_frame(cx));
                 if frame.is_none() || inner.is_end_stream() {
                     // Hand the connection back as soon as the app's answer is complete, not
                     // when the client has received it.
                     if let Some(checkin) = checkin.take() {
-                        checkin.finish(frame.as_ref().is_none_or(Result::is_ok));
+                        checkin.finish(guard.pool(), frame.as_ref().is_none_or(Result::is_ok));
                     }
                 }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
@@ -142,11 +146,16 @@ impl Body for RouterBody {
 
 impl Drop for RouterBody {
     fn drop(&mut self) {
-        if let Kind::Proxied { inner, checkin, .. } = &mut self.kind {
+        if let Kind::Proxied {
+            inner,
+            checkin,
+            guard,
+        } = &mut self.kind
+        {
             if let Some(checkin) = checkin.take() {
                 // The server may drop a body it knows is complete without polling it to `None`
                 // (empty bodies, HEAD); anything else was abandoned half-way.
-                checkin.finish(inner.is_end_stream());
+                checkin.finish(guard.pool(), inner.is_end_stream());
             }
         }
     }

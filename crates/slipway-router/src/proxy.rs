@@ -2,7 +2,7 @@
 //! bodies both ways, and HTTP Upgrade (WebSocket) splicing.
 
 use std::error::Error as _;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
@@ -128,11 +128,7 @@ impl UpstreamPool {
     }
 
     fn checkin(&self, sender: SendRequest<LimitedBody>, shard: usize) -> Checkin {
-        Checkin {
-            sender,
-            shard,
-            pool: Arc::downgrade(&self.inner),
-        }
+        Checkin { sender, shard }
     }
 }
 
@@ -204,21 +200,21 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// A connection lent to one response; handed back to its pool when the response body has
-/// been read to the end, dropped (closing the connection) otherwise.
+/// been read to the end, dropped (closing the connection) otherwise. The pool is the one of
+/// the response's route entry, which the response's [`InFlightGuard`] holds.
 pub(crate) struct Checkin {
     sender: SendRequest<LimitedBody>,
     /// The shard of the thread that checked the connection out, which is where its
     /// connection task runs when it was opened there.
     shard: usize,
-    pool: Weak<PoolInner>,
 }
 
 impl Checkin {
-    pub(crate) fn finish(self, body_complete: bool) {
+    pub(crate) fn finish(self, pool: Option<&UpstreamPool>, body_complete: bool) {
         if !body_complete || self.sender.is_closed() {
             return;
         }
-        let Some(pool) = self.pool.upgrade() else {
+        let Some(pool) = pool.map(|p| &p.inner) else {
             return;
         };
         if self.sender.is_ready() {
@@ -231,7 +227,7 @@ impl Checkin {
             return;
         };
         let (mut sender, shard) = (self.sender, self.shard);
-        let pool = Arc::downgrade(&pool);
+        let pool = Arc::downgrade(pool);
         runtime.spawn(async move {
             if sender.ready().await.is_ok() {
                 if let Some(pool) = pool.upgrade() {
@@ -253,10 +249,10 @@ enum UpstreamError {
     Http(#[source] hyper::Error),
 }
 
-/// Forwards `req` to the app behind `pool` and turns its answer (or failure) into the response
-/// sent to the client. `guard` is held until the response body (or upgraded connection) ends.
+/// Forwards `req` to the app behind the pool of `guard`'s entry and turns its answer (or
+/// failure) into the response sent to the client. `guard` is held until the response body (or
+/// upgraded connection) ends.
 pub(crate) async fn forward(
-    pool: &UpstreamPool,
     config: &RouterConfig,
     mut req: Request<Incoming>,
     client_ip: &HeaderValue,
@@ -264,6 +260,10 @@ pub(crate) async fn forward(
     guard: InFlightGuard,
     json: bool,
 ) -> Response<RouterBody> {
+    // Upstream entries are always built with a pool.
+    let Some(pool) = guard.pool() else {
+        return error_response(ErrorCode::UpstreamUnreachable, json);
+    };
     if req.body().size_hint().lower() > config.max_request_body {
         let version = req.version();
         // A client that waits for `100 Continue` has not sent its body and will not.
@@ -312,8 +312,10 @@ pub(crate) async fn forward(
         }
         None => CoarseSleep::until(deadline),
     };
-    let send = std::pin::pin!(pool.send(request));
-    let result = crate::timer::timeout(&mut sleep, send).await;
+    let result = {
+        let send = std::pin::pin!(pool.send(request));
+        crate::timer::timeout(&mut sleep, send).await
+    };
     sleep.disarm();
     *lock(&local.sleep) = Some(sleep);
     let (mut response, checkin) = match result {
@@ -345,7 +347,7 @@ pub(crate) async fn forward(
             pool.inner.name.clone(),
             client_upgrade,
             upstream_upgrade,
-            guard,
+            guard.upgraded(),
         );
         let (mut parts, _empty) = response.into_parts();
         let protocol = parts.headers.get(UPGRADE).cloned();

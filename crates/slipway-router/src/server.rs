@@ -24,7 +24,7 @@ use crate::body::RouterBody;
 use crate::error_page::{error_response, error_response_with, wants_json, ErrorCode};
 use crate::host::request_host;
 use crate::proxy::Local;
-use crate::table::{Route, Router};
+use crate::table::{InFlightGuard, Route, Router};
 use crate::timer::{self, CoarseTimer};
 use crate::{proxy, static_files};
 
@@ -327,19 +327,20 @@ pub(crate) async fn handle(
     let Some(entry) = router.lookup(&host) else {
         return error_response(ErrorCode::UnknownHost, json);
     };
-    let guard = entry.in_flight.enter();
-    match (&entry.route, &entry.pool) {
-        (Route::Upstream(_), Some(pool)) => {
-            proxy::forward(pool, router.config(), req, client_ip, local, guard, json).await
+    match &entry.route {
+        Route::Upstream(_) => {
+            let guard = InFlightGuard::enter(entry);
+            proxy::forward(router.config(), req, client_ip, local, guard, json).await
         }
-        (Route::Static(site), _) => static_files::serve(site, &req, json),
-        (Route::Unavailable(page), _) => error_response_with(
+        Route::Static(site) => {
+            let _guard = InFlightGuard::enter(Arc::clone(&entry));
+            static_files::serve(site, &req, json)
+        }
+        Route::Unavailable(page) => error_response_with(
             page.kind.code(),
             json,
             page.title.as_deref(),
             page.detail.as_deref(),
         ),
-        // Upstream entries are always built with a pool.
-        (Route::Upstream(_), None) => error_response(ErrorCode::UpstreamUnreachable, json),
     }
 }

@@ -146,31 +146,71 @@ impl InFlight {
         })
     }
 
-    pub(crate) fn enter(self: &Arc<Self>) -> InFlightGuard {
-        let shard = shard::current();
-        self.counts[shard].fetch_add(1, Ordering::SeqCst);
-        InFlightGuard {
-            in_flight: Arc::clone(self),
-            shard,
-        }
-    }
-
     fn count(&self) -> usize {
         self.counts.iter().map(|c| c.load(Ordering::SeqCst)).sum()
     }
 }
 
 /// Held for as long as one request (including its response body, or its upgraded
-/// connection) is being served.
+/// connection) is being served. It owns the request's reference to its table entry (so the
+/// entry's pool is at hand without another reference count touched by every thread), until
+/// the request becomes an upgraded connection, which keeps only the count.
 pub(crate) struct InFlightGuard {
-    in_flight: Arc<InFlight>,
+    holds: Holds,
     /// The counter it incremented (the guard may be dropped on another thread).
     shard: usize,
 }
 
+enum Holds {
+    Entry(Arc<RouteEntry>),
+    Count(Arc<InFlight>),
+}
+
+impl InFlightGuard {
+    /// Counts a request on `entry`'s route.
+    pub(crate) fn enter(entry: Arc<RouteEntry>) -> Self {
+        let shard = shard::current();
+        entry.in_flight.counts[shard].fetch_add(1, Ordering::SeqCst);
+        Self {
+            holds: Holds::Entry(entry),
+            shard,
+        }
+    }
+
+    /// The request's table entry; `None` once upgraded.
+    pub(crate) fn entry(&self) -> Option<&RouteEntry> {
+        match &self.holds {
+            Holds::Entry(entry) => Some(entry),
+            Holds::Count(_) => None,
+        }
+    }
+
+    /// The pool of the request's route, if it has one.
+    pub(crate) fn pool(&self) -> Option<&UpstreamPool> {
+        self.entry().and_then(|entry| entry.pool.as_ref())
+    }
+
+    /// Keeps counting, but lets go of the entry: an upgraded connection (a WebSocket may stay
+    /// open for hours) must not keep the route's pool, and its idle connections to the old
+    /// instance, alive.
+    pub(crate) fn upgraded(mut self) -> Self {
+        if let Holds::Entry(entry) = &self.holds {
+            self.holds = Holds::Count(Arc::clone(&entry.in_flight));
+        }
+        self
+    }
+
+    fn in_flight(&self) -> &InFlight {
+        match &self.holds {
+            Holds::Entry(entry) => &entry.in_flight,
+            Holds::Count(in_flight) => in_flight,
+        }
+    }
+}
+
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        let in_flight = &self.in_flight;
+        let in_flight = self.in_flight();
         // The decrement that brings the total to zero brings its own counter to zero. Either
         // this sees the watcher, or the watcher (registered before it reads the counts) sees
         // the decrement: every access here is `SeqCst`.
