@@ -200,13 +200,13 @@ fn server_killed_mid_build_restarts_clean() {
     let env = EnvWith::new(&dir, &server);
     let (_agent, token) = env.agent("crasher");
     let app = dir.path().join("slow");
-    write(
-        &app,
-        &[
-            ("index.html", "x"),
-            ("slipway.toml", "name = \"slow\"\nsource_dir = \"/config/miniapps/slow\"\nbuild = \"echo building; sleep 300\"\nstart = \"python3 -m http.server $PORT\"\n"),
-        ],
+    // A sleep no other process on the machine runs: the checks below find it by command line
+    // (a plain `sleep 300` in some unrelated shell was once taken for a survivor).
+    let sleep = format!("sleep 300.{}", std::process::id());
+    let toml = format!(
+        "name = \"slow\"\nsource_dir = \"/config/miniapps/slow\"\nbuild = \"echo building; {sleep}\"\nstart = \"python3 -m http.server $PORT\"\n"
     );
+    write(&app, &[("index.html", "x"), ("slipway.toml", &toml)]);
     let started = env
         .run(&[
             "--token",
@@ -230,7 +230,7 @@ fn server_killed_mid_build_restarts_clean() {
         std::thread::sleep(Duration::from_millis(200));
     }
     // "building" is printed just before the shell starts the sleep.
-    while pids_running("sleep 300").is_empty() {
+    while pids_running(&sleep).is_empty() {
         assert!(
             Instant::now() < deadline,
             "the build's sleep should be running"
@@ -240,11 +240,11 @@ fn server_killed_mid_build_restarts_clean() {
     server.signal_and_wait(nix::sys::signal::Signal::SIGKILL);
     // Nothing of the sandbox outlives the server.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !pids_running("sleep 300").is_empty() {
+    while !pids_running(&sleep).is_empty() {
         assert!(
             Instant::now() < deadline,
             "sandbox processes survived the server:\n{}",
-            describe_pids(&pids_running("sleep 300"))
+            describe_pids(&pids_running(&sleep))
         );
         std::thread::sleep(Duration::from_millis(100));
     }
