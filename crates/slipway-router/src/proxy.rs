@@ -161,7 +161,7 @@ impl PoolInner {
         // Small request/response exchanges must not wait for Nagle.
         let _ = stream.set_nodelay(true);
         let (sender, connection) = hyper::client::conn::http1::Builder::new()
-            // One `write` of a flattened buffer, not a `writev` of head and body: see
+            // One `send` of a flattened buffer, not a `writev` of head and body: see
             // `server.rs`.
             .writev(false)
             .handshake(TokioIo::new(stream))

@@ -222,7 +222,7 @@ async fn serve_on(
         .timer(CoarseTimer)
         .header_read_timeout(config.header_read_timeout)
         // hyper's default gathers head and body into a `writev`; copying a small body behind
-        // the head and writing once costs less: 24.3 against 26.9 µs of CPU per proxied
+        // the head and sending once costs less: 24.3 against 26.9 µs of CPU per proxied
         // request, 15.5 against 17.4 of it in the kernel (`docs/bench-router.md`). Big bodies
         // are copied too, within `max_buf_size`.
         .writev(false)
