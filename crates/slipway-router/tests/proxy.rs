@@ -429,6 +429,66 @@ async fn drain_waits_for_in_flight_responses_of_a_replaced_route() {
         .unwrap();
 }
 
+/// The in-flight count is kept per I/O thread and summed; a drain must still see every
+/// request, and be woken by whichever thread finishes the last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_counts_requests_on_every_io_thread_and_wakes_once_all_finished() {
+    const REQUESTS: usize = 48;
+    let router = TestRouter::start(RouterConfig {
+        io_threads: 2,
+        ..RouterConfig::default()
+    })
+    .await;
+    let (release_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let old = TestUpstream::start({
+        let release_tx = release_tx.clone();
+        move |_req| {
+            let mut release = release_tx.subscribe();
+            async move {
+                let _ = release.recv().await;
+                Response::new(full("old"))
+            }
+        }
+    })
+    .await;
+    router.set("app.test", old.route());
+    // Each request on a connection of its own, so the acceptor spreads them over both threads.
+    let requests: Vec<_> = (0..REQUESTS)
+        .map(|_| {
+            let client = Client::new(router.addr);
+            tokio::spawn(async move { client.get("app.test", "/").await.text() })
+        })
+        .collect();
+    eventually("every request in flight", || {
+        router.router.in_flight("app.test") == Some(REQUESTS)
+    })
+    .await;
+
+    let new = TestUpstream::named("new").await;
+    let drain = router
+        .router
+        .set("app.test", new.route())
+        .unwrap()
+        .expect("old route drained");
+    assert_eq!(drain.in_flight(), REQUESTS);
+    let waiter = tokio::spawn({
+        let drain = drain.clone();
+        async move { drain.wait().await }
+    });
+    // Give the waiter time to start watching, then let every response go at once.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished(), "the drain waited");
+    release_tx.send(()).unwrap();
+    for request in requests {
+        assert_eq!(request.await.unwrap(), "old");
+    }
+    tokio::time::timeout(crate::util::DEADLINE, waiter)
+        .await
+        .expect("the drain is woken when the last request finishes")
+        .unwrap();
+    assert_eq!(drain.in_flight(), 0);
+}
+
 #[tokio::test]
 async fn old_pool_connections_close_after_swap() {
     let router = TestRouter::start_default().await;
