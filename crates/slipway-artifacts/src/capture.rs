@@ -85,6 +85,19 @@ pub fn hash_tree(dir: &Path, opts: &CaptureOptions) -> Result<String, CaptureErr
     Ok(hashed.content_hash)
 }
 
+/// Whether `opts.stat_cache_dir` holds a stat cache for `dir`, i.e. the tree was hashed or
+/// captured with that cache before. Hashing it again ([`hash_tree`]) then reads only the files
+/// that changed, so a caller that may not need the archive at all (the CLI, when the server
+/// already has the content) can ask first and archive only when needed; for a tree never seen
+/// it is cheaper to archive at once, since the archive reads every file anyway.
+pub fn has_stat_cache(dir: &Path, opts: &CaptureOptions) -> bool {
+    let Some(cache_dir) = &opts.stat_cache_dir else {
+        return false;
+    };
+    dir.canonicalize()
+        .is_ok_and(|root| StatCache::file_for(cache_dir, &root).is_file())
+}
+
 /// Captures `dir` into the new file `out` (the CLI's upload path: no store involved). `out`
 /// appears complete or not at all.
 ///

@@ -15,7 +15,7 @@ mod upload;
 
 use std::path::PathBuf;
 
-pub use capture::{capture_to_file, hash_tree, CaptureError};
+pub use capture::{capture_to_file, has_stat_cache, hash_tree, CaptureError};
 pub use extract::{extract, ExtractError, ExtractOptions, Extracted};
 pub use scan::{DEFAULT_IGNORES, IGNORE_FILE};
 pub use store::{is_content_hash, ArtifactStore, LocalArtifactStore, StoreError};

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use filetime::FileTime;
-use slipway_artifacts::{capture_to_file, hash_tree, CaptureOptions, LocalArtifactStore};
+use slipway_artifacts::{
+    capture_to_file, has_stat_cache, hash_tree, CaptureOptions, LocalArtifactStore,
+};
 
 use crate::util::*;
 
@@ -341,4 +343,27 @@ fn corrupt_or_foreign_cache_is_harmless() {
     write_tree(&other, &example_tree());
     assert_eq!(hash_tree(&other, &opts).unwrap(), documented_example_hash());
     assert_eq!(names(&cache_dir).len(), 2);
+}
+
+#[test]
+fn has_stat_cache_tells_a_tree_hashed_before_from_one_never_seen() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    old_tree(&src);
+    let other = dir.path().join("other");
+    old_tree(&other);
+    assert!(!has_stat_cache(&src, &opts()), "no cache directory");
+    let opts = cached(dir.path());
+    assert!(!has_stat_cache(&src, &opts), "nothing hashed yet");
+
+    hash_tree(&src, &opts).unwrap();
+    assert!(has_stat_cache(&src, &opts));
+    // The same tree by another spelling of its path: the cache is keyed by the real path.
+    assert!(has_stat_cache(&dir.path().join("src/../src"), &opts));
+    assert!(!has_stat_cache(&other, &opts), "another tree");
+    assert!(!has_stat_cache(&dir.path().join("missing"), &opts));
+
+    // Capturing fills the cache as well.
+    capture_to_file(&other, &dir.path().join("other.tar.zst"), &opts).unwrap();
+    assert!(has_stat_cache(&other, &opts));
 }

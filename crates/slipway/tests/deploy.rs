@@ -46,9 +46,13 @@ fn deploy_a_static_site_then_redeploy_without_reupload() {
     let run = second.json();
     assert_eq!(run["status"], "ready");
     assert_ne!(run["url"].as_str().unwrap(), url);
+    // The CLI has hashed this tree before: it hashes it again from its stat cache, and since
+    // the server has that snapshot it archives nothing.
     let quiet = env.run(&["--token", &token, "deploy", app_str]);
     assert!(
-        quiet.stderr.contains("already on the server"),
+        quiet
+            .stderr
+            .contains("already on the server (nothing archived)"),
         "{}",
         quiet.stderr
     );
@@ -86,6 +90,16 @@ fn deploy_a_static_site_then_redeploy_without_reupload() {
     assert_eq!(status, 200);
     let logs = env.run(&["--token", &token, "logs", id]);
     assert!(logs.ok().contains("> capturing source..."), "{logs:#?}");
+
+    // A changed file, same size, right after: the stat cache does not hide it; the new tree is
+    // archived, uploaded and served.
+    write(&app, &[("index.html", "<h1>HELLO FROM SLIPWAY</h1>")]);
+    let changed = env.run(&["--token", &token, "deploy", app_str]);
+    assert_eq!(changed.code, 0, "{changed:#?}");
+    assert!(changed.stderr.contains("uploaded"), "{}", changed.stderr);
+    let (status, body) = get(&env.server.app, &host_of(changed.stdout.trim()), "/");
+    assert_eq!(status, 200);
+    assert!(body.contains("HELLO FROM SLIPWAY"), "{body}");
 }
 
 #[test]

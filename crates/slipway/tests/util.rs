@@ -203,6 +203,8 @@ pub fn run_in(cwd: &Path, config_dir: &Path, args: &[&str], env: &[(&str, &str)]
         .args(args)
         .current_dir(cwd)
         .env("SLIPWAY_CONFIG_DIR", config_dir)
+        // The CLI's stat cache stays with the test, not in the user's cache directory.
+        .env("SLIPWAY_CACHE_DIR", config_dir.join("cache"))
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()

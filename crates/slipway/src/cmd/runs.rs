@@ -189,22 +189,80 @@ fn ensure_spec(client: &Client, base: &str, dir: &Path, quiet: bool) -> anyhow::
     Ok(())
 }
 
+/// The CLI's capture settings: the defaults plus a stat cache of its own
+/// (`$SLIPWAY_CACHE_DIR/stat`, by default in the user's cache directory), so a tree deployed
+/// from this machine before is hashed again without reading its unchanged files.
+fn capture_options() -> slipway_artifacts::CaptureOptions {
+    let cache = match std::env::var_os("SLIPWAY_CACHE_DIR") {
+        Some(dir) if !dir.is_empty() => Some(PathBuf::from(dir)),
+        _ => dirs::cache_dir().map(|d| d.join("slipway")),
+    };
+    slipway_artifacts::CaptureOptions {
+        stat_cache_dir: cache.map(|d| d.join("stat")),
+        ..slipway_artifacts::CaptureOptions::default()
+    }
+}
+
 /// Captures `dir` to a temporary archive. Returns the captured record and the archive's path.
 fn capture(
     dir: &Path,
+    opts: &slipway_artifacts::CaptureOptions,
     quiet: bool,
 ) -> anyhow::Result<(slipway_artifacts::Captured, tempfile::TempDir)> {
     let tmp = tempfile::tempdir().context("cannot create a temporary directory")?;
     let out = tmp.path().join("snapshot.tar.zst");
     let pb = spinner(&format!("capturing {}", dir.display()), quiet);
-    let captured = slipway_artifacts::capture_to_file(
-        dir,
-        &out,
-        &slipway_artifacts::CaptureOptions::default(),
-    )
-    .with_context(|| format!("cannot capture {}", dir.display()))?;
+    let captured = slipway_artifacts::capture_to_file(dir, &out, opts)
+        .with_context(|| format!("cannot capture {}", dir.display()))?;
     pb.finish_and_clear();
     Ok((captured, tmp))
+}
+
+/// A local tree's snapshot, on the server.
+struct Sent {
+    content_hash: String,
+    /// Files in the snapshot, when it was archived here (not when only hashed).
+    file_count: Option<u64>,
+    uploaded: bool,
+}
+
+/// Makes sure the server has the snapshot of `dir`: uploads it unless the server has that
+/// content hash already. A tree this machine has hashed before is hashed first (only its
+/// changed files are read) and archived only if the server lacks it; a tree never seen is
+/// archived at once (the archive reads every file anyway, and fills the stat cache).
+fn send_snapshot(client: &Client, base: &str, dir: &Path, quiet: bool) -> anyhow::Result<Sent> {
+    let opts = capture_options();
+    if slipway_artifacts::has_stat_cache(dir, &opts) {
+        let pb = spinner(&format!("hashing {}", dir.display()), quiet);
+        let content_hash = slipway_artifacts::hash_tree(dir, &opts)
+            .with_context(|| format!("cannot capture {}", dir.display()))?;
+        pb.finish_and_clear();
+        if server_has(client, base, &content_hash)? {
+            return Ok(Sent {
+                content_hash,
+                file_count: None,
+                uploaded: false,
+            });
+        }
+    }
+    // The tree may have changed since it was hashed: what is uploaded is what was archived.
+    let (captured, _tmp) = capture(dir, &opts, quiet)?;
+    let uploaded = upload(client, base, &captured, quiet)?;
+    Ok(Sent {
+        content_hash: captured.content_hash,
+        file_count: Some(captured.file_count),
+        uploaded,
+    })
+}
+
+/// Whether the server has the snapshot `content_hash` for the agent.
+fn server_has(client: &Client, base: &str, content_hash: &str) -> anyhow::Result<bool> {
+    let path = format!("{base}/snapshots/{content_hash}");
+    match client.send(client.request(Method::HEAD, &path).body(())?) {
+        Ok(_) => Ok(true),
+        Err(e) if is_not_found(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Uploads the archive unless the server has that content hash already. Returns whether it was
@@ -215,12 +273,10 @@ fn upload(
     captured: &slipway_artifacts::Captured,
     quiet: bool,
 ) -> anyhow::Result<bool> {
-    let path = format!("{base}/snapshots/{}", captured.content_hash);
-    match client.send(client.request(Method::HEAD, &path).body(())?) {
-        Ok(_) => return Ok(false),
-        Err(e) if is_not_found(&e) => {}
-        Err(e) => return Err(e),
+    if server_has(client, base, &captured.content_hash)? {
+        return Ok(false);
     }
+    let path = format!("{base}/snapshots/{}", captured.content_hash);
     let file = std::fs::File::open(&captured.artifact_path)
         .context("cannot reopen the captured archive")?;
     let size = file.metadata()?.len();
@@ -259,21 +315,17 @@ pub fn deploy(global: &GlobalArgs, args: &DeployArgs) -> anyhow::Result<()> {
     if let Some(note) = &args.note {
         body["note"] = json!(note);
     }
-    let _keep; // the temp dir must outlive the upload
     if !args.server_source {
-        let (captured, tmp) = capture(&args.dir, quiet)?;
-        _keep = tmp;
-        let uploaded = upload(&client, &base, &captured, quiet)?;
+        let sent = send_snapshot(&client, &base, &args.dir, quiet)?;
         if !quiet {
-            let short = &captured.content_hash[..12];
-            let how = if uploaded {
-                "uploaded"
-            } else {
-                "already on the server"
-            };
-            eprintln!("snapshot {short} ({} files) {how}", captured.file_count);
+            let short = &sent.content_hash[..12];
+            match (sent.file_count, sent.uploaded) {
+                (Some(n), true) => eprintln!("snapshot {short} ({n} files) uploaded"),
+                (Some(n), false) => eprintln!("snapshot {short} ({n} files) already on the server"),
+                (None, _) => eprintln!("snapshot {short} already on the server (nothing archived)"),
+            }
         }
-        body["snapshot"] = json!(captured.content_hash);
+        body["snapshot"] = json!(sent.content_hash);
     }
     // A gated target (production, by default) goes through the gate: request, wait for an
     // operator, then start once with the single-use token.
@@ -518,21 +570,19 @@ pub fn logs(global: &GlobalArgs, args: &LogsArgs) -> anyhow::Result<()> {
 
 pub fn snapshot(global: &GlobalArgs, args: &SnapshotArgs) -> anyhow::Result<()> {
     if args.hash_only {
-        let hash =
-            slipway_artifacts::hash_tree(&args.dir, &slipway_artifacts::CaptureOptions::default())
-                .with_context(|| format!("cannot capture {}", args.dir.display()))?;
+        let hash = slipway_artifacts::hash_tree(&args.dir, &capture_options())
+            .with_context(|| format!("cannot capture {}", args.dir.display()))?;
         println!("{hash}");
         return Ok(());
     }
     let client = global.client()?;
     let base = agent_path(global, &client)?;
-    let (captured, _tmp) = capture(&args.dir, global.json)?;
-    upload(&client, &base, &captured, global.json)?;
-    let record: Value = client.get(&format!("{base}/snapshots/{}", captured.content_hash))?;
+    let sent = send_snapshot(&client, &base, &args.dir, global.json)?;
+    let record: Value = client.get(&format!("{base}/snapshots/{}", sent.content_hash))?;
     if global.json {
         return global.print_json(&record);
     }
-    println!("{}", captured.content_hash);
+    println!("{}", sent.content_hash);
     Ok(())
 }
 
