@@ -151,13 +151,19 @@ impl StatCache {
     }
 
     /// Replaces the cache for `root` with `entries` (temp file + rename; concurrent writers
-    /// for one tree just race to the last word).
+    /// for one tree just race to the last word). The file names source paths, so directories
+    /// it creates are private (0700) and the file is 0600, like the CLI's token file: the
+    /// CLI's cache lives in the user's cache directory, which need not be private itself.
     pub(crate) fn save<'a>(
         dir: &Path,
         root: &Path,
         entries: impl Iterator<Item = (&'a str, StatKey, [u8; 32])>,
     ) -> io::Result<()> {
-        fs::create_dir_all(dir)?;
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
         let mut body = Vec::with_capacity(1 << 16);
         body.extend_from_slice(MAGIC);
         body.extend_from_slice(&0u64.to_le_bytes());
@@ -258,5 +264,27 @@ mod tests {
         bytes[20] ^= 1;
         fs::write(&f, bytes).unwrap();
         assert!(StatCache::load(dir.path(), root).is_empty());
+    }
+
+    #[test]
+    fn a_new_cache_directory_and_file_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache/slipway/stat");
+        let root = Path::new("/some/tree");
+        StatCache::save(&cache, root, [("a", key(1), [1u8; 32])].into_iter()).unwrap();
+        for d in [
+            dir.path().join("cache"),
+            dir.path().join("cache/slipway"),
+            cache.clone(),
+        ] {
+            let mode = fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", d.display());
+        }
+        let file = StatCache::file_for(&cache, root);
+        assert_eq!(
+            fs::metadata(file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 }
