@@ -84,6 +84,8 @@ pub async fn harness_with(opts: Options) -> Option<Harness> {
         "slipway-test-{}",
         slipway_core::IdKind::Sandbox.make(rand::random::<[u8; 10]>())
     );
+    // Unique to this test: removed with the driver, so test runs leave no cgroups behind.
+    driver_cfg.remove_cgroup_parent_on_drop = true;
     let linux = slipway_sandbox::LinuxDriver::new(driver_cfg).map_err(|e| e.to_string());
     let driver = match opts.wrap_driver {
         Some(wrap) => linux.map(wrap),

@@ -27,6 +27,11 @@ pub struct DriverConfig {
     pub state_dir: PathBuf,
     /// Name of the cgroup directory that holds every sandbox's cgroup (`<parent>/<id>`).
     pub cgroup_parent: String,
+    /// Remove the `cgroup_parent` directories when the last clone of the driver is dropped
+    /// (if they are empty by then). Only for a parent no other driver uses: one removed while
+    /// another driver is about to create a sandbox in it would fail that create. `slipway
+    /// serve` sets it (its parent is named after its data directory).
+    pub remove_cgroup_parent_on_drop: bool,
     /// Output lines longer than this many bytes are truncated (and marked).
     pub max_line_bytes: usize,
     /// How long building a sandbox or starting a command may take before it is abandoned.
@@ -39,6 +44,7 @@ impl DriverConfig {
             helper_exe: helper_exe.into(),
             state_dir: state_dir.into(),
             cgroup_parent: "slipway".to_string(),
+            remove_cgroup_parent_on_drop: false,
             max_line_bytes: 16 * 1024,
             setup_timeout: Duration::from_secs(10),
         }

@@ -118,6 +118,24 @@ pub struct LinuxDriver {
     spare_prefix: String,
     spare_next: Arc<std::sync::atomic::AtomicU64>,
     state_dirs: Arc<StateDirs>,
+    /// Declared after `spare`: the spare's cgroup is gone before the parents are removed.
+    _cgroup_parents: Arc<CgroupParents>,
+}
+
+/// The driver's parent cgroups (one per hierarchy), removed when the last clone of the driver
+/// is dropped, if they are empty by then (`rmdir` refuses a parent that still holds a
+/// sandbox's cgroup), and if `DriverConfig::remove_cgroup_parent_on_drop` asked for it. A
+/// server that stopped cleanly leaves no cgroup behind; after a crash, the next start-up's
+/// cleanup removes what the dead server left.
+#[derive(Debug)]
+struct CgroupParents(Vec<PathBuf>);
+
+impl Drop for CgroupParents {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            let _ = fs::remove_dir(dir);
+        }
+    }
 }
 
 /// How long after a `create` the next spare is started at the latest (it starts at once when
@@ -374,6 +392,11 @@ impl LinuxDriver {
             });
         }
         let layout = cgroup::detect()?;
+        let cgroup_parents = Arc::new(CgroupParents(if config.remove_cgroup_parent_on_drop {
+            Cgroup::parent_paths(&layout, &config.cgroup_parent)
+        } else {
+            Vec::new()
+        }));
         crate::spawner::start();
         let config_state_dir = config.state_dir.clone();
         let etc_prefix = format!(
@@ -394,6 +417,7 @@ impl LinuxDriver {
             ),
             spare_next: Arc::default(),
             state_dirs: Arc::new(StateDirs::new(config_state_dir)),
+            _cgroup_parents: cgroup_parents,
         })
     }
 

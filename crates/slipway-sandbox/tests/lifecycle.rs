@@ -205,3 +205,31 @@ async fn nothing_survives_when_slipway_is_killed() {
         let _ = std::fs::remove_dir(root.path().join(&parent));
     }
 }
+
+#[tokio::test]
+async fn a_driver_dropped_after_its_sandboxes_leaves_no_cgroup_behind() {
+    require_sandboxes!();
+    let parent = format!("slipway-drop-{}", std::process::id());
+    let fx = Fixture::with_config(|config| {
+        config.cgroup_parent = parent.clone();
+        config.remove_cgroup_parent_on_drop = true;
+    });
+    let sandbox = fx.sandbox().await;
+    let id = sandbox.id().to_string();
+    assert!(
+        !cgroup_dirs(&parent, &id).is_empty(),
+        "the sandbox has a cgroup"
+    );
+    sandbox.destroy().await.unwrap();
+    assert_eq!(cgroup_dirs(&parent, &id), Vec::<std::path::PathBuf>::new());
+    // The driver builds a spare for the next create meanwhile: dropping the driver (as a
+    // server that stops does) removes the spare, and then the now empty parent cgroups.
+    drop(fx);
+    assert!(
+        eventually(Duration::from_secs(10), || cgroup_dirs(&parent, "")
+            .is_empty())
+        .await,
+        "parent cgroups left: {:?}",
+        cgroup_dirs(&parent, "")
+    );
+}

@@ -59,12 +59,16 @@ impl Fixture {
     }
 
     pub fn with_cgroup_parent(parent: &str) -> Self {
+        Self::with_config(|config| config.cgroup_parent = parent.to_string())
+    }
+
+    pub fn with_config(adjust: impl FnOnce(&mut DriverConfig)) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = DriverConfig::new(
             env!("CARGO_BIN_EXE_slipway-sandbox-helper"),
             dir.path().join("state"),
         );
-        config.cgroup_parent = parent.to_string();
+        adjust(&mut config);
         let driver = LinuxDriver::new(config).expect("driver");
         Self { driver, dir }
     }

@@ -753,6 +753,8 @@ fn build_engine(
             let mut driver_config =
                 slipway_sandbox::DriverConfig::new(helper, config.data_dir.join("sandboxes"));
             driver_config.cgroup_parent = cgroup_parent_for(&config.data_dir);
+            // Named after the data directory: no other driver uses it.
+            driver_config.remove_cgroup_parent_on_drop = true;
             slipway_sandbox::LinuxDriver::new(driver_config).map_err(|e| e.to_string())
         }
         Err(e) => Err(e.to_string()),

@@ -368,3 +368,50 @@ impl EnvWith {
         )
     }
 }
+
+/// The cgroup directories (any hierarchy) holding a cgroup named `name`.
+fn cgroup_parents_of(name: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let roots: Vec<std::path::PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    for root in std::iter::once(std::path::PathBuf::from("/sys/fs/cgroup")).chain(roots) {
+        let Ok(parents) = std::fs::read_dir(&root) else {
+            continue;
+        };
+        for parent in parents.flatten() {
+            if parent.file_name().to_string_lossy().starts_with("slipway-")
+                && parent.path().join(name).is_dir()
+            {
+                found.push(parent.path());
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn a_server_stopped_with_sigterm_leaves_no_cgroup_behind() {
+    if !sandboxes_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&dir.path().join("data"), &[], &[]);
+    let env = EnvWith::new(&dir, &server);
+    let (_agent, token) = env.agent("tidy");
+    let app = dir.path().join("site");
+    write(&app, &[("index.html", "tidy")]);
+    let run = env
+        .run(&["--token", &token, "--json", "deploy", app.to_str().unwrap()])
+        .json();
+    assert_eq!(run["status"], "ready", "{run}");
+    let sandbox = run["sandboxId"].as_str().unwrap();
+    let parents = cgroup_parents_of(sandbox);
+    assert!(!parents.is_empty(), "the running sandbox has a cgroup");
+
+    let status = server.signal_and_wait(nix::sys::signal::Signal::SIGTERM);
+    assert!(status.success(), "{status:?}\n{}", server.stderr());
+    // The run's sandbox, the spare built for the next one and the server's parent cgroups.
+    let left: Vec<_> = parents.iter().filter(|p| p.exists()).collect();
+    assert!(left.is_empty(), "cgroups left behind: {left:?}");
+}

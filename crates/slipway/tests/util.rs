@@ -166,7 +166,15 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // A clean stop (SIGTERM) destroys the server's sandboxes and cgroups, so test runs
+        // leave none behind; SIGKILL only if it does not stop within a few seconds.
         if self.child.try_wait().ok().flatten().is_none() {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let _ = self.child.kill();
             let _ = self.child.wait();
         }

@@ -182,15 +182,19 @@ impl Cgroup {
             .collect()
     }
 
-    /// Creates the parent directories (one per hierarchy; on v2 with the controllers enabled
-    /// for its children) and returns them. Cheap when they exist.
-    pub(crate) fn parent_dirs(layout: &Layout, parent: &str) -> Result<Vec<PathBuf>, CgroupError> {
-        let cg = Self::at(layout, parent, "x");
-        let dirs: Vec<PathBuf> = cg
+    /// The parent directories (one per hierarchy), without creating them.
+    pub(crate) fn parent_paths(layout: &Layout, parent: &str) -> Vec<PathBuf> {
+        Self::at(layout, parent, "x")
             .dirs()
             .into_iter()
             .map(|d| d.parent().expect("cgroup dir has a parent").to_path_buf())
-            .collect();
+            .collect()
+    }
+
+    /// Creates the parent directories (one per hierarchy; on v2 with the controllers enabled
+    /// for its children) and returns them. Cheap when they exist.
+    pub(crate) fn parent_dirs(layout: &Layout, parent: &str) -> Result<Vec<PathBuf>, CgroupError> {
+        let dirs = Self::parent_paths(layout, parent);
         for dir in &dirs {
             if !dir.is_dir() {
                 fs::create_dir_all(dir).map_err(io_err(dir))?;
