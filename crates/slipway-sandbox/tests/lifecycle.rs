@@ -11,7 +11,10 @@ async fn cleanup_leftovers_removes_what_a_crashed_slipway_left() {
     require_sandboxes!();
     // Its own cgroup parent, so that cleaning up cannot touch other tests' sandboxes.
     let parent = format!("slipway-crash-{}", std::process::id());
-    let fx = Fixture::with_cgroup_parent(&parent);
+    let fx = Fixture::with_config(|config| {
+        config.cgroup_parent = parent.clone();
+        config.remove_cgroup_parent_on_drop = true;
+    });
 
     // One sandbox whose init was killed (the helper crashed) ...
     let crashed = fx.sandbox().await;
