@@ -111,6 +111,11 @@ pub(crate) async fn spawn_helper(
 }
 
 fn posix_spawn(exe: &CString, arg: &CString, control: RawFd) -> io::Result<HelperChild> {
+    use nix::fcntl::OFlag;
+    use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags};
+    use nix::sys::signal::SigSet;
+    use nix::sys::stat::Mode;
+    use nix::unistd::Pid;
     // fd 3 is reserved (see `reserve_status_fd`), so `control` is never 3 and the dup2 below
     // always makes a fresh descriptor without close-on-exec.
     if control == crate::privileged::proto::CONTROL_FD {
@@ -118,80 +123,40 @@ fn posix_spawn(exe: &CString, arg: &CString, control: RawFd) -> io::Result<Helpe
             "the control socket must not be descriptor 3",
         ));
     }
-    let check = |r: libc::c_int| match r {
-        0 => Ok(()),
-        e => Err(io::Error::from_raw_os_error(e)),
+    let mut actions = PosixSpawnFileActions::init()?;
+    actions.add_open(0, c"/dev/null", OFlag::O_RDONLY, Mode::empty())?;
+    actions.add_open(1, c"/dev/null", OFlag::O_WRONLY, Mode::empty())?;
+    actions.add_dup2(control, crate::privileged::proto::CONTROL_FD)?;
+    let mut attr = PosixSpawnAttr::init()?;
+    attr.set_sigmask(&SigSet::empty())?;
+    attr.set_sigdefault(&SigSet::all())?;
+    attr.set_pgroup(Pid::from_raw(0))?;
+    attr.set_flags(
+        PosixSpawnFlags::POSIX_SPAWN_SETPGROUP
+            | PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK
+            | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
+    )?;
+    let no_env: [&std::ffi::CStr; 0] = [];
+    let pid = nix::spawn::posix_spawn(
+        exe.as_c_str(),
+        &actions,
+        &attr,
+        &[exe.as_c_str(), arg.as_c_str()],
+        &no_env,
+    )?;
+    let pidfd = match crate::process::pidfd_open(pid.as_raw()) {
+        Ok(fd) => fd,
+        Err(e) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+            return Err(e);
+        }
     };
-    // SAFETY: the posix_spawn objects are initialised before use and destroyed after; every
-    // pointer passed points at a live, NUL-terminated string or array we own for the call.
-    unsafe {
-        let mut actions: libc::posix_spawn_file_actions_t = std::mem::zeroed();
-        let mut attr: libc::posix_spawnattr_t = std::mem::zeroed();
-        check(libc::posix_spawn_file_actions_init(&mut actions))?;
-        check(libc::posix_spawnattr_init(&mut attr))?;
-        let result = (|| {
-            let null = c"/dev/null";
-            check(libc::posix_spawn_file_actions_addopen(
-                &mut actions,
-                0,
-                null.as_ptr(),
-                libc::O_RDONLY,
-                0,
-            ))?;
-            check(libc::posix_spawn_file_actions_addopen(
-                &mut actions,
-                1,
-                null.as_ptr(),
-                libc::O_WRONLY,
-                0,
-            ))?;
-            check(libc::posix_spawn_file_actions_adddup2(
-                &mut actions,
-                control,
-                crate::privileged::proto::CONTROL_FD,
-            ))?;
-            let mut none: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut none);
-            let mut all: libc::sigset_t = std::mem::zeroed();
-            libc::sigfillset(&mut all);
-            check(libc::posix_spawnattr_setsigmask(&mut attr, &none))?;
-            check(libc::posix_spawnattr_setsigdefault(&mut attr, &all))?;
-            check(libc::posix_spawnattr_setpgroup(&mut attr, 0))?;
-            check(libc::posix_spawnattr_setflags(
-                &mut attr,
-                (libc::POSIX_SPAWN_SETPGROUP
-                    | libc::POSIX_SPAWN_SETSIGMASK
-                    | libc::POSIX_SPAWN_SETSIGDEF) as libc::c_short,
-            ))?;
-            let argv = [exe.as_ptr(), arg.as_ptr(), std::ptr::null()];
-            let envp = [std::ptr::null::<libc::c_char>()];
-            let mut pid: libc::pid_t = 0;
-            check(libc::posix_spawn(
-                &mut pid,
-                exe.as_ptr(),
-                &actions,
-                &attr,
-                argv.as_ptr() as *const *mut libc::c_char,
-                envp.as_ptr() as *const *mut libc::c_char,
-            ))?;
-            let pidfd = match crate::process::pidfd_open(pid) {
-                Ok(fd) => fd,
-                Err(e) => {
-                    libc::kill(pid, libc::SIGKILL);
-                    libc::waitpid(pid, std::ptr::null_mut(), 0);
-                    return Err(e);
-                }
-            };
-            Ok(HelperChild {
-                pid,
-                pidfd,
-                reaped: false,
-            })
-        })();
-        libc::posix_spawn_file_actions_destroy(&mut actions);
-        libc::posix_spawnattr_destroy(&mut attr);
-        result
-    }
+    Ok(HelperChild {
+        pid: pid.as_raw(),
+        pidfd,
+        reaped: false,
+    })
 }
 
 /// The helpers receive their control socket as fd 3. If fd 3 were free in this process, a
