@@ -540,9 +540,9 @@ enum Ahead {
 
 type ReadAhead = Result<Ahead, CaptureError>;
 
-/// The read-ahead stage: reader threads (one per thread of the rayon pool) take runs of `RUN` consecutive entries
-/// (in order, from a shared counter), read and hash the small files in them and leave the
-/// results in a ring of `RING` slots, which the archiver takes in order. No barrier between
+/// The read-ahead stage: reader threads (one per thread of the rayon pool) take runs of `RUN`
+/// consecutive entries (in order, from a shared counter), read and hash the small files in
+/// them and leave the results in a ring of `RING` slots, which the archiver takes in order. No barrier between
 /// batches: a reader only waits when it is `RING` entries ahead of the archiver or when
 /// `AHEAD_BYTES` of read contents are waiting to be archived (the entry the archiver waits for
 /// is read whatever the budget, so the stage always progresses), and the archiver only waits
@@ -619,7 +619,7 @@ impl<'s> Readers<'s> {
             }
             let end = (start + RUN).min(n);
             // Ring space: the slots of this run must have been taken by the archiver.
-            if !self.wait_until(|p| end <= p.consumed + ring) {
+            if self.wait_until(|p| end <= p.consumed + ring).is_none() {
                 return;
             }
             for k in start..end {
@@ -638,38 +638,36 @@ impl<'s> Readers<'s> {
         }
     }
 
-    /// Waits on `readers_cv` until `ok` holds (true) or the archiver stops (false).
-    fn wait_until(&self, ok: impl Fn(&Progress) -> bool) -> bool {
+    /// Waits on `readers_cv` until `ok` holds, and returns the progress still locked; `None`
+    /// once the archiver stops.
+    fn wait_until(
+        &self,
+        ok: impl Fn(&Progress) -> bool,
+    ) -> Option<std::sync::MutexGuard<'_, Progress>> {
         let mut p = self.lock();
-        while !ok(&p) {
+        loop {
             if self.stop.load(Ordering::Relaxed) {
-                return false;
+                return None;
+            }
+            if ok(&p) {
+                return Some(p);
             }
             self.before_waiting();
             p.waiting += 1;
             p = self.readers_cv.wait(p).unwrap_or_else(|e| e.into_inner());
             p.waiting -= 1;
         }
-        !self.stop.load(Ordering::Relaxed)
     }
 
     /// Takes `size` bytes of the read-ahead budget for entry `k`, waiting while the budget is
     /// spent and the archiver is not waiting for `k` itself.
     fn take_budget(&self, k: usize, size: u64) -> bool {
-        let mut p = self.lock();
-        loop {
-            if self.stop.load(Ordering::Relaxed) {
-                return false;
-            }
-            if p.held + size <= AHEAD_BYTES || p.consumed == k {
-                p.held += size;
-                return true;
-            }
-            self.before_waiting();
-            p.waiting += 1;
-            p = self.readers_cv.wait(p).unwrap_or_else(|e| e.into_inner());
-            p.waiting -= 1;
-        }
+        let Some(mut p) = self.wait_until(|p| p.held + size <= AHEAD_BYTES || p.consumed == k)
+        else {
+            return false;
+        };
+        p.held += size;
+        true
     }
 
     /// Called by a reader about to wait, with `progress` locked: the archiver may be waiting
@@ -961,52 +959,50 @@ impl ArchiveWriter<'_> {
         pre: ReadAhead,
         io_err: &(impl Fn(io::Error) -> CaptureError + Sync),
     ) -> Result<(), CaptureError> {
-        {
-            let e = &scan.entries[k];
-            let (kind, sha, key) = match (&e.kind, pre?) {
-                (ScanKind::Symlink { target }, _) => {
-                    write_header(
-                        &mut self.enc,
-                        &e.path,
-                        EntryKind::Symlink,
-                        0,
-                        Some(target.as_bytes()),
-                    )
-                    .map_err(io_err)?;
-                    (EntryKind::Symlink, sha256(target.as_bytes()), None)
+        let e = &scan.entries[k];
+        let (kind, sha, key) = match (&e.kind, pre?) {
+            (ScanKind::Symlink { target }, _) => {
+                write_header(
+                    &mut self.enc,
+                    &e.path,
+                    EntryKind::Symlink,
+                    0,
+                    Some(target.as_bytes()),
+                )
+                .map_err(io_err)?;
+                (EntryKind::Symlink, sha256(target.as_bytes()), None)
+            }
+            (_, Ahead::Data(data, sha, m)) => {
+                let kind = file_kind(&m);
+                write_header(&mut self.enc, &e.path, kind, m.key.size, None).map_err(io_err)?;
+                self.enc.write_all(&data).map_err(io_err)?;
+                pad(&mut self.enc, m.key.size).map_err(io_err)?;
+                (kind, sha, Some(m.key))
+            }
+            (_, Ahead::Stream(seen)) => {
+                let (mut f, m) = opener.open_checked(e, Some(&seen))?;
+                let kind = file_kind(&m);
+                write_header(&mut self.enc, &e.path, kind, m.key.size, None).map_err(io_err)?;
+                let mut h = Sha256::new();
+                let mut left = m.key.size;
+                while left > 0 {
+                    let want = self.buf.len().min(left as usize);
+                    let n = read_some(&mut f, &mut self.buf[..want], &e.path)?;
+                    h.update(&self.buf[..n]);
+                    self.enc.write_all(&self.buf[..n]).map_err(io_err)?;
+                    left -= n as u64;
                 }
-                (_, Ahead::Data(data, sha, m)) => {
-                    let kind = file_kind(&m);
-                    write_header(&mut self.enc, &e.path, kind, m.key.size, None).map_err(io_err)?;
-                    self.enc.write_all(&data).map_err(io_err)?;
-                    pad(&mut self.enc, m.key.size).map_err(io_err)?;
-                    (kind, sha, Some(m.key))
-                }
-                (_, Ahead::Stream(seen)) => {
-                    let (mut f, m) = opener.open_checked(e, Some(&seen))?;
-                    let kind = file_kind(&m);
-                    write_header(&mut self.enc, &e.path, kind, m.key.size, None).map_err(io_err)?;
-                    let mut h = Sha256::new();
-                    let mut left = m.key.size;
-                    while left > 0 {
-                        let want = self.buf.len().min(left as usize);
-                        let n = read_some(&mut f, &mut self.buf[..want], &e.path)?;
-                        h.update(&self.buf[..n]);
-                        self.enc.write_all(&self.buf[..n]).map_err(io_err)?;
-                        left -= n as u64;
-                    }
-                    pad(&mut self.enc, m.key.size).map_err(io_err)?;
-                    (kind, h.finalize().into(), Some(m.key))
-                }
-                (ScanKind::File(_), Ahead::Symlink) => unreachable!("readers keep kinds"),
-            };
-            self.tree
-                .push(&e.path, kind, &sha)
-                .expect("scan entries are sorted and unique");
-            self.shas.push(sha);
-            self.keys.push(key);
-            self.uncompressed += key.map_or(0, |k| k.size);
-        }
+                pad(&mut self.enc, m.key.size).map_err(io_err)?;
+                (kind, h.finalize().into(), Some(m.key))
+            }
+            (ScanKind::File(_), Ahead::Symlink) => unreachable!("readers keep kinds"),
+        };
+        self.tree
+            .push(&e.path, kind, &sha)
+            .expect("scan entries are sorted and unique");
+        self.shas.push(sha);
+        self.keys.push(key);
+        self.uncompressed += key.map_or(0, |k| k.size);
         Ok(())
     }
 }
