@@ -187,14 +187,25 @@ async fn limits_written_at_create_bite_in_a_sandbox_from_a_spare() {
     };
     let sb = create_from_spare(&fx, spec, spare).await;
 
-    // The cgroup has the limits (cgroup v1 here; v2 keeps the spare's cgroup name).
+    // The cgroup has the limits. On cgroup v1 it was renamed after the sandbox, so it can be
+    // found and must be checked; v2 keeps the spare's cgroup name, and only the bites below
+    // show the limits there.
+    let (mut pids_checked, mut memory_checked) = (false, false);
     for dir in cgroup_dirs(TEST_CGROUP_PARENT, sb.id()) {
         if let Ok(v) = std::fs::read_to_string(dir.join("pids.max")) {
             assert_eq!(v.trim(), "32");
+            pids_checked = true;
         }
         if let Ok(v) = std::fs::read_to_string(dir.join("memory.limit_in_bytes")) {
             assert_eq!(v.trim(), (128u64 << 20).to_string());
+            memory_checked = true;
         }
+    }
+    if Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists() {
+        assert!(
+            pids_checked && memory_checked,
+            "cgroup v1: the sandbox's cgroup holds both limits"
+        );
     }
     let bomb = ExecRequest::new("f() { f | f; }; f").timeout(Duration::from_secs(60));
     let ran = run_req(&sb, bomb).await;
