@@ -723,8 +723,6 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The run engine: sandboxes when this machine can make them (otherwise runs fail and say why),
-/// the build egress allowlist derived from the host's npm and pip configuration.
 /// The cgroup directory holding this server's sandboxes. Start-up cleanup kills everything
 /// under it, so two servers on one machine (two data directories) must not share it: the name
 /// carries a digest of the data directory's path.
@@ -738,6 +736,8 @@ fn cgroup_parent_for(data_dir: &Path) -> String {
     format!("slipway-{}", &hex::encode(digest)[..12])
 }
 
+/// The run engine: sandboxes when this machine can make them (otherwise runs fail and say why),
+/// the build egress allowlist derived from the host's npm and pip configuration.
 fn build_engine(
     config: &ServeConfig,
     store: Arc<dyn Store>,
