@@ -232,6 +232,8 @@ struct Sent {
 /// archived at once (the archive reads every file anyway, and fills the stat cache).
 fn send_snapshot(client: &Client, base: &str, dir: &Path, quiet: bool) -> anyhow::Result<Sent> {
     let opts = capture_options();
+    // A content hash the server was just asked about and lacks.
+    let mut missing = None;
     if slipway_artifacts::has_stat_cache(dir, &opts) {
         let pb = spinner(&format!("hashing {}", dir.display()), quiet);
         let content_hash = slipway_artifacts::hash_tree(dir, &opts)
@@ -244,10 +246,17 @@ fn send_snapshot(client: &Client, base: &str, dir: &Path, quiet: bool) -> anyhow
                 uploaded: false,
             });
         }
+        missing = Some(content_hash);
     }
-    // The tree may have changed since it was hashed: what is uploaded is what was archived.
+    // The tree may have changed since it was hashed: what is uploaded is what was archived,
+    // and a hash other than the one just asked about is asked about again.
     let (captured, _tmp) = capture(dir, &opts, quiet)?;
-    let uploaded = upload(client, base, &captured, quiet)?;
+    let uploaded = if missing.as_deref() == Some(captured.content_hash.as_str()) {
+        put_archive(client, base, &captured, quiet)?;
+        true
+    } else {
+        upload(client, base, &captured, quiet)?
+    };
     Ok(Sent {
         content_hash: captured.content_hash,
         file_count: Some(captured.file_count),
@@ -276,6 +285,17 @@ fn upload(
     if server_has(client, base, &captured.content_hash)? {
         return Ok(false);
     }
+    put_archive(client, base, captured, quiet)?;
+    Ok(true)
+}
+
+/// Uploads the captured archive, with a progress bar.
+fn put_archive(
+    client: &Client,
+    base: &str,
+    captured: &slipway_artifacts::Captured,
+    quiet: bool,
+) -> anyhow::Result<()> {
     let path = format!("{base}/snapshots/{}", captured.content_hash);
     let file = std::fs::File::open(&captured.artifact_path)
         .context("cannot reopen the captured archive")?;
@@ -297,7 +317,7 @@ fn upload(
         .body(ureq::SendBody::from_reader(&mut reader))?;
     client.send(request)?;
     pb.finish_and_clear();
-    Ok(true)
+    Ok(())
 }
 
 pub fn deploy(global: &GlobalArgs, args: &DeployArgs) -> anyhow::Result<()> {
