@@ -24,7 +24,7 @@ use crate::body::RouterBody;
 use crate::error_page::{error_response, error_response_with, wants_json, ErrorCode};
 use crate::host::request_host;
 use crate::proxy::Local;
-use crate::table::{InFlightGuard, Route, Router};
+use crate::table::{Route, Router};
 use crate::timer::{self, CoarseTimer};
 use crate::{proxy, static_files};
 
@@ -324,18 +324,18 @@ pub(crate) async fn handle(
     let Some(host) = request_host(&req) else {
         return error_response(ErrorCode::BadHost, json);
     };
-    let Some(entry) = router.lookup(&host) else {
+    let Some(guard) = router.enter(&host) else {
         return error_response(ErrorCode::UnknownHost, json);
     };
-    match &entry.route {
+    let route = &guard
+        .entry()
+        .expect("a guard holds its entry until upgraded")
+        .route;
+    match route {
         Route::Upstream(_) => {
-            let guard = InFlightGuard::enter(entry);
             proxy::forward(router.config(), req, client_ip, local, guard, json).await
         }
-        Route::Static(site) => {
-            let _guard = InFlightGuard::enter(Arc::clone(&entry));
-            static_files::serve(site, &req, json)
-        }
+        Route::Static(site) => static_files::serve(site, &req, json),
         Route::Unavailable(page) => error_response_with(
             page.kind.code(),
             json,

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -135,6 +135,9 @@ pub(crate) struct InFlight {
     /// [`Drain::wait`] calls in progress.
     watchers: AtomicUsize,
     zero: Notify,
+    /// Set once the route has left the table (after the new table is in place): a request
+    /// that counts itself afterwards must not be served by it (see [`Router::enter`]).
+    retired: AtomicBool,
 }
 
 impl InFlight {
@@ -143,6 +146,7 @@ impl InFlight {
             counts: Default::default(),
             watchers: AtomicUsize::new(0),
             zero: Notify::new(),
+            retired: AtomicBool::new(false),
         })
     }
 
@@ -175,6 +179,13 @@ impl InFlightGuard {
             holds: Holds::Entry(entry),
             shard,
         }
+    }
+
+    /// Counts a request on `entry`'s route unless the route has been retired (then the count
+    /// is given back at once).
+    fn enter_live(entry: Arc<RouteEntry>) -> Option<Self> {
+        let guard = Self::enter(entry);
+        (!guard.in_flight().retired.load(Ordering::SeqCst)).then_some(guard)
     }
 
     /// The request's table entry; `None` once upgraded.
@@ -335,7 +346,7 @@ impl Router {
         let mut next: Table = (**current).clone();
         let old = next.insert(key.clone(), Arc::new(self.entry(route)));
         self.table.store(Arc::new(next));
-        Ok(old.map(|old| drain(key, &old)))
+        Ok(old.map(|old| retire(key, &old)))
     }
 
     /// Removes the route of `host`; the host answers 404 from now on.
@@ -349,7 +360,7 @@ impl Router {
         let mut next: Table = (**current).clone();
         let old = next.remove(&key);
         self.table.store(Arc::new(next));
-        old.map(|old| drain(key, &old))
+        old.map(|old| retire(key, &old))
     }
 
     /// Replaces the whole table in one swap. Routes equal to the current ones keep their pools;
@@ -372,13 +383,16 @@ impl Router {
             };
             next.insert(key, entry);
         }
-        let drains = current
+        let gone: Vec<_> = current
             .iter()
             .filter(|(key, old)| next.get(*key).is_none_or(|new| !Arc::ptr_eq(old, new)))
-            .map(|(key, old)| drain(key.clone(), old))
+            .map(|(key, old)| (key.clone(), Arc::clone(old)))
             .collect();
         self.table.store(Arc::new(next));
-        Ok(drains)
+        Ok(gone
+            .into_iter()
+            .map(|(key, old)| retire(key, &old))
+            .collect())
     }
 
     /// The route of `host`, if any.
@@ -404,9 +418,28 @@ impl Router {
         self.lookup(&key).map(|entry| drain(key, &entry))
     }
 
-    /// The entry of an already-normalised host: the request path.
+    /// The entry of an already-normalised host.
     pub(crate) fn lookup(&self, key: &str) -> Option<Arc<RouteEntry>> {
         self.table.load().get(key).cloned()
+    }
+
+    /// The request path: the entry of an already-normalised host, counted as in flight.
+    ///
+    /// Looking up and counting are two steps, and the route may leave the table between them;
+    /// its drain may then already have read a count of zero, and the engine stops the
+    /// instance behind it. So the count is checked against the entry's `retired` mark, which
+    /// is set after the new table is stored and before the drain reads any count: either the
+    /// request sees the mark and looks up again (finding the new table), or the drain sees the
+    /// request. Every access is `SeqCst`.
+    pub(crate) fn enter(&self, key: &str) -> Option<InFlightGuard> {
+        // A route replaced again at every turn would be a writer loop; after a few turns the
+        // request is served by what it found, as if it had arrived a moment earlier.
+        for _ in 1..ENTER_TRIES {
+            if let Some(guard) = InFlightGuard::enter_live(self.lookup(key)?) {
+                return Some(guard);
+            }
+        }
+        self.lookup(key).map(InFlightGuard::enter)
     }
 
     fn entry(&self, route: Route) -> RouteEntry {
@@ -440,6 +473,16 @@ impl fmt::Debug for Router {
     }
 }
 
+/// How many times [`Router::enter`] looks up a host whose route keeps leaving the table.
+const ENTER_TRIES: usize = 4;
+
+/// Marks a route that has left the table as retired and returns its drain handle. The table
+/// without it must already be stored (see [`Router::enter`]).
+fn retire(host: String, entry: &RouteEntry) -> Drain {
+    entry.in_flight.retired.store(true, Ordering::SeqCst);
+    drain(host, entry)
+}
+
 fn drain(host: String, entry: &RouteEntry) -> Drain {
     Drain {
         host,
@@ -453,4 +496,94 @@ fn table_key(host: &str) -> Result<String, RouteError> {
         .ok_or_else(|| RouteError::InvalidHost {
             host: host.to_owned(),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(title: &str) -> Route {
+        Route::Unavailable(Unavailable::new(UnavailableKind::NotReady).with_title(title))
+    }
+
+    fn title(guard: &InFlightGuard) -> String {
+        match &guard.entry().expect("not upgraded").route {
+            Route::Unavailable(page) => page.title.clone().unwrap_or_default(),
+            _ => unreachable!("the tests route only pages"),
+        }
+    }
+
+    /// The race a drain must not lose: a request looks its host up, is delayed, and counts
+    /// itself on the route only after the route was replaced and its drain read zero (so the
+    /// engine would stop the instance behind it). It must not be served by the old route.
+    #[test]
+    fn a_request_counted_after_its_route_left_the_table_is_not_served_by_it() {
+        let router = Router::new(RouterConfig::default());
+        router.set("app.test", page("old")).unwrap();
+        let looked_up = router.lookup("app.test").expect("route set");
+
+        let drain = router
+            .set("app.test", page("new"))
+            .unwrap()
+            .expect("old route replaced");
+        assert_eq!(
+            drain.in_flight(),
+            0,
+            "nothing in flight: the old instance may go"
+        );
+
+        assert!(
+            InFlightGuard::enter_live(looked_up).is_none(),
+            "the delayed request is turned away from the retired route"
+        );
+        assert_eq!(drain.in_flight(), 0, "and its count is given back");
+        let guard = router.enter("app.test").expect("host routed");
+        assert_eq!(title(&guard), "new", "looking up again finds the new route");
+        assert_eq!(drain.in_flight(), 0);
+    }
+
+    #[test]
+    fn removed_and_replaced_routes_are_retired_and_kept_ones_are_not() {
+        let router = Router::new(RouterConfig::default());
+        router.set("a.test", page("a")).unwrap();
+        router.set("b.test", page("b")).unwrap();
+        router.set("c.test", page("c")).unwrap();
+        let [a, b, c] = ["a.test", "b.test", "c.test"].map(|h| router.lookup(h).unwrap());
+
+        // A drain handle taken only to look at a live route does not retire it.
+        let watched = router.drain_handle("a.test").unwrap();
+        assert_eq!(watched.in_flight(), 0);
+        assert!(InFlightGuard::enter_live(Arc::clone(&a)).is_some());
+
+        let drains = router
+            .replace_all(HashMap::from([
+                ("a.test".to_string(), page("a")),
+                ("b.test".to_string(), page("b2")),
+            ]))
+            .unwrap();
+        let mut hosts: Vec<&str> = drains.iter().map(Drain::host).collect();
+        hosts.sort_unstable();
+        assert_eq!(hosts, ["b.test", "c.test"]);
+        assert!(
+            InFlightGuard::enter_live(a).is_some(),
+            "a kept route stays live"
+        );
+        assert!(
+            InFlightGuard::enter_live(b).is_none(),
+            "a changed route is retired"
+        );
+        assert!(
+            InFlightGuard::enter_live(c).is_none(),
+            "a dropped route is retired"
+        );
+        assert_eq!(title(&router.enter("b.test").unwrap()), "b2");
+        assert!(router.enter("c.test").is_none());
+
+        let a = router.lookup("a.test").unwrap();
+        router.remove("a.test").expect("a routed");
+        assert!(
+            InFlightGuard::enter_live(a).is_none(),
+            "a removed route is retired"
+        );
+    }
 }
