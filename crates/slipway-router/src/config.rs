@@ -34,7 +34,15 @@ pub struct RouterConfig {
     pub pool_max_idle_per_upstream: usize,
     /// How long a client may take to send a complete request head (slowloris guard).
     pub header_read_timeout: Duration,
-    /// Connections accepted at once; further clients wait in the listen backlog.
+    /// How long a client connection may go without starting a request before it is closed
+    /// (gracefully: a response under way still finishes). HTTP/1 keep-alive connections are
+    /// closed sooner, by `header_read_timeout`; this bounds HTTP/2 connections, which have no
+    /// request head to wait for. Idle connections are what a flood of clients would hold to use
+    /// up `max_connections`.
+    pub idle_timeout: Duration,
+    /// Connections accepted at once; further clients wait in the listen backlog. A connection
+    /// must bring its first complete request head within `header_read_timeout` of being
+    /// accepted, or it is closed.
     pub max_connections: usize,
     /// Dedicated I/O threads serving the listener, each with its own single-threaded runtime
     /// that keeps a connection, and the upstream connections it uses, on one thread (default:
@@ -57,6 +65,7 @@ impl Default for RouterConfig {
             pool_idle_timeout: Duration::from_secs(4),
             pool_max_idle_per_upstream: 32,
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(75),
             max_connections: 10_000,
             io_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             shutdown_grace: Duration::from_secs(30),

@@ -46,6 +46,7 @@ mod body;
 mod config;
 mod error_page;
 mod host;
+mod idle;
 mod proxy;
 mod server;
 mod shard;

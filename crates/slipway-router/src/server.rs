@@ -15,7 +15,6 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
@@ -26,7 +25,7 @@ use crate::host::request_host;
 use crate::proxy::Local;
 use crate::table::{Route, Router};
 use crate::timer::{self, CoarseTimer};
-use crate::{proxy, static_files};
+use crate::{idle, proxy, static_files};
 
 /// Pause after a failed `accept` (typically out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -233,7 +232,17 @@ async fn serve_on(
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10));
 
-    let graceful = GracefulShutdown::new();
+    let sweeper = Arc::new(idle::Sweeper::new(
+        config.header_read_timeout,
+        config.idle_timeout,
+    ));
+    let sweeping = tokio::spawn({
+        let sweeper = Arc::clone(&sweeper);
+        async move { sweeper.run().await }
+    });
+    // Every connection task holds a receiver (never read): `closed` resolves once the last
+    // task has ended.
+    let (open, _) = tokio::sync::watch::channel(());
     tokio::pin!(shutdown);
     loop {
         let (stream, peer, permit, load) = match &mut connections {
@@ -260,14 +269,17 @@ async fn serve_on(
                 }
             }
         };
+        let watch = sweeper.watch();
         let client = Arc::new(ClientConnection {
             router: Arc::clone(&router),
             // Formatted once per connection, not per request.
             client_ip: client_ip_header(peer),
             local: Local::new(),
+            watch: Arc::clone(&watch),
         });
         let service = service_fn(move |req: Request<Incoming>| {
             let client = Arc::clone(&client);
+            client.watch.request_started();
             async move {
                 Ok::<_, Infallible>(
                     handle(&client.router, req, &client.client_ip, &client.local).await,
@@ -277,26 +289,28 @@ async fn serve_on(
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
-        let connection = graceful.watch(connection);
+        let open = open.subscribe();
         tokio::spawn(async move {
-            let _permit = permit;
-            let _load = load;
-            if let Err(err) = connection.await {
+            let (_permit, _load, _open) = (permit, load, open);
+            let graceful = |c: Pin<&mut _>| auto::UpgradeableConnection::graceful_shutdown(c);
+            if let Err(err) = idle::drive(connection, graceful, &watch).await {
                 debug!(%peer, error = %err, "app-traffic connection ended with an error");
             }
         });
     }
     drop(connections);
     info!(
-        connections = graceful.count(),
+        connections = open.receiver_count(),
         "app-traffic listener stopping"
     );
+    sweeper.close_all();
     tokio::select! {
-        () = graceful.shutdown() => {}
+        () = open.closed() => {}
         () = tokio::time::sleep(config.shutdown_grace) => {
             warn!("app-traffic connections still open after the shutdown grace period");
         }
     }
+    sweeping.abort();
     drop(ticker_stop);
 }
 
@@ -305,6 +319,8 @@ struct ClientConnection {
     router: Arc<Router>,
     client_ip: HeaderValue,
     local: Local,
+    /// What the I/O thread's [`idle::Sweeper`] looks at.
+    watch: Arc<idle::Watch>,
 }
 
 fn client_ip_header(peer: SocketAddr) -> HeaderValue {

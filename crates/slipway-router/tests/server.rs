@@ -2,6 +2,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::{Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use slipway_router::{Router, RouterConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -27,6 +28,84 @@ async fn slow_request_heads_are_cut_off() {
         .await
         .expect("the router closes a connection whose head never completes")
         .ok();
+}
+
+/// Idle connections are what a flood of clients would hold to use up `max_connections`. One
+/// that never sends a byte, one that stops inside the bytes the router reads to tell HTTP/1
+/// from HTTP/2, and a keep-alive connection after its last answer are all closed once the
+/// head-read timeout has passed.
+#[tokio::test]
+async fn idle_client_connections_are_closed() {
+    let config = RouterConfig {
+        header_read_timeout: Duration::from_millis(200),
+        ..RouterConfig::default()
+    };
+    let router = TestRouter::start(config).await;
+
+    for (sent, what) in [
+        (&b""[..], "never sends a byte"),
+        (
+            &b"PRI * HTTP/2.0\r\n"[..],
+            "stops inside the HTTP/2 preface",
+        ),
+    ] {
+        let mut stream = TcpStream::connect(router.addr).await.unwrap();
+        stream.write_all(sent).await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("the router closes a connection that {what}"))
+            .ok();
+        assert!(
+            rest.is_empty(),
+            "{what}: nothing was asked, nothing answered: {rest:?}"
+        );
+    }
+
+    let mut kept = TcpStream::connect(router.addr).await.unwrap();
+    kept.write_all(b"GET / HTTP/1.1\r\nHost: nobody.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, kept.read_to_end(&mut answer))
+        .await
+        .expect("the router closes a keep-alive connection left idle after its answer")
+        .ok();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 404 "), "answer: {answer:.200}");
+}
+
+/// An HTTP/2 connection has no request head to time out: once it has gone a whole idle
+/// period without starting a request, the router ends it with a GOAWAY.
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
+    let config = RouterConfig {
+        header_read_timeout: Duration::from_millis(200),
+        idle_timeout: Duration::from_millis(300),
+        ..RouterConfig::default()
+    };
+    let router = TestRouter::start(config).await;
+    let upstream = TestUpstream::named("app").await;
+    router.set("app.test", upstream.route());
+
+    let stream = TcpStream::connect(router.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = hyper::Request::get("http://app.test/")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    drop(response);
+
+    tokio::time::timeout(DEADLINE, connection)
+        .await
+        .expect("the router ends an HTTP/2 connection that asks nothing more")
+        .unwrap()
+        .expect("ended cleanly, with a GOAWAY");
 }
 
 #[tokio::test]
