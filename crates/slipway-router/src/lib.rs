@@ -5,6 +5,7 @@
 //! ([`Router::set`], [`Router::remove`], [`Router::replace_all`]) with a [`Route`] per host:
 //! an [`Upstream`] it can open connections to, a [`StaticSite`] directory, or an
 //! [`Unavailable`] page; [`serve`] answers requests on the app-traffic listener.
+//! [`serve_service`] serves any other HTTP service (the API) with the same connection guards.
 //!
 //! Invariants:
 //! - no lock on the request path: one `ArcSwap` load per request;
@@ -57,6 +58,6 @@ mod timer;
 pub use body::{BoxError, RouterBody};
 pub use config::RouterConfig;
 pub use error_page::{ErrorCode, ERROR_HEADER};
-pub use server::serve;
+pub use server::{serve, serve_service};
 pub use static_files::{CacheBudget, StaticSite, StaticSiteError};
 pub use table::{Drain, Route, RouteError, Router, Unavailable, UnavailableKind, Upstream};

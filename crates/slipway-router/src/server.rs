@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
-use hyper::service::service_fn;
+use hyper::service::{service_fn, Service};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -19,7 +19,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
-use crate::body::RouterBody;
+use crate::body::{BoxError, RouterBody};
+use crate::config::RouterConfig;
 use crate::error_page::{error_response, error_response_with, wants_json, ErrorCode};
 use crate::host::request_host;
 use crate::proxy::Local;
@@ -48,7 +49,7 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: impl Fu
     let permits = Arc::new(Semaphore::new(router.config().max_connections.max(1)));
     let threads = router.config().io_threads;
     if threads == 0 {
-        return serve_on(Connections::Listener(listener, permits), router, shutdown).await;
+        return serve_here(listener, permits, router, shutdown).await;
     }
     let mut workers = Vec::with_capacity(threads);
     let mut stopped = Vec::with_capacity(threads);
@@ -69,9 +70,11 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: impl Fu
                     }
                 };
                 // Ends when the acceptor drops its sender (shutdown).
+                let config = router.config().clone();
                 runtime.block_on(serve_on(
                     Connections::Handed(handoff_rx),
-                    router,
+                    config,
+                    move |peer, watch| app_service(&router, peer, watch),
                     std::future::pending(),
                 ));
                 drop(done_tx);
@@ -85,7 +88,7 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: impl Fu
         }
     }
     if workers.is_empty() {
-        return serve_on(Connections::Listener(listener, permits), router, shutdown).await;
+        return serve_here(listener, permits, router, shutdown).await;
     }
     accept_and_hand_out(&listener, &permits, &workers, shutdown).await;
     drop(listener);
@@ -94,6 +97,24 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: impl Fu
         // Resolves (with an error) when the thread drops its sender, i.e. has finished.
         let _ = done.await;
     }
+}
+
+/// Serves app traffic on the calling runtime (no I/O threads).
+async fn serve_here(
+    listener: TcpListener,
+    permits: Arc<Semaphore>,
+    router: Arc<Router>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let config = router.config().clone();
+    let make = move |peer, watch| app_service(&router, peer, watch);
+    serve_on(
+        Connections::Listener(listener, permits),
+        config,
+        make,
+        shutdown,
+    )
+    .await;
 }
 
 /// One accepted connection on its way to an I/O thread.
@@ -202,13 +223,23 @@ enum Connections {
     Handed(tokio::sync::mpsc::UnboundedReceiver<Handoff>),
 }
 
-/// Serves the connections of one runtime.
-async fn serve_on(
+/// Serves the connections of one runtime: the app listener with [`app_service`], or any
+/// service ([`serve_service`]). `make` builds the service of one connection; it is handed the
+/// connection's [`idle::Watch`] and must count each request on it.
+async fn serve_on<M, S, B>(
     mut connections: Connections,
-    router: Arc<Router>,
+    config: RouterConfig,
+    make: M,
     shutdown: impl Future<Output = ()>,
-) {
-    let config = router.config().clone();
+) where
+    M: Fn(SocketAddr, Arc<idle::Watch>) -> S,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // The coarse timer: hyper re-arms the header read deadline on every request, which with
     // tokio's timer cost an eventfd write per request (see `timer.rs`).
@@ -270,22 +301,7 @@ async fn serve_on(
             }
         };
         let watch = sweeper.watch();
-        let client = Arc::new(ClientConnection {
-            router: Arc::clone(&router),
-            // Formatted once per connection, not per request.
-            client_ip: client_ip_header(peer),
-            local: Local::new(),
-            watch: Arc::clone(&watch),
-        });
-        let service = service_fn(move |req: Request<Incoming>| {
-            let client = Arc::clone(&client);
-            client.watch.request_started();
-            async move {
-                Ok::<_, Infallible>(
-                    handle(&client.router, req, &client.client_ip, &client.local).await,
-                )
-            }
-        });
+        let service = make(peer, Arc::clone(&watch));
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
@@ -294,24 +310,98 @@ async fn serve_on(
             let (_permit, _load, _open) = (permit, load, open);
             let graceful = |c: Pin<&mut _>| auto::UpgradeableConnection::graceful_shutdown(c);
             if let Err(err) = idle::drive(connection, graceful, &watch).await {
-                debug!(%peer, error = %err, "app-traffic connection ended with an error");
+                debug!(%peer, error = %err, "connection ended with an error");
             }
         });
     }
     drop(connections);
-    info!(
-        connections = open.receiver_count(),
-        "app-traffic listener stopping"
-    );
+    info!(connections = open.receiver_count(), "listener stopping");
     sweeper.close_all();
     tokio::select! {
         () = open.closed() => {}
         () = tokio::time::sleep(config.shutdown_grace) => {
-            warn!("app-traffic connections still open after the shutdown grace period");
+            warn!("connections still open after the shutdown grace period");
         }
     }
     sweeping.abort();
     drop(ticker_stop);
+}
+
+/// The service of one app-traffic connection.
+fn app_service(
+    router: &Arc<Router>,
+    peer: SocketAddr,
+    watch: Arc<idle::Watch>,
+) -> impl Service<
+    Request<Incoming>,
+    Response = Response<RouterBody>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<RouterBody>, Infallible>> + Send,
+> + Send {
+    let client = Arc::new(ClientConnection {
+        router: Arc::clone(router),
+        // Formatted once per connection, not per request.
+        client_ip: client_ip_header(peer),
+        local: Local::new(),
+        watch,
+    });
+    service_fn(move |req: Request<Incoming>| {
+        let client = Arc::clone(&client);
+        client.watch.request_started();
+        async move {
+            Ok::<_, Infallible>(handle(&client.router, req, &client.client_ip, &client.local).await)
+        }
+    })
+}
+
+/// Serves `service` (for example an API) on `listener` with the app listener's connection
+/// guards, all from `config`: at most `max_connections` at once, `header_read_timeout` for
+/// every HTTP/1 request head and for a connection's first one, `idle_timeout` for a connection
+/// that asks nothing, and `shutdown_grace` for the requests in flight once `shutdown`
+/// resolves. HTTP/1.1 and HTTP/2, with upgrades (WebSocket). Connections are served on the
+/// calling runtime (`io_threads` does not apply).
+pub async fn serve_service<S, B>(
+    listener: TcpListener,
+    config: RouterConfig,
+    service: S,
+    shutdown: impl Future<Output = ()>,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let make = move |_peer: SocketAddr, watch: Arc<idle::Watch>| Counted {
+        inner: service.clone(),
+        watch,
+    };
+    serve_on(
+        Connections::Listener(listener, permits),
+        config,
+        make,
+        shutdown,
+    )
+    .await;
+}
+
+/// A service that counts its requests on its connection's [`idle::Watch`].
+struct Counted<S> {
+    inner: S,
+    watch: Arc<idle::Watch>,
+}
+
+impl<S: Service<Request<Incoming>>> Service<Request<Incoming>> for Counted<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        self.watch.request_started();
+        self.inner.call(req)
+    }
 }
 
 /// What every request of one client connection shares.

@@ -475,22 +475,27 @@ impl Server {
         }
         let api_shutdown = shutdown.clone();
         let api_server = async move {
-            let result = axum::serve(self.api_listener, api)
-                .with_graceful_shutdown(api_shutdown.clone().cancelled_owned())
-                .await;
+            // The app listener's connection guards (connection limit, request-head and idle
+            // timeouts), which `axum::serve` does not have: API clients are untrusted too.
+            slipway_router::serve_service(
+                self.api_listener,
+                RouterConfig::default(),
+                hyper_util::service::TowerToHyperService::new(api),
+                api_shutdown.clone().cancelled_owned(),
+            )
+            .await;
             // If the API stops on its own, stop app traffic too rather than half-running.
             api_shutdown.cancel();
-            result
         };
         let app_server = slipway_router::serve(
             self.app_listener,
             Arc::clone(&self.router),
             shutdown.cancelled_owned(),
         );
-        let (api_result, ()) = tokio::join!(api_server, app_server);
+        tokio::join!(api_server, app_server);
         // Stop every app and destroy every sandbox; the next start-up settles the runs.
         self.engine.shutdown().await;
-        api_result.context("api listener failed")
+        Ok(())
     }
 }
 

@@ -164,6 +164,56 @@ fn the_app_listener_answers_unknown_hosts_with_404() {
     server.stop();
 }
 
+/// Slow-loris on the API listener: a client that sends half a request head and then nothing
+/// (or nothing at all) must not keep its connection, or enough of them would use up the
+/// server's connections and file descriptors. The API shares the app listener's guards; the
+/// request-head timeout is 10 s by default.
+#[test]
+fn the_api_listener_closes_connections_that_never_complete_a_request() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &[], &[]);
+    let addr = server.api.trim_start_matches("http://").to_string();
+    let started = std::time::Instant::now();
+    let mut streams: Vec<std::net::TcpStream> =
+        [&b""[..], b"GET /api/health HTTP/1.1\r\nHost: x\r\n"]
+            .iter()
+            .map(|sent| {
+                let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+                stream.write_all(sent).unwrap();
+                stream
+                    .set_read_timeout(Some(std::time::Duration::from_secs(40)))
+                    .unwrap();
+                stream
+            })
+            .collect();
+    for stream in &mut streams {
+        let mut rest = Vec::new();
+        // End of stream (or a reset): the server closed it. A timeout means it never did.
+        match stream.read_to_end(&mut rest) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("the server kept a connection that never completed a request: {e}"),
+        }
+        let rest = String::from_utf8_lossy(&rest);
+        assert!(
+            !rest.contains("200 OK"),
+            "an incomplete head was answered: {rest}"
+        );
+    }
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(9),
+        "closed before the 10 s head timeout: {:?}",
+        started.elapsed()
+    );
+    // Complete requests are still served.
+    let resp = ureq::get(format!("{}/api/health", server.api))
+        .call()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    server.stop();
+}
+
 /// base_domain from the file, then the environment over it, then the flag over both.
 #[test]
 fn configuration_precedence_is_file_then_env_then_flag() {
