@@ -50,6 +50,8 @@ pub enum ErrorCode {
     Unavailable,
     /// A bug or an I/O failure on the server; details are only in the server log.
     Internal,
+    /// The server's disk (or the data directory's quota) is full: nothing was stored.
+    InsufficientStorage,
     /// A gated action was called without a gate token; the body's `gateId` names the pending
     /// gate opened for exactly this action.
     GateRequired,
@@ -73,7 +75,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for tables in documentation and tests.
-    pub const ALL: [ErrorCode; 26] = [
+    pub const ALL: [ErrorCode; 27] = [
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
         ErrorCode::AgentNotFound,
@@ -91,6 +93,7 @@ impl ErrorCode {
         ErrorCode::Conflict,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
+        ErrorCode::InsufficientStorage,
         ErrorCode::GateRequired,
         ErrorCode::GateTokenInvalid,
         ErrorCode::GateTokenExpired,
@@ -122,6 +125,7 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::InsufficientStorage => "insufficient_storage",
             ErrorCode::GateRequired => "gate_required",
             ErrorCode::GateTokenInvalid => "gate_token_invalid",
             ErrorCode::GateTokenExpired => "gate_token_expired",
@@ -153,6 +157,7 @@ impl ErrorCode {
             ErrorCode::Conflict => StatusCode::CONFLICT,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
             ErrorCode::GateRequired
             | ErrorCode::GateTokenInvalid
             | ErrorCode::GateTokenExpired
@@ -183,6 +188,7 @@ impl ErrorCode {
             ErrorCode::Conflict => "the request conflicts with the current state",
             ErrorCode::Unavailable => "the server cannot do this right now",
             ErrorCode::Internal => "internal server error",
+            ErrorCode::InsufficientStorage => "the server is out of disk space, so nothing was stored; ask its operator to free some, then try again",
             ErrorCode::GateRequired => "this action needs an operator's approval: a gate was opened (see gateId); once it is approved, read its token from GET /api/gates/{gateId} and send it in X-Slipway-Gate-Token",
             ErrorCode::GateTokenInvalid => "the gate token is not valid",
             ErrorCode::GateTokenExpired => "the gate token has expired; request a new approval",
@@ -251,6 +257,17 @@ impl ApiError {
         Self::new(ErrorCode::Internal)
     }
 
+    /// A failure of the server's own storage while doing `what`: `insufficient_storage` when
+    /// any error in `err`'s chain is a full disk or quota (the client can act on that, and
+    /// learns no path), otherwise [`ApiError::internal`]. The detail goes to the log either way.
+    pub fn storage(what: &str, err: &(dyn std::error::Error + 'static)) -> Self {
+        if disk_full(err) {
+            tracing::error!(error = %err, "{what}: out of disk space");
+            return Self::new(ErrorCode::InsufficientStorage);
+        }
+        Self::internal(format_args!("{what}: {err}"))
+    }
+
     pub fn status(&self) -> StatusCode {
         self.code.status()
     }
@@ -263,6 +280,18 @@ impl std::fmt::Display for ApiError {
 }
 
 impl std::error::Error for ApiError {}
+
+/// Whether an error (or any error it wraps) is `ENOSPC` or `EDQUOT`.
+fn disk_full(err: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(err), |e| e.source()).any(|e| {
+        e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            )
+        })
+    })
+}
 
 impl From<ErrorCode> for ApiError {
     fn from(code: ErrorCode) -> Self {
@@ -299,6 +328,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound { what, id } => {
                 ApiError::with_message(ErrorCode::NotFound, format!("{what} {id} not found"))
             }
+            StoreError::Full => ApiError::new(ErrorCode::InsufficientStorage),
             other => ApiError::internal(other),
         }
     }
@@ -354,8 +384,36 @@ mod tests {
                 .iter()
                 .filter(|c| c.status().is_server_error())
                 .count()
-                == 2
+                == 3
         );
+    }
+
+    /// A full disk is something the client can act on (and is told so, without a path); any
+    /// other storage failure stays internal.
+    #[test]
+    fn a_full_disk_anywhere_in_the_chain_is_insufficient_storage() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("staging the upload in /srv/data failed")]
+        struct Staging(#[source] std::io::Error);
+
+        let full = Staging(std::io::Error::from_raw_os_error(28));
+        let err = ApiError::storage("storing the upload failed", &full);
+        assert_eq!(err.code, ErrorCode::InsufficientStorage);
+        assert_eq!(err.status(), StatusCode::INSUFFICIENT_STORAGE);
+        assert!(!err.message.contains("/srv"), "{}", err.message);
+        let quota = Staging(std::io::Error::from_raw_os_error(122));
+        assert_eq!(
+            ApiError::storage("x", &quota).code,
+            ErrorCode::InsufficientStorage
+        );
+
+        let other = Staging(std::io::Error::from_raw_os_error(5));
+        let err = ApiError::storage("storing the upload failed", &other);
+        assert_eq!(err.code, ErrorCode::Internal);
+        assert!(!err.message.contains("/srv"), "{}", err.message);
+
+        let err: ApiError = StoreError::Full.into();
+        assert_eq!(err.code, ErrorCode::InsufficientStorage);
     }
 
     #[test]

@@ -130,6 +130,12 @@ pub struct ServeArgs {
     /// every file from disk) [default: 256].
     #[arg(long, env = "SLIPWAY_STATIC_CACHE_MIB", value_name = "MIB")]
     pub static_cache_mib: Option<u64>,
+    /// Largest compressed snapshot accepted, captured or uploaded, in MiB [default: 1024].
+    #[arg(long, env = "SLIPWAY_MAX_SNAPSHOT_MIB", value_name = "MIB")]
+    pub max_snapshot_mib: Option<u64>,
+    /// Most files a snapshot may hold [default: 100000].
+    #[arg(long, env = "SLIPWAY_MAX_SNAPSHOT_FILES", value_name = "N")]
+    pub max_snapshot_files: Option<u64>,
 }
 
 /// The config file. Unknown keys are refused so that a typo is not silently ignored.
@@ -151,6 +157,8 @@ pub struct FileConfig {
     pub warm_time: Option<u64>,
     pub gc_interval: Option<u64>,
     pub static_cache_mib: Option<u64>,
+    pub max_snapshot_mib: Option<u64>,
+    pub max_snapshot_files: Option<u64>,
 }
 
 impl FileConfig {
@@ -191,10 +199,15 @@ pub struct ServeConfig {
     pub gc_interval: Option<std::time::Duration>,
     /// The memory budget, in bytes, that every static release's file cache shares.
     pub static_cache_bytes: u64,
+    /// The snapshot guards: compressed bytes and files.
+    pub max_snapshot_bytes: u64,
+    pub max_snapshot_files: u64,
 }
 
 /// The most `--static-cache-mib` accepts: 64 GiB.
 const MAX_STATIC_CACHE_MIB: u64 = 64 * 1024;
+/// The most `--max-snapshot-mib` accepts: 64 GiB.
+const MAX_SNAPSHOT_MIB: u64 = 64 * 1024;
 
 /// `HOST=IP`: a host name as a spec would name it (no port) and an IP address.
 fn parse_egress_pin(raw: &str) -> anyhow::Result<(String, std::net::IpAddr)> {
@@ -294,6 +307,22 @@ impl ServeConfig {
                 "static cache must be at most {MAX_STATIC_CACHE_MIB} MiB (64 GiB), got {static_cache_mib} MiB"
             );
         }
+        let max_snapshot_mib = args
+            .max_snapshot_mib
+            .or(file.max_snapshot_mib)
+            .unwrap_or(1024);
+        if !(1..=MAX_SNAPSHOT_MIB).contains(&max_snapshot_mib) {
+            bail!(
+                "the snapshot size limit must be between 1 and {MAX_SNAPSHOT_MIB} MiB (64 GiB), got {max_snapshot_mib} MiB"
+            );
+        }
+        let max_snapshot_files = args
+            .max_snapshot_files
+            .or(file.max_snapshot_files)
+            .unwrap_or(100_000);
+        if max_snapshot_files == 0 {
+            bail!("the snapshot file limit must be at least 1, got 0");
+        }
         let egress_pins = if args.egress_pin.is_empty() {
             file.egress_pin.unwrap_or_default()
         } else {
@@ -307,6 +336,8 @@ impl ServeConfig {
             egress_pins,
             gc_interval,
             static_cache_bytes: static_cache_mib << 20,
+            max_snapshot_bytes: max_snapshot_mib << 20,
+            max_snapshot_files,
             trust_policy,
             config_file: args.config,
             data_dir,
@@ -436,6 +467,11 @@ pub async fn build_server(config: ServeConfig) -> anyhow::Result<Server> {
     let state = AppState::new(store, api_config)
         .with_clock(clock)
         .with_engine(engine.clone(), artifacts)
+        .with_capture_options(slipway_artifacts::CaptureOptions {
+            max_compressed_bytes: config.max_snapshot_bytes,
+            max_files: config.max_snapshot_files,
+            ..slipway_artifacts::CaptureOptions::default()
+        })
         .with_trust(config.trust_policy.clone(), Some(signer));
 
     Ok(Server {
@@ -683,6 +719,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         allowed_roots = %config.allowed_roots.join(","),
         base_domain = %config.base_domain,
         static_cache_mib = config.static_cache_bytes >> 20,
+        max_snapshot_mib = config.max_snapshot_bytes >> 20,
+        max_snapshot_files = config.max_snapshot_files,
         "configuration"
     );
     slipway_router::CacheBudget::global().set_limit(config.static_cache_bytes);
@@ -772,6 +810,8 @@ fn build_engine(
     engine_config.base_domain = config.base_domain.clone();
     engine_config.app_port = app_addr.port();
     engine_config.warm_time = config.warm_time;
+    engine_config.max_snapshot_bytes = config.max_snapshot_bytes;
+    engine_config.max_snapshot_files = config.max_snapshot_files;
     let registry = slipway_sandbox::RegistryConfig::derive();
     engine_config.egress_allow = registry.egress_config(&config.egress_allow).allow_hosts;
     engine_config.egress_env = registry.sandbox_env();

@@ -349,6 +349,28 @@ fn bad_configuration_is_refused_with_a_message() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("{agentId}"), "{stderr}");
 
+    for (flag, value, says) in [
+        ("--max-snapshot-mib", "0", "between 1 and"),
+        ("--max-snapshot-mib", "70000", "between 1 and"),
+        ("--max-snapshot-files", "0", "at least 1"),
+    ] {
+        let out = slipway_command()
+            .args([
+                "serve",
+                "--data-dir",
+                dir.path().join("d").to_str().unwrap(),
+            ])
+            .args([flag, value])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{flag} {value}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(says) && stderr.contains(value),
+            "{flag} {value}: {stderr}"
+        );
+    }
+
     let out = slipway_command()
         .args(["serve", "--log-format", "xml"])
         .output()
@@ -416,4 +438,191 @@ fn unreferenced_old_artifacts_are_collected_on_a_schedule() {
     );
     server.wait_for_log("collected unreferenced artifacts");
     server.stop();
+}
+
+/// A tmpfs of `size` mounted at a new directory for the life of the value (needs root).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    /// `None` (skipped loudly; a failure under `CI`) without root.
+    fn mount(at: &std::path::Path, size: &str) -> Option<Self> {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must run the full-disk test as root"
+            );
+            eprintln!("SKIPPED (needs root to mount a small tmpfs)");
+            return None;
+        }
+        std::fs::create_dir_all(at).unwrap();
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount a tmpfs at {}", at.display());
+        Some(Self(at.to_path_buf()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A server whose disk fills up during an upload answers 507 `insufficient_storage` with a
+/// sentence the user can act on (and no path of the server's), keeps no partial file (the space
+/// is given back: a small upload right after succeeds) and keeps serving.
+#[test]
+fn an_upload_that_fills_the_disk_is_refused_with_507_and_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_disk) = SmallDisk::mount(&dir.path().join("disk"), "8m") else {
+        return;
+    };
+    let data = dir.path().join("disk/data");
+    let server = Server::start(&data, &[], &[]);
+    let config = dir.path().join("config");
+    let cli = |args: &[&str]| cli_of(&server, dir.path(), &config, args);
+    let admin = server.admin_token();
+    let agent = cli(&["--token", &admin, "--json", "agents", "create", "full"]).json();
+    let token = agent["token"].as_str().unwrap().to_string();
+
+    // 12 MB that zstd cannot shrink, on an 8 MB disk.
+    let big = dir.path().join("big");
+    std::fs::create_dir_all(&big).unwrap();
+    let noise = noise(12 << 20);
+    std::fs::write(big.join("blob.bin"), &noise).unwrap();
+    let refused = cli(&["--token", &token, "snapshot", big.to_str().unwrap()]);
+    assert_ne!(refused.code, 0, "{refused:?}");
+    assert!(
+        refused.stderr.contains("out of disk space")
+            && refused.stderr.contains("insufficient_storage"),
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        !refused.stderr.contains(data.to_str().unwrap()),
+        "no server path in the message: {}",
+        refused.stderr
+    );
+    let leftovers: Vec<_> = walk(&data.join("artifacts"))
+        .into_iter()
+        .filter(|p| p.is_file())
+        .collect();
+    assert!(leftovers.is_empty(), "partial files left: {leftovers:?}");
+
+    let small = dir.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    // 5 MB fit only if the refused upload's partial file is gone.
+    std::fs::write(small.join("blob.bin"), &noise[..5 << 20]).unwrap();
+    let stored = cli(&["--token", &token, "snapshot", small.to_str().unwrap()]);
+    assert_eq!(stored.code, 0, "the space was given back: {stored:?}");
+    server.stop();
+}
+
+/// Every path under `dir` (none when it does not exist).
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        }
+        found.push(path);
+    }
+    found
+}
+
+/// An upload over the server's size limit is refused as soon as it crosses it, and the answer
+/// still reaches the client although it is sending 31 MB more: the server reads (and discards)
+/// the rest before answering, so the client does not run into a reset or a broken pipe
+/// instead. The CLI says what the limit is.
+#[test]
+fn an_upload_over_the_limit_is_answered_not_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"), &["--max-snapshot-mib", "1"], &[]);
+    let config = dir.path().join("config");
+    let cli = |args: &[&str]| cli_of(&server, dir.path(), &config, args);
+    let admin = server.admin_token();
+    let agent = cli(&["--token", &admin, "--json", "agents", "create", "up"]).json();
+    let (id, token) = (
+        agent["id"].as_str().unwrap(),
+        agent["token"].as_str().unwrap(),
+    );
+
+    // 32 MB that zstd cannot shrink.
+    let noise = noise(32 << 20);
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut file = tar::Header::new_gnu();
+    file.set_size(noise.len() as u64);
+    file.set_mode(0o644);
+    tar.append_data(&mut file, "noise.bin", &noise[..]).unwrap();
+    let archive = zstd::encode_all(&tar.into_inner().unwrap()[..], 1).unwrap();
+    assert!(archive.len() > 30 << 20);
+
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let url = format!(
+        "{}/api/agents/{id}/deployments/snapshots/{}",
+        server.api,
+        "ab".repeat(32)
+    );
+    let mut response = agent
+        .put(&url)
+        .header("Authorization", &format!("Bearer {token}"))
+        .header("Content-Type", "application/zstd")
+        .send(&archive[..])
+        .expect("an answer, not a broken connection");
+    assert_eq!(response.status().as_u16(), 413);
+    let body: serde_json::Value = response.body_mut().read_json().unwrap();
+    assert_eq!(body["code"], "payload_too_large", "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("1048576"),
+        "{body}"
+    );
+
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("noise.bin"), &noise[..4 << 20]).unwrap();
+    let refused = cli(&["--token", token, "snapshot", src.to_str().unwrap()]);
+    assert_ne!(refused.code, 0, "{refused:?}");
+    assert!(refused.stderr.contains("1048576"), "{}", refused.stderr);
+    server.stop();
+}
+
+/// Bytes zstd cannot shrink (xorshift64), the same on every run.
+fn noise(len: usize) -> Vec<u8> {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// `slipway --server <server's API> <args>` from `cwd` with the login directory `config`.
+fn cli_of(
+    server: &Server,
+    cwd: &std::path::Path,
+    config: &std::path::Path,
+    args: &[&str],
+) -> crate::util::Run {
+    let mut all = vec!["--server", server.api.as_str()];
+    all.extend_from_slice(args);
+    run_in(cwd, config, &all, &[])
 }

@@ -149,6 +149,7 @@ pub async fn head_snapshot(
         (status = 200, body = SnapshotDto, description = "already stored"),
         (status = 413, body = ErrorBody),
         (status = 422, description = "invalid_snapshot: hash mismatch or a refused entry", body = ErrorBody),
+        (status = 507, description = "insufficient_storage: the server's disk is full; nothing was stored", body = ErrorBody),
     ),
 )]
 pub async fn put_snapshot(
@@ -178,8 +179,12 @@ pub async fn put_snapshot(
     let reader = tokio_util::io::StreamReader::new(stream);
     let (a, h) = (agent.clone(), hash.clone());
     let captured = tokio::task::spawn_blocking(move || {
-        let sync = tokio_util::io::SyncIoBridge::new(reader);
-        artifacts.verify_upload(&a, &h, sync, &opts)
+        let mut sync = tokio_util::io::SyncIoBridge::new(reader);
+        let verified = artifacts.verify_upload(&a, &h, &mut sync, &opts);
+        if verified.is_err() {
+            drain_refused(&mut sync);
+        }
+        verified
     })
     .await
     .map_err(|e| ApiError::internal(format!("upload task failed: {e}")))?
@@ -192,7 +197,7 @@ pub async fn put_snapshot(
                 format!("snapshot rejected: {e}"),
             )
         } else {
-            ApiError::internal(format!("storing the upload failed: {e}"))
+            ApiError::storage("storing the upload failed", &e)
         }
     })?;
     let spec_id = {
@@ -226,3 +231,25 @@ pub async fn put_snapshot(
     }
     Ok((StatusCode::CREATED, Json(record.into())))
 }
+
+/// After refusing an upload part-way (an entry broke a rule, the limit was crossed, the disk
+/// filled up), reads and discards what the client is still sending, within
+/// [`REFUSED_DRAIN_BYTES`] and [`REFUSED_DRAIN_TIME`], before the error is answered. Closing
+/// with unread bytes would make the kernel reset the connection, and a client still writing
+/// would see a broken pipe instead of the answer that says what was wrong.
+fn drain_refused(body: &mut impl std::io::Read) {
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut left = REFUSED_DRAIN_BYTES;
+    while left > 0 && started.elapsed() < REFUSED_DRAIN_TIME {
+        match body.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left = left.saturating_sub(n as u64),
+        }
+    }
+}
+
+/// How much of a refused upload is still read (see [`drain_refused`]).
+const REFUSED_DRAIN_BYTES: u64 = 64 << 20;
+/// How long a refused upload is still read.
+const REFUSED_DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);

@@ -315,7 +315,21 @@ fn put_archive(
         .header("Content-Type", "application/zstd")
         .header("Content-Length", size.to_string())
         .body(ureq::SendBody::from_reader(&mut reader))?;
-    client.send(request)?;
+    match client.send(request) {
+        Ok(_) => {}
+        // The server answered: its error says what was wrong.
+        Err(err) if err.downcast_ref::<crate::client::ApiFailure>().is_some() => return Err(err),
+        // Cut off part-way (a server refusing a large upload stops reading it at some point).
+        Err(err) if pb.position() > 0 => {
+            return Err(err.context(format!(
+                "the server closed the connection after {} of {size} bytes of the upload; it \
+                 may have refused the snapshot (too large for its limit, or out of disk space), \
+                 its log says why",
+                pb.position()
+            )))
+        }
+        Err(err) => return Err(err),
+    }
     pb.finish_and_clear();
     Ok(())
 }
