@@ -58,17 +58,24 @@ struct IdleConnection {
     since: Instant,
 }
 
+/// What keeps a client connection's slot taken (its `max_connections` permit, its I/O
+/// thread's load count): held by the connection and by any upgraded connection spliced from
+/// it, so that a WebSocket counts against the limit until it closes.
+pub(crate) type Slot = Arc<dyn std::any::Any + Send + Sync>;
+
 /// What one client connection keeps between its requests.
 pub(crate) struct Local {
     /// The response-header deadline, re-armed per request instead of made anew (a new one
     /// costs two allocations and a registration with the ticker).
     sleep: Mutex<Option<CoarseSleep>>,
+    slot: Slot,
 }
 
 impl Local {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(slot: Slot) -> Self {
         Self {
             sleep: Mutex::new(None),
+            slot,
         }
     }
 }
@@ -348,6 +355,7 @@ pub(crate) async fn forward(
             client_upgrade,
             upstream_upgrade,
             guard.upgraded(),
+            Arc::clone(&local.slot),
         );
         let (mut parts, _empty) = response.into_parts();
         let protocol = parts.headers.get(UPGRADE).cloned();
@@ -373,10 +381,11 @@ fn splice(
     client_upgrade: hyper::upgrade::OnUpgrade,
     upstream_upgrade: hyper::upgrade::OnUpgrade,
     guard: InFlightGuard,
+    slot: Slot,
 ) {
     tokio::spawn(async move {
-        // Counted as in flight until either side closes.
-        let _guard = guard;
+        // Counted as in flight, and as a client connection, until either side closes.
+        let (_guard, _slot) = (guard, slot);
         match tokio::try_join!(client_upgrade, upstream_upgrade) {
             Ok((client, upstream)) => {
                 let mut client = TokioIo::new(client);

@@ -23,7 +23,7 @@ use crate::body::{BoxError, RouterBody};
 use crate::config::RouterConfig;
 use crate::error_page::{error_response, error_response_with, wants_json, ErrorCode};
 use crate::host::request_host;
-use crate::proxy::Local;
+use crate::proxy::{Local, Slot};
 use crate::table::{Route, Router};
 use crate::timer::{self, CoarseTimer};
 use crate::{idle, proxy, static_files};
@@ -74,7 +74,7 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: impl Fu
                 runtime.block_on(serve_on(
                     Connections::Handed(handoff_rx),
                     config,
-                    move |peer, watch| app_service(&router, peer, watch),
+                    move |peer, watch, slot| app_service(&router, peer, watch, slot),
                     std::future::pending(),
                 ));
                 drop(done_tx);
@@ -107,7 +107,7 @@ async fn serve_here(
     shutdown: impl Future<Output = ()>,
 ) {
     let config = router.config().clone();
-    let make = move |peer, watch| app_service(&router, peer, watch);
+    let make = move |peer, watch, slot| app_service(&router, peer, watch, slot);
     serve_on(
         Connections::Listener(listener, permits),
         config,
@@ -225,14 +225,15 @@ enum Connections {
 
 /// Serves the connections of one runtime: the app listener with [`app_service`], or any
 /// service ([`serve_service`]). `make` builds the service of one connection; it is handed the
-/// connection's [`idle::Watch`] and must count each request on it.
+/// connection's [`idle::Watch`], on which it must count each request, and its [`Slot`], which
+/// it must keep (and hand to anything outliving the connection that should count as it).
 async fn serve_on<M, S, B>(
     mut connections: Connections,
     config: RouterConfig,
     make: M,
     shutdown: impl Future<Output = ()>,
 ) where
-    M: Fn(SocketAddr, Arc<idle::Watch>) -> S,
+    M: Fn(SocketAddr, Arc<idle::Watch>, Slot) -> S,
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
@@ -301,13 +302,13 @@ async fn serve_on<M, S, B>(
             }
         };
         let watch = sweeper.watch();
-        let service = make(peer, Arc::clone(&watch));
+        let service = make(peer, Arc::clone(&watch), Arc::new((permit, load)));
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
         let open = open.subscribe();
         tokio::spawn(async move {
-            let (_permit, _load, _open) = (permit, load, open);
+            let _open = open;
             let graceful = |c: Pin<&mut _>| auto::UpgradeableConnection::graceful_shutdown(c);
             if let Err(err) = idle::drive(connection, graceful, &watch).await {
                 debug!(%peer, error = %err, "connection ended with an error");
@@ -332,6 +333,7 @@ fn app_service(
     router: &Arc<Router>,
     peer: SocketAddr,
     watch: Arc<idle::Watch>,
+    slot: Slot,
 ) -> impl Service<
     Request<Incoming>,
     Response = Response<RouterBody>,
@@ -342,7 +344,7 @@ fn app_service(
         router: Arc::clone(router),
         // Formatted once per connection, not per request.
         client_ip: client_ip_header(peer),
-        local: Local::new(),
+        local: Local::new(slot),
         watch,
     });
     service_fn(move |req: Request<Incoming>| {
@@ -374,9 +376,10 @@ pub async fn serve_service<S, B>(
     B::Error: Into<BoxError>,
 {
     let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
-    let make = move |_peer: SocketAddr, watch: Arc<idle::Watch>| Counted {
+    let make = move |_peer: SocketAddr, watch: Arc<idle::Watch>, slot: Slot| Counted {
         inner: service.clone(),
         watch,
+        _slot: slot,
     };
     serve_on(
         Connections::Listener(listener, permits),
@@ -387,10 +390,13 @@ pub async fn serve_service<S, B>(
     .await;
 }
 
-/// A service that counts its requests on its connection's [`idle::Watch`].
+/// A service that counts its requests on its connection's [`idle::Watch`] and keeps its
+/// connection's [`Slot`]. (Upgrades the service makes itself, such as axum's WebSockets, do
+/// not keep the slot.)
 struct Counted<S> {
     inner: S,
     watch: Arc<idle::Watch>,
+    _slot: Slot,
 }
 
 impl<S: Service<Request<Incoming>>> Service<Request<Incoming>> for Counted<S> {

@@ -187,3 +187,45 @@ async fn an_open_upgraded_connection_does_not_keep_a_replaced_routes_pool() {
     .await;
     app_task.abort();
 }
+
+/// An upgraded connection keeps its connection slot until it closes: otherwise a client could
+/// open WebSockets without end, past `max_connections`, and run the server out of sockets.
+#[tokio::test]
+async fn upgraded_connections_count_against_the_connection_limit() {
+    let router = TestRouter::start(slipway_router::RouterConfig {
+        max_connections: 2,
+        io_threads: 1,
+        ..slipway_router::RouterConfig::default()
+    })
+    .await;
+    let (app, app_task) = echo_server().await;
+    router.set("ws.test", Route::Upstream(Arc::new(Loopback(app))));
+    let plain = crate::util::TestUpstream::named("plain").await;
+    router.set("plain.test", plain.route());
+    let mut sockets = Vec::new();
+    for _ in 0..2 {
+        let stream = TcpStream::connect(router.addr).await.unwrap();
+        let (ws, response) = tokio_tungstenite::client_async("ws://ws.test/socket", stream)
+            .await
+            .expect("websocket handshake through the router");
+        assert_eq!(response.status(), 101);
+        sockets.push(ws);
+    }
+
+    // A third client waits in the listen backlog while both sockets are open...
+    let client = crate::util::Client::new(router.addr);
+    let mut third = tokio::spawn(async move { client.get("plain.test", "/").await });
+    let early = tokio::time::timeout(std::time::Duration::from_millis(500), &mut third).await;
+    assert!(early.is_err(), "served past the connection limit");
+
+    // ...and is served once one of them closes.
+    let mut first = sockets.remove(0);
+    first.close(None).await.unwrap();
+    drop(first);
+    let reply = tokio::time::timeout(crate::util::DEADLINE, third)
+        .await
+        .expect("served once a slot is free")
+        .unwrap();
+    assert_eq!(reply.text(), "plain");
+    app_task.abort();
+}
