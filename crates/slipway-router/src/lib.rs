@@ -58,6 +58,6 @@ mod timer;
 pub use body::{BoxError, RouterBody};
 pub use config::RouterConfig;
 pub use error_page::{ErrorCode, ERROR_HEADER};
-pub use server::{serve, serve_service};
+pub use server::{serve, serve_service, ConnectionSlot};
 pub use static_files::{CacheBudget, StaticSite, StaticSiteError};
 pub use table::{Drain, Route, RouteError, Router, Unavailable, UnavailableKind, Upstream};

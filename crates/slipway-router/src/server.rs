@@ -379,7 +379,7 @@ pub async fn serve_service<S, B>(
     let make = move |_peer: SocketAddr, watch: Arc<idle::Watch>, slot: Slot| Counted {
         inner: service.clone(),
         watch,
-        _slot: slot,
+        slot,
     };
     serve_on(
         Connections::Listener(listener, permits),
@@ -390,13 +390,12 @@ pub async fn serve_service<S, B>(
     .await;
 }
 
-/// A service that counts its requests on its connection's [`idle::Watch`] and keeps its
-/// connection's [`Slot`]. (Upgrades the service makes itself, such as axum's WebSockets, do
-/// not keep the slot.)
+/// A service that counts its requests on its connection's [`idle::Watch`], keeps its
+/// connection's [`Slot`] and hands it to each request as a [`ConnectionSlot`] extension.
 struct Counted<S> {
     inner: S,
     watch: Arc<idle::Watch>,
-    _slot: Slot,
+    slot: Slot,
 }
 
 impl<S: Service<Request<Incoming>>> Service<Request<Incoming>> for Counted<S> {
@@ -404,9 +403,26 @@ impl<S: Service<Request<Incoming>>> Service<Request<Incoming>> for Counted<S> {
     type Error = S::Error;
     type Future = S::Future;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         self.watch.request_started();
+        req.extensions_mut().insert(ConnectionSlot {
+            _held: Arc::clone(&self.slot),
+        });
         self.inner.call(req)
+    }
+}
+
+/// A request extension of [`serve_service`]: the connection's place under `max_connections`.
+/// A handler that upgrades the connection (a WebSocket) keeps a clone for as long as the
+/// upgraded connection lives, so that it keeps counting against the limit.
+#[derive(Clone)]
+pub struct ConnectionSlot {
+    _held: Slot,
+}
+
+impl std::fmt::Debug for ConnectionSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConnectionSlot")
     }
 }
 

@@ -136,6 +136,10 @@ pub struct ServeArgs {
     /// Most files a snapshot may hold [default: 100000].
     #[arg(long, env = "SLIPWAY_MAX_SNAPSHOT_FILES", value_name = "N")]
     pub max_snapshot_files: Option<u64>,
+    /// Client connections each listener (API, app traffic) serves at once, WebSockets
+    /// included; more wait in the listen backlog [default: 10000].
+    #[arg(long, env = "SLIPWAY_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
 }
 
 /// The config file. Unknown keys are refused so that a typo is not silently ignored.
@@ -159,6 +163,7 @@ pub struct FileConfig {
     pub static_cache_mib: Option<u64>,
     pub max_snapshot_mib: Option<u64>,
     pub max_snapshot_files: Option<u64>,
+    pub max_connections: Option<usize>,
 }
 
 impl FileConfig {
@@ -202,12 +207,16 @@ pub struct ServeConfig {
     /// The snapshot guards: compressed bytes and files.
     pub max_snapshot_bytes: u64,
     pub max_snapshot_files: u64,
+    /// Client connections each listener serves at once.
+    pub max_connections: usize,
 }
 
 /// The most `--static-cache-mib` accepts: 64 GiB.
 const MAX_STATIC_CACHE_MIB: u64 = 64 * 1024;
 /// The most `--max-snapshot-mib` accepts: 64 GiB.
 const MAX_SNAPSHOT_MIB: u64 = 64 * 1024;
+/// The most `--max-connections` accepts.
+const MAX_CONNECTIONS: usize = 1_000_000;
 
 /// `HOST=IP`: a host name as a spec would name it (no port) and an IP address.
 fn parse_egress_pin(raw: &str) -> anyhow::Result<(String, std::net::IpAddr)> {
@@ -323,6 +332,15 @@ impl ServeConfig {
         if max_snapshot_files == 0 {
             bail!("the snapshot file limit must be at least 1, got 0");
         }
+        let max_connections = args
+            .max_connections
+            .or(file.max_connections)
+            .unwrap_or(10_000);
+        if !(1..=MAX_CONNECTIONS).contains(&max_connections) {
+            bail!(
+                "the connection limit must be between 1 and {MAX_CONNECTIONS}, got {max_connections}"
+            );
+        }
         let egress_pins = if args.egress_pin.is_empty() {
             file.egress_pin.unwrap_or_default()
         } else {
@@ -338,6 +356,7 @@ impl ServeConfig {
             static_cache_bytes: static_cache_mib << 20,
             max_snapshot_bytes: max_snapshot_mib << 20,
             max_snapshot_files,
+            max_connections,
             trust_policy,
             config_file: args.config,
             data_dir,
@@ -429,7 +448,10 @@ pub async fn build_server(config: ServeConfig) -> anyhow::Result<Server> {
     let mut api_config = ApiConfig::new(config.agent_root.clone());
     api_config.spec_policy.allowed_roots = config.allowed_roots.clone();
     api_config.base_domain = config.base_domain.clone();
-    let router = Arc::new(Router::new(RouterConfig::default()));
+    let router = Arc::new(Router::new(RouterConfig {
+        max_connections: config.max_connections,
+        ..RouterConfig::default()
+    }));
 
     let api_listener = TcpListener::bind(&config.api_addr)
         .await
@@ -515,7 +537,10 @@ impl Server {
             // timeouts), which `axum::serve` does not have: API clients are untrusted too.
             slipway_router::serve_service(
                 self.api_listener,
-                RouterConfig::default(),
+                RouterConfig {
+                    max_connections: self.config.max_connections,
+                    ..RouterConfig::default()
+                },
                 hyper_util::service::TowerToHyperService::new(api),
                 api_shutdown.clone().cancelled_owned(),
             )
@@ -721,6 +746,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         static_cache_mib = config.static_cache_bytes >> 20,
         max_snapshot_mib = config.max_snapshot_bytes >> 20,
         max_snapshot_files = config.max_snapshot_files,
+        max_connections = config.max_connections,
         "configuration"
     );
     slipway_router::CacheBudget::global().set_limit(config.static_cache_bytes);

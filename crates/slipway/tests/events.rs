@@ -634,3 +634,36 @@ fn events_cli_prints_json_lines() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// An open event stream holds one of the API listener's connections until it closes (a client
+/// cannot open sockets past `--max-connections`); once it closes, a waiting client is served.
+#[test]
+fn event_websockets_count_against_the_connection_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        crate::util::Server::start(&dir.path().join("data"), &["--max-connections", "2"], &[]);
+    let env = Env { dir, server };
+    let (_, token) = env.agent("watcher");
+    let mut first = Ws::connect(&env, &token, "").expect("first event stream");
+    let _second = Ws::connect(&env, &token, "").expect("second event stream");
+
+    // A third client waits in the listen backlog while both streams are open...
+    let health = format!("{}/api/health", env.server.api);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(http().get(&health).call().map(|r| r.status().as_u16()));
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(700)).is_err(),
+        "served past the connection limit"
+    );
+    // ...and is served once one of them closes.
+    first.0.close(None).unwrap();
+    while first.0.read().is_ok() {}
+    drop(first);
+    let status = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("served once a slot is free")
+        .expect("an answer");
+    assert_eq!(status, 200);
+}

@@ -353,6 +353,7 @@ fn bad_configuration_is_refused_with_a_message() {
         ("--max-snapshot-mib", "0", "between 1 and"),
         ("--max-snapshot-mib", "70000", "between 1 and"),
         ("--max-snapshot-files", "0", "at least 1"),
+        ("--max-connections", "0", "between 1 and"),
     ] {
         let out = slipway_command()
             .args([

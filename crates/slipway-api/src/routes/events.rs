@@ -117,6 +117,7 @@ pub async fn events(
     caller: Caller,
     ApiQuery(q): ApiQuery<EventsQuery>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    slot: Option<axum::Extension<slipway_router::ConnectionSlot>>,
 ) -> Result<Response, ApiError> {
     let filter = Filter::new(&caller, q)?;
     let engine = state.engine.as_ref().ok_or_else(|| {
@@ -135,7 +136,11 @@ pub async fn events(
         )
     })?;
     let sub = engine.events().subscribe();
-    Ok(upgrade.on_upgrade(move |socket| pump(socket, sub, filter)))
+    // The socket counts against the listener's connection limit until it closes.
+    Ok(upgrade.on_upgrade(move |socket| async move {
+        let _slot = slot;
+        pump(socket, sub, filter).await;
+    }))
 }
 
 async fn pump(socket: WebSocket, mut sub: Subscription, filter: Filter) {
