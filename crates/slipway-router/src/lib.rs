@@ -33,6 +33,8 @@
 //! dropped both ways; `X-Forwarded-For` gets the client address appended, `X-Forwarded-Proto`
 //! (`http`) and `X-Forwarded-Host` are set by the router alone; the client's `Host` is passed
 //! on unchanged. `Upgrade` requests (WebSocket) are proxied and the two connections spliced.
+//! An app's `Set-Cookie` whose `Domain` names anything but its own host (say the base domain,
+//! which browsers would send to every other app) is dropped.
 //!
 //! Static sites ([`StaticSite`]): strong `ETag` from file identity and change times,
 //! `Last-Modified`, conditional requests, single byte ranges, precompressed `.br`/`.gz`

@@ -10,7 +10,8 @@ use futures_util::future::BoxFuture;
 use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{
-    HeaderName, HeaderValue, CONNECTION, EXPECT, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    HeaderName, HeaderValue, CONNECTION, EXPECT, HOST, SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING,
+    UPGRADE,
 };
 use hyper::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
@@ -344,6 +345,9 @@ pub(crate) async fn forward(
         Ok(Ok(exchange)) => exchange,
     };
 
+    if let Some(entry) = guard.entry() {
+        scope_cookies(response.headers_mut(), &entry.host, &pool.inner.name);
+    }
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
             warn!(upstream = %pool.inner.name, "upstream switched protocols without being asked");
@@ -372,6 +376,63 @@ pub(crate) async fn forward(
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, RouterBody::proxied(body, checkin, guard))
+}
+
+/// Drops each `Set-Cookie` whose `Domain` attribute names anything but the app's own host.
+///
+/// Every app is served on a host of its own under one base domain (`<run>.preview.<base>`,
+/// `<slug>.<base>`). A cookie an app sets with `Domain=<base>` (or any other parent) would be
+/// sent by browsers to every other app, and to the platform, letting one tenant plant or shadow
+/// another's cookies (the reason hosting platforms list their app domains as public
+/// suffixes). A cookie without `Domain`, or with the app's own host, stays with that host.
+fn scope_cookies(headers: &mut HeaderMap, host: &str, upstream: &str) {
+    if !headers.contains_key(SET_COOKIE) {
+        return;
+    }
+    if headers
+        .get_all(SET_COOKIE)
+        .iter()
+        .all(|v| cookie_stays_on(v.as_bytes(), host))
+    {
+        return;
+    }
+    let cookies: Vec<HeaderValue> = headers.get_all(SET_COOKIE).iter().cloned().collect();
+    headers.remove(SET_COOKIE);
+    for cookie in cookies {
+        if cookie_stays_on(cookie.as_bytes(), host) {
+            headers.append(SET_COOKIE, cookie);
+        } else {
+            let name = cookie
+                .as_bytes()
+                .split(|&b| b == b'=')
+                .next()
+                .unwrap_or_default();
+            warn!(
+                upstream,
+                host,
+                cookie = %String::from_utf8_lossy(name),
+                "dropped a Set-Cookie whose Domain reaches beyond the app's host"
+            );
+        }
+    }
+}
+
+/// Whether every `Domain` attribute of a `Set-Cookie` value (RFC 6265 §5.2.3: a leading dot is
+/// ignored, an empty value means no attribute) names exactly `host`.
+fn cookie_stays_on(value: &[u8], host: &str) -> bool {
+    value.split(|&b| b == b';').skip(1).all(|attribute| {
+        let attribute = attribute.trim_ascii();
+        let Some(eq) = attribute.iter().position(|&b| b == b'=') else {
+            return true;
+        };
+        let (name, domain) = (attribute[..eq].trim_ascii(), &attribute[eq + 1..]);
+        if !name.eq_ignore_ascii_case(b"domain") {
+            return true;
+        }
+        let domain = domain.trim_ascii();
+        let domain = domain.strip_prefix(b".").unwrap_or(domain);
+        domain.is_empty() || domain.eq_ignore_ascii_case(host.as_bytes())
+    })
 }
 
 /// Splices an upgraded client connection to its upgraded upstream connection, in a task of
@@ -584,6 +645,31 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cookie_may_name_only_its_own_host_as_domain() {
+        let host = "run-1.preview.example.com";
+        for kept in [
+            "a=1",
+            "a=1; Path=/; HttpOnly",
+            "a=1; Domain=run-1.preview.example.com",
+            "a=1; domain=.RUN-1.preview.example.com; Secure",
+            "a=1; Domain=",
+            "a=domain=example.com",
+        ] {
+            assert!(cookie_stays_on(kept.as_bytes(), host), "{kept}");
+        }
+        for dropped in [
+            "a=1; Domain=preview.example.com",
+            "a=1; Domain=.example.com",
+            "a=1; Path=/; DOMAIN = example.com",
+            "a=1; Domain=com",
+            "a=1; Domain=run-1.preview.example.com; Domain=example.com",
+            "a=1; Domain=evil.com",
+        ] {
+            assert!(!cookie_stays_on(dropped.as_bytes(), host), "{dropped}");
+        }
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named_headers() {

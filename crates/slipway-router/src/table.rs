@@ -294,6 +294,8 @@ impl fmt::Debug for Drain {
 
 /// One row of the table: the route plus the state that lives exactly as long as it.
 pub(crate) struct RouteEntry {
+    /// The (normalised) host the entry is the route of.
+    pub(crate) host: String,
     pub(crate) route: Route,
     /// Keep-alive connections to the upstream; `None` for non-upstream routes.
     pub(crate) pool: Option<UpstreamPool>,
@@ -344,7 +346,7 @@ impl Router {
             }
         }
         let mut next: Table = (**current).clone();
-        let old = next.insert(key.clone(), Arc::new(self.entry(route)));
+        let old = next.insert(key.clone(), Arc::new(self.entry(&key, route)));
         self.table.store(Arc::new(next));
         Ok(old.map(|old| retire(key, &old)))
     }
@@ -379,7 +381,7 @@ impl Router {
         for (key, route) in routes {
             let entry = match current.get(&key) {
                 Some(old) if old.route.same_as(&route) => Arc::clone(old),
-                _ => Arc::new(self.entry(route)),
+                _ => Arc::new(self.entry(&key, route)),
             };
             next.insert(key, entry);
         }
@@ -442,7 +444,7 @@ impl Router {
         self.lookup(key).map(InFlightGuard::enter)
     }
 
-    fn entry(&self, route: Route) -> RouteEntry {
+    fn entry(&self, host: &str, route: Route) -> RouteEntry {
         let pool = match &route {
             Route::Upstream(upstream) => {
                 Some(UpstreamPool::new(Arc::clone(upstream), &self.config))
@@ -450,6 +452,7 @@ impl Router {
             _ => None,
         };
         RouteEntry {
+            host: host.to_owned(),
             route,
             pool,
             in_flight: InFlight::new(),

@@ -551,3 +551,36 @@ async fn http2_prior_knowledge_clients_are_proxied() {
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, "over h2");
 }
+
+/// An app cannot set a cookie for the base domain, which browsers would send to every other
+/// app: `Set-Cookie` headers whose `Domain` is not the app's own host are dropped, the others
+/// pass unchanged.
+#[tokio::test]
+async fn cookies_scoped_beyond_the_apps_host_are_dropped() {
+    let router = TestRouter::start_default().await;
+    let upstream = TestUpstream::start(|_req| async {
+        let mut response = Response::new(full("ok"));
+        for cookie in [
+            "own=1; Path=/",
+            "shared=2; Domain=.test; Path=/",
+            "exact=3; Domain=App.Test",
+            "parent=4; Path=/; domain=test",
+        ] {
+            response
+                .headers_mut()
+                .append("set-cookie", cookie.parse().unwrap());
+        }
+        response
+    })
+    .await;
+    router.set("app.test", upstream.route());
+    let reply = Client::new(router.addr).get("app.test", "/").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let cookies: Vec<&str> = reply
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(cookies, ["own=1; Path=/", "exact=3; Domain=App.Test"]);
+}
