@@ -101,7 +101,7 @@ pub(crate) async fn resolve(
                 tokio::task::spawn_blocking(move || artifacts.capture_dir(&agent, &dir, &options))
                     .await
                     .expect("capture task panicked")
-                    .map_err(|e| SnapshotError::Capture(e.to_string()))?;
+                    .map_err(|e| SnapshotError::Capture(agent_facing(&e)))?;
             crate::trust::sign(
                 engine,
                 crate::trust::ArtifactKind::Snapshot,
@@ -133,6 +133,20 @@ pub(crate) async fn resolve(
             inner.events.publish(Event::SnapshotCreated(record.clone()));
             Ok(record)
         }
+    }
+}
+
+/// A capture error as the agent reads it in its run: the guards name paths inside its own
+/// tree, but a failure to store the archive would name the server's data directory, so only
+/// its OS reason is kept (the whole error goes to the log).
+fn agent_facing(err: &slipway_artifacts::CaptureError) -> String {
+    use slipway_artifacts::{CaptureError, StoreError};
+    match err {
+        CaptureError::Write { source, .. } | CaptureError::Store(StoreError::Io { source, .. }) => {
+            tracing::warn!(error = %err, "storing a captured snapshot failed");
+            format!("the server could not store the snapshot: {source}")
+        }
+        other => other.to_string(),
     }
 }
 

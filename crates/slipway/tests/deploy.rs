@@ -134,21 +134,7 @@ fn upload_and_host_capture_give_the_same_content_hash() {
     assert_eq!(uploaded["contentHash"], local_hash.as_str());
 
     // The host path: the server captures sourceDir through the agent-root mapping.
-    env.run(&[
-        "--token",
-        &token,
-        "spec",
-        "set",
-        "--name",
-        "app",
-        "--source-dir",
-        "/config/miniapps/app",
-        "--build",
-        "true",
-        "--start",
-        "python3 -m http.server $PORT --bind 127.0.0.1",
-    ])
-    .ok();
+    env.set_host_spec(&token);
     let run = env
         .run(&[
             "--token",
@@ -336,6 +322,49 @@ fn pids_running(needle: &str) -> Vec<i32> {
     out
 }
 
+/// The host path into a full disk: the run fails in its capturing phase with the OS reason,
+/// and neither the run's error nor its log shows the server's data directory.
+#[test]
+fn a_host_capture_into_a_full_disk_fails_the_run_without_showing_server_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_disk) = SmallDisk::mount(&dir.path().join("disk"), "8m") else {
+        return;
+    };
+    let agents_root = dir.path().join("agents");
+    let template = format!("{}/{{agentId}}", agents_root.display());
+    let data = dir.path().join("disk/data");
+    let server = Server::start(&data, &["--agent-root", &template], &[]);
+    let env = EnvWith::new(&dir, &server);
+    let (agent, token) = env.agent("filler");
+    let host_dir = agents_root.join(&agent).join("config/miniapps/app");
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::write(host_dir.join("blob.bin"), noise(12 << 20)).unwrap();
+    env.set_host_spec(&token);
+    let out = env.run(&["--token", &token, "--json", "deploy", "--server-source"]);
+    assert_ne!(out.code, 0, "{out:?}");
+    let run: serde_json::Value = serde_json::from_str(&out.stdout).expect("the run as JSON");
+    assert_eq!(run["status"], "failed", "{run}");
+    let error = run["error"].as_str().unwrap();
+    assert!(
+        error.contains("could not store the snapshot") && error.contains("No space left"),
+        "{error}"
+    );
+    let logs = env.run(&["--token", &token, "logs", run["id"].as_str().unwrap()]);
+    assert!(logs.stdout.contains("> capturing source..."), "{logs:?}");
+    for shown in [error, logs.stdout.as_str()] {
+        assert!(
+            !shown.contains(data.to_str().unwrap()),
+            "server path shown: {shown}"
+        );
+    }
+    let leftovers: Vec<_> = walk(&data.join("artifacts"))
+        .into_iter()
+        .filter(|p| p.is_file())
+        .collect();
+    assert!(leftovers.is_empty(), "partial files left: {leftovers:?}");
+    server.stop();
+}
+
 /// Like [`Env`], over a server the test controls.
 struct EnvWith {
     dir: std::path::PathBuf,
@@ -356,6 +385,25 @@ impl EnvWith {
         let mut all = vec!["--server", self.api.as_str()];
         all.extend_from_slice(args);
         run_in(&self.dir, &self.dir.join("config"), &all, &[])
+    }
+
+    /// A static-site spec whose `sourceDir` is `/config/miniapps/app` (the host path).
+    fn set_host_spec(&self, token: &str) {
+        self.run(&[
+            "--token",
+            token,
+            "spec",
+            "set",
+            "--name",
+            "app",
+            "--source-dir",
+            "/config/miniapps/app",
+            "--build",
+            "true",
+            "--start",
+            "python3 -m http.server $PORT --bind 127.0.0.1",
+        ])
+        .ok();
     }
 
     fn agent(&self, name: &str) -> (String, String) {

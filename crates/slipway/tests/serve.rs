@@ -4,7 +4,7 @@ use std::os::unix::fs::PermissionsExt;
 
 use nix::sys::signal::Signal;
 
-use crate::util::{mode, run_in, slipway_command, Server};
+use crate::util::{mode, noise, run_in, slipway_command, walk, Server, SmallDisk};
 
 #[test]
 fn first_start_creates_a_private_data_dir_and_admin_token() {
@@ -441,46 +441,6 @@ fn unreferenced_old_artifacts_are_collected_on_a_schedule() {
     server.stop();
 }
 
-/// A tmpfs of `size` mounted at a new directory for the life of the value (needs root).
-struct SmallDisk(std::path::PathBuf);
-
-impl SmallDisk {
-    /// `None` (skipped loudly; a failure under `CI`) without root.
-    fn mount(at: &std::path::Path, size: &str) -> Option<Self> {
-        if !nix::unistd::geteuid().is_root() {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI must run the full-disk test as root"
-            );
-            eprintln!("SKIPPED (needs root to mount a small tmpfs)");
-            return None;
-        }
-        std::fs::create_dir_all(at).unwrap();
-        let status = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(at)
-            .status()
-            .expect("run mount");
-        assert!(status.success(), "mount a tmpfs at {}", at.display());
-        Some(Self(at.to_path_buf()))
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// A server whose disk fills up during an upload answers 507 `insufficient_storage` with a
 /// sentence the user can act on (and no path of the server's), keeps no partial file (the space
 /// is given back: a small upload right after succeeds) and keeps serving.
@@ -529,19 +489,6 @@ fn an_upload_that_fills_the_disk_is_refused_with_507_and_leaves_nothing_behind()
     let stored = cli(&["--token", &token, "snapshot", small.to_str().unwrap()]);
     assert_eq!(stored.code, 0, "the space was given back: {stored:?}");
     server.stop();
-}
-
-/// Every path under `dir` (none when it does not exist).
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            found.extend(walk(&path));
-        }
-        found.push(path);
-    }
-    found
 }
 
 /// An upload over the server's size limit is refused as soon as it crosses it, and the answer
@@ -601,19 +548,6 @@ fn an_upload_over_the_limit_is_answered_not_reset() {
     assert_ne!(refused.code, 0, "{refused:?}");
     assert!(refused.stderr.contains("1048576"), "{}", refused.stderr);
     server.stop();
-}
-
-/// Bytes zstd cannot shrink (xorshift64), the same on every run.
-fn noise(len: usize) -> Vec<u8> {
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// `slipway --server <server's API> <args>` from `cwd` with the login directory `config`.
