@@ -29,6 +29,15 @@ fn deploy_a_static_site_then_redeploy_without_reupload() {
         first.stderr
     );
     assert!(first.stderr.contains("uploaded"), "{}", first.stderr);
+    // No server of its own: the router serves the files, no process runs.
+    assert!(first.stderr.contains("kind static"), "{}", first.stderr);
+    assert!(
+        first
+            .stderr
+            .contains("> static site: serving ./ without a process"),
+        "{}",
+        first.stderr
+    );
     let url = first.stdout.trim().to_string();
     assert!(
         url.starts_with("http://run-") && url.contains(".preview.localhost:"),
@@ -448,7 +457,17 @@ fn a_server_stopped_with_sigterm_leaves_no_cgroup_behind() {
     let env = EnvWith::new(&dir, &server);
     let (_agent, token) = env.agent("tidy");
     let app = dir.path().join("site");
-    write(&app, &[("index.html", "tidy")]);
+    // A served site (a process in a sandbox), not a static one the router would serve.
+    write(
+        &app,
+        &[
+            ("index.html", "tidy"),
+            (
+                "slipway.toml",
+                "name = \"tidy\"\nbuild = \"true\"\nstart = \"python3 -m http.server $PORT --bind 127.0.0.1\"\n",
+            ),
+        ],
+    );
     let run = env
         .run(&["--token", &token, "--json", "deploy", app.to_str().unwrap()])
         .json();

@@ -171,17 +171,27 @@ fn ensure_spec(client: &Client, base: &str, dir: &Path, quiet: bool) -> anyhow::
                 dir.display()
             )
         })?;
-        let start = detection.start_command.clone().unwrap_or_else(|| {
-            // A static site with no server: serve the directory with Python's file server.
-            "python3 -m http.server $PORT --bind 127.0.0.1".to_string()
-        });
+        // A site with no server of its own is served by the router's file server, with no
+        // process (`kind: static`). The spec still needs a start command: Python's file server,
+        // used only if the kind is changed to `dynamic` later.
+        let serverless = detection.start_command.is_none();
+        let start = detection
+            .start_command
+            .clone()
+            .unwrap_or_else(|| "python3 -m http.server $PORT --bind 127.0.0.1".to_string());
         body["installCommand"] = json!(detection.install_command);
         body["buildCommand"] = json!(detection.build_command);
         body["startCommand"] = json!(start);
+        if serverless {
+            body["kind"] = json!("static");
+        }
         if !quiet {
             eprintln!("no spec yet: detected {}", detection.framework);
             for r in &detection.reasons {
                 eprintln!("  {r}");
+            }
+            if serverless {
+                eprintln!("  no server of its own → kind static: the router serves its files, no process runs");
             }
         }
     }
