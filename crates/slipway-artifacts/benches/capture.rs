@@ -103,10 +103,10 @@ fn main() {
         }
     }
     if !capture_rows.is_empty() {
-        println!("## Capture (cold: no stat cache; archive written to a new file and fsynced)\n");
-        println!("Wall time, median (min-max):\n");
-        println!("| tree | files | MB | reference `tar \\| zstd -1 -T0 \\| sha256sum` | slipway level 1 (default) | slipway level 3 | ratio level 1 | ratio level 3 | slipway level 1, output on tmpfs | slipway hash only |");
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("## Capture (cold: no stat cache; archive written to a new file)\n");
+        println!("Wall time, median (min-max). \"Store\" captures are flushed to disk (`fsync`) before they are published, as the server's artifact store does; the CLI's upload path writes a temporary archive it uploads and deletes, not flushed (`CaptureOptions::durable = false`). The reference pipeline writes no file.\n");
+        println!("| tree | files | MB | reference `tar \\| zstd -1 -T0 \\| sha256sum` | slipway level 1 (default), store | slipway level 3, store | ratio level 1, store | ratio level 3, store | slipway level 1, CLI upload path | ratio, CLI path | slipway hash only |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in &capture_rows {
             println!("{}", r.wall());
         }
@@ -192,10 +192,11 @@ struct CaptureRow {
     reference: Option<Stats>,
     l1: Stats,
     l3: Stats,
-    l1_tmpfs: Option<Stats>,
+    /// Level 1 as the CLI captures for an upload: a temporary archive, not flushed to disk.
+    l1_cli: Stats,
     hash_only: Stats,
-    /// Medians of the per-round ratios slipway / reference (level 1, level 3).
-    ratios: Option<(f64, f64)>,
+    /// Medians of the per-round ratios slipway / reference (level 1, level 3, CLI path).
+    ratios: Option<(f64, f64, f64)>,
     /// Archive sizes: reference, level 1, level 3.
     sizes: [u64; 3],
 }
@@ -203,20 +204,25 @@ struct CaptureRow {
 impl CaptureRow {
     fn wall(&self) -> String {
         let opt = |s: &Option<Stats>| s.as_ref().map_or("—".to_string(), |s| s.to_string());
-        let (r1, r3) = self
-            .ratios
-            .map_or(("—".to_string(), "—".to_string()), |(a, b)| {
-                (format!("**{a:.2}×**"), format!("{b:.2}×"))
-            });
+        let (r1, r3, rc) = self.ratios.map_or(
+            ("—".to_string(), "—".to_string(), "—".to_string()),
+            |(a, b, c)| {
+                (
+                    format!("**{a:.2}×**"),
+                    format!("{b:.2}×"),
+                    format!("**{c:.2}×**"),
+                )
+            },
+        );
         format!(
-            "| {} | {} | {:.1} | {} | {} | {} | {r1} | {r3} | {} | {} |",
+            "| {} | {} | {:.1} | {} | {} | {} | {r1} | {r3} | {} | {rc} | {} |",
             self.name,
             self.files,
             mb(self.bytes),
             opt(&self.reference),
             self.l1,
             self.l3,
-            opt(&self.l1_tmpfs),
+            self.l1_cli,
             self.hash_only,
         )
     }
@@ -281,9 +287,10 @@ fn measure_capture(
     base: &Path,
 ) -> CaptureRow {
     let sizes = std::cell::Cell::new([0u64; 3]);
-    let slipway = |level: i32, out: PathBuf, slot: Option<usize>| -> Variant<'_> {
+    let slipway = |level: i32, durable: bool, out: PathBuf, slot: Option<usize>| -> Variant<'_> {
         let o = CaptureOptions {
             zstd_level: level,
+            durable,
             ..CaptureOptions::default()
         };
         let sizes = &sizes;
@@ -322,24 +329,16 @@ fn measure_capture(
         "tar -cf - -C '{}' . | zstd -1 -T0 -q | sha256sum >/dev/null",
         dir.display()
     );
-    let shm = Path::new("/dev/shm");
-    let tmpfs = shm.is_dir();
     let mut variants: Vec<Variant<'_>> = vec![
-        slipway(1, base.join("bench-out.tar.zst"), Some(1)),
-        slipway(3, base.join("bench-out.tar.zst"), Some(2)),
+        slipway(1, true, base.join("bench-out.tar.zst"), Some(1)),
+        slipway(3, true, base.join("bench-out.tar.zst"), Some(2)),
+        slipway(1, false, base.join("bench-out.tar.zst"), None),
         Box::new(|| {
             let t = Instant::now();
             hash_tree(dir, &CaptureOptions::default()).expect("hash");
             t.elapsed()
         }),
     ];
-    if tmpfs {
-        variants.push(slipway(
-            1,
-            shm.join(format!("slipway-bench-{}.tar.zst", std::process::id())),
-            None,
-        ));
-    }
     if reference {
         variants.push(Box::new(|| {
             let t = Instant::now();
@@ -361,13 +360,13 @@ fn measure_capture(
                     .collect(),
             )
         };
-        let ratios = (paired(&wall[0]), paired(&wall[1]));
+        let ratios = (paired(&wall[0]), paired(&wall[1]), paired(&wall[2]));
         (stats.pop(), Some(ratios))
     } else {
         (None, None)
     };
-    let l1_tmpfs = if tmpfs { stats.pop() } else { None };
     let hash_only = stats.pop().unwrap();
+    let l1_cli = stats.pop().unwrap();
     let l3 = stats.pop().unwrap();
     let l1 = stats.pop().unwrap();
     CaptureRow {
@@ -377,7 +376,7 @@ fn measure_capture(
         reference,
         l1,
         l3,
-        l1_tmpfs,
+        l1_cli,
         hash_only,
         ratios,
         sizes: sizes.get(),

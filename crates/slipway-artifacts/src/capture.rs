@@ -126,8 +126,10 @@ pub fn capture_to_file(
         .suffix(".partial")
         .tempfile_in(&parent)
         .map_err(werr)?;
-    let written = write_archive(&scan, tmp.as_file(), opts, out)?;
-    tmp.as_file().sync_all().map_err(werr)?;
+    let written = write_archive(&scan, tmp.as_file(), opts, out, opts.durable)?;
+    if opts.durable {
+        tmp.as_file().sync_all().map_err(werr)?;
+    }
     if !rename_noreplace(tmp.path(), out).map_err(werr)? {
         return Err(CaptureError::OutputExists {
             path: out.to_path_buf(),
@@ -135,7 +137,9 @@ pub fn capture_to_file(
     }
     // The temp name is gone now; keep the guard from deleting whatever lands there later.
     let _ = tmp.into_temp_path().keep();
-    fsync_dir(&parent).map_err(werr)?;
+    if opts.durable {
+        fsync_dir(&parent).map_err(werr)?;
+    }
     save_cache(&scan, opts, &written.hashed);
     Ok(written.captured(out.to_path_buf(), false))
 }
@@ -447,15 +451,15 @@ impl Write for Sink<'_> {
     }
 }
 
-/// The output thread: writes the compressed chunks to `out`, starts their writeback every
-/// `WRITEBACK_CHUNK`, asks the sync thread for an early `fdatasync` every `SYNC_CHUNK` (see
-/// [`sync_early`]), and returns the chunks for reuse. Keeps draining after an error so the
-/// sink never blocks; the first error is returned.
+/// The output thread: writes the compressed chunks to `out` and returns them for reuse. With
+/// `sync` (a durable output), it also starts their writeback every `WRITEBACK_CHUNK` and asks
+/// the sync thread for an early `fdatasync` every `SYNC_CHUNK` (see [`sync_early`]). Keeps
+/// draining after an error so the sink never blocks; the first error is returned.
 fn write_out(
     out: &File,
     rx: Receiver<Vec<u8>>,
     spare: SyncSender<Vec<u8>>,
-    sync: SyncSender<()>,
+    sync: Option<SyncSender<()>>,
     failed: &AtomicBool,
 ) -> io::Result<()> {
     let mut result = Ok(());
@@ -466,15 +470,17 @@ fn write_out(
             match w.write_all(&chunk) {
                 Ok(()) => {
                     written += chunk.len() as u64;
-                    if written - written_back >= WRITEBACK_CHUNK {
-                        start_writeback(out, written_back, written - written_back);
-                        written_back = written;
-                    }
-                    if written - synced >= SYNC_CHUNK {
-                        // A request while one is running is dropped: the running one, or
-                        // the next, covers it.
-                        let _ = sync.try_send(());
-                        synced = written;
+                    if let Some(sync) = &sync {
+                        if written - written_back >= WRITEBACK_CHUNK {
+                            start_writeback(out, written_back, written - written_back);
+                            written_back = written;
+                        }
+                        if written - synced >= SYNC_CHUNK {
+                            // A request while one is running is dropped: the running one, or
+                            // the next, covers it.
+                            let _ = sync.try_send(());
+                            synced = written;
+                        }
                     }
                 }
                 Err(e) => {
@@ -797,12 +803,14 @@ impl Drop for StopReaders<'_, '_> {
 }
 
 /// Writes the deterministic archive of `scan` to `out` and hashes exactly the bytes archived.
-/// `shown` names the output in errors.
+/// `shown` names the output in errors. With `durable`, the output is written back and
+/// flushed as it grows (the caller's final `fsync` then has little left to wait for).
 pub(crate) fn write_archive(
     scan: &Scan,
     out: &File,
     opts: &CaptureOptions,
     shown: &Path,
+    durable: bool,
 ) -> Result<Written, CaptureError> {
     let over = AtomicBool::new(false);
     let failed = AtomicBool::new(false);
@@ -831,6 +839,7 @@ pub(crate) fn write_archive(
         let failed = &failed;
         let (sync_tx, sync_rx) = sync_channel::<()>(1);
         s.spawn(move || sync_early(out, sync_rx));
+        let sync_tx = durable.then_some(sync_tx);
         let output = s.spawn(move || write_out(out, out_rx, spare_tx, sync_tx, failed));
         let sink = Sink {
             tx: out_tx,

@@ -41,6 +41,12 @@ pub struct CaptureOptions {
     pub threads: usize,
     /// Where the stat cache lives; `None` disables it (every file is read).
     pub stat_cache_dir: Option<PathBuf>,
+    /// Whether [`capture_to_file`] makes its output durable: flushed to disk before the rename
+    /// that publishes it, and the directory after (default). A temporary archive that is
+    /// uploaded and then deleted (the CLI's) does not need it, and skipping it saves the wait
+    /// for the disk (about 50 ms for 100,000 small files here). The artifact store always
+    /// makes its archives durable, whatever this says.
+    pub durable: bool,
 }
 
 /// One GiB, seed 004's default bound on a compressed snapshot.
@@ -57,6 +63,7 @@ impl Default for CaptureOptions {
             zstd_level: 1,
             threads: 0,
             stat_cache_dir: None,
+            durable: true,
         }
     }
 }

@@ -187,7 +187,7 @@ impl LocalArtifactStore {
             .suffix(".partial")
             .tempfile_in(&agent_dir)
             .map_err(werr)?;
-        let written = write_archive(&scan, tmp.as_file(), opts, &agent_dir)?;
+        let written = write_archive(&scan, tmp.as_file(), opts, &agent_dir, true)?;
         tmp.as_file().sync_all().map_err(werr)?;
         let hash = written.hashed.content_hash.clone();
         let fresh = self.publish(agent, &hash, tmp.into_temp_path())?;

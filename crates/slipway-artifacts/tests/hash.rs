@@ -252,13 +252,19 @@ fn two_captures_of_the_same_tree_are_byte_identical() {
             std::os::unix::fs::chown(copy.join(p), Some(1000), Some(1000)).unwrap();
         }
     }
-    for threads in [1, 4] {
-        let out = dir.path().join(format!("copy-{threads}.tar.zst"));
-        let c = capture_to_file(&copy, &out, &CaptureOptions { threads, ..opts() }).unwrap();
+    // Not flushed to disk (the CLI's temporary archive): the same bytes too.
+    for (threads, durable) in [(1, true), (4, true), (2, false)] {
+        let out = dir.path().join(format!("copy-{threads}-{durable}.tar.zst"));
+        let o = CaptureOptions {
+            threads,
+            durable,
+            ..opts()
+        };
+        let c = capture_to_file(&copy, &out, &o).unwrap();
         assert_eq!(
             fs::read(&out).unwrap(),
             bytes_a,
-            "copy captured with {threads} worker(s)"
+            "copy captured with {threads} worker(s), durable: {durable}"
         );
         assert_eq!(c.content_hash, a.content_hash);
     }

@@ -209,6 +209,8 @@ fn capture_options() -> slipway_artifacts::CaptureOptions {
     };
     slipway_artifacts::CaptureOptions {
         stat_cache_dir: cache.map(|d| d.join("stat")),
+        // The archive is a temporary file, uploaded and deleted: no need to wait for the disk.
+        durable: false,
         ..slipway_artifacts::CaptureOptions::default()
     }
 }
