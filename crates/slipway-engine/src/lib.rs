@@ -101,6 +101,11 @@ pub struct EngineConfig {
     pub warm_time: Duration,
     /// How long a replaced production instance may take to finish its in-flight requests.
     pub drain_timeout: Duration,
+    /// Preview runs an agent keeps ready at once (0: no limit). When a new preview becomes
+    /// ready beyond it, the agent's oldest ready previews are stopped, except any run serving
+    /// production. Each ready preview may be a running app, so this bounds what one agent can
+    /// keep running on the server.
+    pub max_ready_previews: usize,
 }
 
 impl EngineConfig {
@@ -122,6 +127,7 @@ impl EngineConfig {
             toolchain_paths: Vec::new(),
             max_snapshot_files: 100_000,
             max_snapshot_bytes: 1 << 30,
+            max_ready_previews: 10,
             warm_time: Duration::from_secs(600),
             drain_timeout: Duration::from_secs(30),
         }

@@ -350,6 +350,7 @@ async fn drive(
         ))
         .await;
     }
+    make_room(engine, current, log).await;
     // The log first (flushed, with any held-back tail): a reader that sees `ready` finds the
     // whole pipeline log stored (the SSE log stream ends there).
     log.system(format!("> ready at {url}")).await;
@@ -362,6 +363,55 @@ async fn drive(
         .transition(current, DeploymentStatus::Ready, patch)
         .await?;
     Ok(())
+}
+
+/// Keeps the agent within [`crate::EngineConfig::max_ready_previews`]: before a preview run
+/// turns ready, stops the agent's oldest ready previews so that, with it, no more than the
+/// limit are ready. A run whose app serves production is never stopped here. Each stop is
+/// said in the new run's log.
+async fn make_room(engine: &Engine, current: &RunRecord, log: &RunLog) {
+    let limit = engine.inner.config.max_ready_previews;
+    if limit == 0 || current.target != DeploymentTarget::Preview {
+        return;
+    }
+    let store = engine.inner.store.clone();
+    let ready = match crate::blocking(move || store.runs_in_status(&[DeploymentStatus::Ready]))
+        .await
+    {
+        Ok(runs) => runs,
+        Err(e) => {
+            tracing::warn!(run = %current.id, error = %e, "cannot count the agent's ready previews");
+            return;
+        }
+    };
+    let mut previews: Vec<RunRecord> = ready
+        .into_iter()
+        .filter(|r| {
+            r.agent_id == current.agent_id
+                && r.id != current.id
+                && r.target == DeploymentTarget::Preview
+        })
+        .collect();
+    // Oldest first.
+    previews.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    let mut excess = (previews.len() + 1).saturating_sub(limit);
+    for old in previews {
+        if excess == 0 {
+            break;
+        }
+        if engine.run_serves_production(&old.agent_id, &old.id).await {
+            continue;
+        }
+        log.system(format!(
+            "> stopping {}: an agent keeps at most {limit} previews ready, the oldest stop first",
+            old.id
+        ))
+        .await;
+        if let Err(e) = engine.stop(&old.agent_id, &old.id).await {
+            tracing::warn!(run = %old.id, error = %e, "stopping an old preview failed");
+        }
+        excess -= 1;
+    }
 }
 
 /// A static release needs no process: the router serves its files. The build sandbox is
@@ -404,6 +454,7 @@ async fn finish_static(
         ))
         .await;
     }
+    make_room(engine, current, log).await;
     log.system(format!("> ready at {url}")).await;
     log.flush().await;
     let patch = RunPatch {

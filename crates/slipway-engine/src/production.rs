@@ -600,6 +600,15 @@ impl Engine {
 
     /// Hook of [`Engine::stop`]: a run that is stopped takes its instances with it. When it was
     /// serving production, the production host says so (and the route history records it).
+    /// Whether the run's own app serves a production version (promoted, or a production run).
+    pub(crate) async fn run_serves_production(&self, agent_id: &str, run_id: &str) -> bool {
+        let live_arc = self.inner.production.agent(agent_id);
+        let live = live_arc.lock().await;
+        live.instances
+            .values()
+            .any(|i| matches!(&i.owner, Owner::Run { run_id: r } if r == run_id))
+    }
+
     pub(crate) async fn production_run_stopping(&self, agent_id: &str, run_id: &str) {
         let live_arc = self.inner.production.agent(agent_id);
         let mut live = live_arc.lock().await;

@@ -140,6 +140,10 @@ pub struct ServeArgs {
     /// included; more wait in the listen backlog [default: 10000].
     #[arg(long, env = "SLIPWAY_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
+    /// Preview runs each agent keeps ready; a new one beyond it stops the agent's oldest
+    /// (never one serving production). 0: no limit [default: 10].
+    #[arg(long, env = "SLIPWAY_MAX_READY_PREVIEWS", value_name = "N")]
+    pub max_ready_previews: Option<usize>,
 }
 
 /// The config file. Unknown keys are refused so that a typo is not silently ignored.
@@ -164,6 +168,7 @@ pub struct FileConfig {
     pub max_snapshot_mib: Option<u64>,
     pub max_snapshot_files: Option<u64>,
     pub max_connections: Option<usize>,
+    pub max_ready_previews: Option<usize>,
 }
 
 impl FileConfig {
@@ -209,6 +214,8 @@ pub struct ServeConfig {
     pub max_snapshot_files: u64,
     /// Client connections each listener serves at once.
     pub max_connections: usize,
+    /// Preview runs each agent keeps ready (0: no limit).
+    pub max_ready_previews: usize,
 }
 
 /// The most `--static-cache-mib` accepts: 64 GiB.
@@ -357,6 +364,10 @@ impl ServeConfig {
             max_snapshot_bytes: max_snapshot_mib << 20,
             max_snapshot_files,
             max_connections,
+            max_ready_previews: args
+                .max_ready_previews
+                .or(file.max_ready_previews)
+                .unwrap_or(10),
             trust_policy,
             config_file: args.config,
             data_dir,
@@ -747,6 +758,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_snapshot_mib = config.max_snapshot_bytes >> 20,
         max_snapshot_files = config.max_snapshot_files,
         max_connections = config.max_connections,
+        max_ready_previews = config.max_ready_previews,
         "configuration"
     );
     slipway_router::CacheBudget::global().set_limit(config.static_cache_bytes);
@@ -838,6 +850,7 @@ fn build_engine(
     engine_config.warm_time = config.warm_time;
     engine_config.max_snapshot_bytes = config.max_snapshot_bytes;
     engine_config.max_snapshot_files = config.max_snapshot_files;
+    engine_config.max_ready_previews = config.max_ready_previews;
     let registry = slipway_sandbox::RegistryConfig::derive();
     engine_config.egress_allow = registry.egress_config(&config.egress_allow).allow_hosts;
     engine_config.egress_env = registry.sandbox_env();

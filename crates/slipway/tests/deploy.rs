@@ -374,6 +374,121 @@ fn a_host_capture_into_a_full_disk_fails_the_run_without_showing_server_paths() 
     server.stop();
 }
 
+/// An agent keeps at most `--max-ready-previews` previews ready: the one that goes past it
+/// stops the oldest, says so in its log, and the stopped one's URL answers 410.
+#[test]
+fn a_preview_past_the_limit_stops_the_agents_oldest() {
+    if !sandboxes_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--max-ready-previews", "2"],
+        &[],
+    );
+    let env = EnvWith::new(&dir, &server);
+    let (_, token) = env.agent("iterating");
+    let (_, other) = env.agent("neighbour");
+    let site = dir.path().join("site");
+    write(&site, &[("index.html", "v")]);
+    let deploy = |token: &str| {
+        let run = env
+            .run(&["--token", token, "--json", "deploy", site.to_str().unwrap()])
+            .json();
+        assert_eq!(run["status"], "ready", "{run}");
+        run["id"].as_str().unwrap().to_string()
+    };
+    let neighbours = deploy(&other);
+    let first = deploy(&token);
+    let second = deploy(&token);
+    let third = deploy(&token);
+
+    let status = |token: &str, id: &str| {
+        env.run(&["--token", token, "--json", "inspect", id]).json()["status"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(status(&token, &first), "stopped");
+    assert_eq!(status(&token, &second), "ready");
+    assert_eq!(status(&token, &third), "ready");
+    assert_eq!(
+        status(&other, &neighbours),
+        "ready",
+        "other agents are not counted"
+    );
+    let logs = env.run(&["--token", &token, "logs", &third]);
+    assert!(
+        logs.stdout.contains(&format!(
+            "> stopping {first}: an agent keeps at most 2 previews"
+        )),
+        "{}",
+        logs.stdout
+    );
+    let (code, _) = get(&server.app, &format!("{first}.preview.localhost"), "/");
+    assert_eq!(code, 410);
+    server.stop();
+}
+
+/// A preview whose app was promoted to production is not stopped to make room: the next
+/// oldest goes instead, and production keeps serving.
+#[test]
+fn a_preview_serving_production_is_not_stopped_to_make_room() {
+    if !sandboxes_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--max-ready-previews", "2", "--gate-action", "none"],
+        &[],
+    );
+    let env = EnvWith::new(&dir, &server);
+    let (_, token) = env.agent("promoter");
+    let app = dir.path().join("app");
+    write(
+        &app,
+        &[
+            ("index.html", "served"),
+            (
+                "slipway.toml",
+                "name = \"app\"\nbuild = \"true\"\nstart = \"python3 -m http.server $PORT --bind 127.0.0.1\"\n",
+            ),
+        ],
+    );
+    let deploy = || {
+        let run = env
+            .run(&["--token", &token, "--json", "deploy", app.to_str().unwrap()])
+            .json();
+        assert_eq!(run["status"], "ready", "{run}");
+        run["id"].as_str().unwrap().to_string()
+    };
+    let promoted = deploy();
+    let production_url = env
+        .run(&["--token", &token, "promote", &promoted])
+        .ok()
+        .trim()
+        .to_string();
+    let second = deploy();
+    let third = deploy();
+    let status = |id: &str| {
+        env.run(&["--token", &token, "--json", "inspect", id])
+            .json()["status"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(status(&promoted), "ready", "it serves production");
+    assert_eq!(status(&second), "stopped");
+    assert_eq!(status(&third), "ready");
+    assert_eq!(
+        get(&server.app, &host_of(&production_url), "/"),
+        (200, "served".to_string())
+    );
+    server.stop();
+}
+
 /// Like [`Env`], over a server the test controls.
 struct EnvWith {
     dir: std::path::PathBuf,
