@@ -489,6 +489,65 @@ fn a_preview_serving_production_is_not_stopped_to_make_room() {
     server.stop();
 }
 
+/// The agent's spec is what a deploy uses; when the directory says otherwise (its
+/// `slipway.toml`, or the shape of its files), the CLI says so instead of staying silent.
+#[test]
+fn deploying_a_directory_the_spec_does_not_fit_says_so() {
+    if !sandboxes_available() {
+        return;
+    }
+    let env = Env::new();
+    let (_, token) = env.agent("mixed");
+    let site = env.dir.path().join("site");
+    write(&site, &[("index.html", "site")]);
+    // The stderr of a deploy, whether the run succeeds or not.
+    let deploy = |dir: &std::path::Path| {
+        env.run(&["--token", &token, "deploy", dir.to_str().unwrap()])
+            .stderr
+    };
+    assert!(
+        !deploy(&site).contains("note:"),
+        "the spec was made from it"
+    );
+    assert!(
+        !deploy(&site).contains("note:"),
+        "the same directory fits its spec"
+    );
+
+    let node = env.dir.path().join("node");
+    write(
+        &node,
+        &[
+            (
+                "package.json",
+                r#"{"name":"n","scripts":{"start":"node server.js"}}"#,
+            ),
+            ("server.js", "// unused"),
+        ],
+    );
+    // Deployed with the static site's spec, it fails, as the note warned.
+    let said = deploy(&node);
+    assert!(
+        said.contains("note: deploying with the agent's spec") && said.contains("looks like node"),
+        "{said}"
+    );
+    assert!(said.contains("kind is static"), "{said}");
+
+    let toml = env.dir.path().join("toml");
+    write(
+        &toml,
+        &[
+            ("index.html", "toml"),
+            (
+                "slipway.toml",
+                "build = \"true\"\nstart = \"python3 app.py\"\n",
+            ),
+        ],
+    );
+    let said = deploy(&toml);
+    assert!(said.contains("slipway.toml sets start otherwise"), "{said}");
+}
+
 /// Like [`Env`], over a server the test controls.
 struct EnvWith {
     dir: std::path::PathBuf,

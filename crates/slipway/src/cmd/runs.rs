@@ -116,7 +116,14 @@ fn tree_shape(dir: &Path) -> TreeShape {
 /// `slipway.toml` in DIR or from auto-detection, and says what it chose.
 fn ensure_spec(client: &Client, base: &str, dir: &Path, quiet: bool) -> anyhow::Result<()> {
     match client.get::<Value>(&format!("{base}/spec")) {
-        Ok(_) => return Ok(()),
+        Ok(spec) => {
+            if !quiet {
+                if let Some(note) = spec_disagreement(&spec, dir) {
+                    eprintln!("{note}");
+                }
+            }
+            return Ok(());
+        }
         Err(e) if is_not_found(&e) => {}
         Err(e) => return Err(e),
     }
@@ -197,6 +204,43 @@ fn ensure_spec(client: &Client, base: &str, dir: &Path, quiet: bool) -> anyhow::
     }
     let _: Value = client.put(&format!("{base}/spec"), &body)?;
     Ok(())
+}
+
+/// A note when the agent's existing spec (which the deploy uses) disagrees with what `dir`
+/// says about itself: fields its `slipway.toml` sets otherwise, or, without one, a start
+/// command detected from its files. `None` when they agree, or when `dir` says nothing.
+fn spec_disagreement(spec: &Value, dir: &Path) -> Option<String> {
+    let field = |name: &str| spec[name].as_str().unwrap_or_default().to_string();
+    let shown = dir.display();
+    if let Ok(Some(file)) = super::spec::ProjectFile::load(dir, false) {
+        let differing: Vec<&str> = [
+            ("install", "installCommand", &file.install),
+            ("build", "buildCommand", &file.build),
+            ("start", "startCommand", &file.start),
+            ("kind", "kind", &file.kind),
+        ]
+        .into_iter()
+        .filter(|(_, key, value)| value.as_ref().is_some_and(|v| *v != field(key)))
+        .map(|(name, _, _)| name)
+        .collect();
+        return (!differing.is_empty()).then(|| {
+            format!(
+                "note: deploying with the agent's spec; {shown}/slipway.toml sets {} otherwise \
+                 (`slipway spec set --dir {shown}` applies it)",
+                differing.join(", ")
+            )
+        });
+    }
+    let detection = detect(&tree_shape(dir))?;
+    let start = detection.start_command?;
+    (start != field("startCommand")).then(|| {
+        format!(
+            "note: deploying with the agent's spec (start `{}`); {shown} looks like {} \
+             (start `{start}`): `slipway spec set` changes the spec",
+            field("startCommand"),
+            detection.framework
+        )
+    })
 }
 
 /// The CLI's capture settings: the defaults plus a stat cache of its own
