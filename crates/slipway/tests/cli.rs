@@ -327,3 +327,72 @@ fn every_command_has_help() {
     let r = env.run(&["spec", "set", "--port", "abc"]);
     assert_eq!(r.code, 2, "usage errors exit 2: {r:#?}");
 }
+
+/// A server that stops reading an upload part-way and closes (as a server refusing it would,
+/// past its own drain) leaves the CLI with a write error; the CLI says how far the upload got
+/// and what that may mean, instead of "cannot reach the server".
+#[test]
+fn an_upload_cut_off_by_the_server_is_explained() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Answers HEAD with 404 (not stored yet); reads 64 KiB of a PUT's body, then closes with
+    // the rest unread.
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push_str(&line);
+                    }
+                    if head.starts_with("HEAD ") {
+                        let answer = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
+                        reader.get_mut().write_all(answer).unwrap();
+                        continue;
+                    }
+                    let mut part = vec![0u8; 64 << 10];
+                    let _ = reader.read_exact(&mut part);
+                    return;
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("blob.bin"), crate::util::noise(8 << 20)).unwrap();
+    let server = format!("http://{addr}");
+    let out = crate::util::run_in(
+        dir.path(),
+        &dir.path().join("config"),
+        &[
+            "--server",
+            &server,
+            "--token",
+            "slw_fake",
+            "--agent",
+            "agt-aaaaaaaaaaaaaaaa",
+            "snapshot",
+            src.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr
+            .contains("the server closed the connection after")
+            && out.stderr.contains("may have refused the snapshot"),
+        "{}",
+        out.stderr
+    );
+}
