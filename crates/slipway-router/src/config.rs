@@ -44,6 +44,10 @@ pub struct RouterConfig {
     /// must bring its first complete request head within `header_read_timeout` of being
     /// accepted, or it is closed.
     pub max_connections: usize,
+    /// Of those, how many one client may hold (an IPv4 address, or an IPv6 /64); 0: no limit.
+    /// A client over it gets a `429` and its connection is closed. Behind a load balancer
+    /// every client has the balancer's address: raise it or set 0 there.
+    pub max_connections_per_client: usize,
     /// Dedicated I/O threads serving the listener, each with its own single-threaded runtime
     /// that keeps a connection, and the upstream connections it uses, on one thread (default:
     /// one per CPU; about 15-20% more proxied requests per second than a shared work-stealing
@@ -67,6 +71,7 @@ impl Default for RouterConfig {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(75),
             max_connections: 10_000,
+            max_connections_per_client: 256,
             io_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             shutdown_grace: Duration::from_secs(30),
         }

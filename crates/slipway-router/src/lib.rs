@@ -45,6 +45,7 @@
 //! precompressed siblings and prebuilt headers; release trees are immutable), bounded by
 //! [`StaticSite::with_cache_limit`].
 
+mod admission;
 mod body;
 mod config;
 mod error_page;

@@ -16,9 +16,9 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
+use crate::admission::{Admission, Gate};
 use crate::body::{BoxError, RouterBody};
 use crate::config::RouterConfig;
 use crate::error_page::{error_response, error_response_with, wants_json, ErrorCode};
@@ -46,10 +46,13 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Upgraded connections (WebSockets) are not waited for: they belong to their route's
 /// [`crate::Drain`], not to the listener.
 pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: impl Future<Output = ()>) {
-    let permits = Arc::new(Semaphore::new(router.config().max_connections.max(1)));
+    let gate = Gate::new(
+        router.config().max_connections,
+        router.config().max_connections_per_client,
+    );
     let threads = router.config().io_threads;
     if threads == 0 {
-        return serve_here(listener, permits, router, shutdown).await;
+        return serve_here(listener, gate, router, shutdown).await;
     }
     let mut workers = Vec::with_capacity(threads);
     let mut stopped = Vec::with_capacity(threads);
@@ -88,9 +91,9 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: impl Fu
         }
     }
     if workers.is_empty() {
-        return serve_here(listener, permits, router, shutdown).await;
+        return serve_here(listener, gate, router, shutdown).await;
     }
-    accept_and_hand_out(&listener, &permits, &workers, shutdown).await;
+    accept_and_hand_out(&listener, &gate, &workers, shutdown).await;
     drop(listener);
     drop(workers);
     for done in stopped {
@@ -102,14 +105,14 @@ pub async fn serve(listener: TcpListener, router: Arc<Router>, shutdown: impl Fu
 /// Serves app traffic on the calling runtime (no I/O threads).
 async fn serve_here(
     listener: TcpListener,
-    permits: Arc<Semaphore>,
+    gate: Gate,
     router: Arc<Router>,
     shutdown: impl Future<Output = ()>,
 ) {
     let config = router.config().clone();
     let make = move |peer, watch, slot| app_service(&router, peer, watch, slot);
     serve_on(
-        Connections::Listener(listener, permits),
+        Connections::Listener(listener, gate),
         config,
         make,
         shutdown,
@@ -121,7 +124,7 @@ async fn serve_here(
 struct Handoff {
     stream: std::net::TcpStream,
     peer: SocketAddr,
-    permit: OwnedSemaphorePermit,
+    admission: Admission,
     load: LoadGuard,
 }
 
@@ -142,13 +145,13 @@ type Worker = (
 /// The acceptor of the I/O-thread mode: every connection goes to the least loaded thread.
 async fn accept_and_hand_out(
     listener: &TcpListener,
-    permits: &Arc<Semaphore>,
+    gate: &Gate,
     workers: &[Worker],
     shutdown: impl Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
     loop {
-        let Some((stream, peer, permit)) = accept(listener, permits, &mut shutdown).await else {
+        let Some((stream, peer, admission)) = accept(listener, gate, &mut shutdown).await else {
             return;
         };
         let stream = match stream.into_std() {
@@ -161,7 +164,7 @@ async fn accept_and_hand_out(
         let mut handoff = Some(Handoff {
             stream,
             peer,
-            permit,
+            admission,
             load: LoadGuard(Arc::new(AtomicUsize::new(0))),
         });
         // Least loaded first; a thread that has died (its receiver gone) is skipped.
@@ -183,42 +186,59 @@ async fn accept_and_hand_out(
     }
 }
 
-/// Waits for a connection slot and a connection; `None` once `shutdown` resolved.
+/// Waits for a connection slot and a connection its client may open; `None` once `shutdown`
+/// resolved. A client at its limit gets a `429` and its connection is closed.
 async fn accept(
     listener: &TcpListener,
-    permits: &Arc<Semaphore>,
+    gate: &Gate,
     shutdown: &mut Pin<&mut impl Future<Output = ()>>,
-) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+) -> Option<(TcpStream, SocketAddr, Admission)> {
+    let mut permit = None;
     loop {
-        let permit = tokio::select! {
-            permit = Arc::clone(permits).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                // The semaphore is never closed.
-                Err(_) => return None,
+        let slot = match permit.take() {
+            Some(slot) => slot,
+            None => tokio::select! {
+                permit = Arc::clone(&gate.permits).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    // The semaphore is never closed.
+                    Err(_) => return None,
+                },
+                () = shutdown.as_mut() => return None,
             },
-            () = shutdown.as_mut() => return None,
         };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = shutdown.as_mut() => return None,
         };
         match accepted {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                return Some((stream, peer, permit));
-            }
+            Ok((stream, peer)) => match gate.admit(slot, peer.ip()) {
+                Ok(admission) => {
+                    let _ = stream.set_nodelay(true);
+                    return Some((stream, peer, admission));
+                }
+                Err(slot) => {
+                    debug!(%peer, "client at its connection limit: refused");
+                    // Best effort: the socket buffer takes it at once or not at all.
+                    let _ = stream.try_write(TOO_MANY_CONNECTIONS);
+                    permit = Some(slot);
+                }
+            },
             Err(err) => {
-                warn!(error = %err, "accepting an app-traffic connection failed");
+                permit = Some(slot);
+                warn!(error = %err, "accepting a connection failed");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }
     }
 }
 
+/// What a client over its connection limit reads before its connection closes.
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain\r\nContent-Length: 44\r\nConnection: close\r\nX-Slipway-Error: too_many_connections\r\n\r\ntoo many open connections from this address\n";
+
 /// Where one runtime's connections come from.
 enum Connections {
     /// It accepts them itself (`io_threads` = 0).
-    Listener(TcpListener, Arc<Semaphore>),
+    Listener(TcpListener, Gate),
     /// The acceptor hands them over (an I/O thread).
     Handed(tokio::sync::mpsc::UnboundedReceiver<Handoff>),
 }
@@ -277,10 +297,10 @@ async fn serve_on<M, S, B>(
     let (open, _) = tokio::sync::watch::channel(());
     tokio::pin!(shutdown);
     loop {
-        let (stream, peer, permit, load) = match &mut connections {
-            Connections::Listener(listener, permits) => {
-                match accept(listener, permits, &mut shutdown).await {
-                    Some((stream, peer, permit)) => (stream, peer, permit, None),
+        let (stream, peer, admission, load) = match &mut connections {
+            Connections::Listener(listener, gate) => {
+                match accept(listener, gate, &mut shutdown).await {
+                    Some((stream, peer, admission)) => (stream, peer, admission, None),
                     None => break,
                 }
             }
@@ -293,7 +313,7 @@ async fn serve_on<M, S, B>(
                     break;
                 };
                 match TcpStream::from_std(handoff.stream) {
-                    Ok(stream) => (stream, handoff.peer, handoff.permit, Some(handoff.load)),
+                    Ok(stream) => (stream, handoff.peer, handoff.admission, Some(handoff.load)),
                     Err(err) => {
                         debug!(peer = %handoff.peer, error = %err, "cannot register an app-traffic connection");
                         continue;
@@ -302,7 +322,7 @@ async fn serve_on<M, S, B>(
             }
         };
         let watch = sweeper.watch();
-        let service = make(peer, Arc::clone(&watch), Arc::new((permit, load)));
+        let service = make(peer, Arc::clone(&watch), Arc::new((admission, load)));
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();
@@ -375,14 +395,14 @@ pub async fn serve_service<S, B>(
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let gate = Gate::new(config.max_connections, config.max_connections_per_client);
     let make = move |_peer: SocketAddr, watch: Arc<idle::Watch>, slot: Slot| Counted {
         inner: service.clone(),
         watch,
         slot,
     };
     serve_on(
-        Connections::Listener(listener, permits),
+        Connections::Listener(listener, gate),
         config,
         make,
         shutdown,

@@ -108,6 +108,60 @@ async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
         .expect("ended cleanly, with a GOAWAY");
 }
 
+/// One client address holds at most `max_connections_per_client` connections: one more gets a
+/// 429 and is closed, and a slot given back is usable again.
+#[tokio::test]
+async fn one_client_cannot_take_every_connection() {
+    let router = TestRouter::start(RouterConfig {
+        max_connections_per_client: 2,
+        io_threads: 1,
+        ..RouterConfig::default()
+    })
+    .await;
+    async fn ask(stream: &mut TcpStream) -> String {
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: nobody.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(DEADLINE, stream.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+    let mut first = TcpStream::connect(router.addr).await.unwrap();
+    let mut second = TcpStream::connect(router.addr).await.unwrap();
+    assert!(ask(&mut first).await.starts_with("HTTP/1.1 404 "));
+    assert!(ask(&mut second).await.starts_with("HTTP/1.1 404 "));
+
+    let mut third = TcpStream::connect(router.addr).await.unwrap();
+    let mut refused = Vec::new();
+    tokio::time::timeout(DEADLINE, third.read_to_end(&mut refused))
+        .await
+        .expect("closed at once")
+        .ok();
+    let refused = String::from_utf8_lossy(&refused);
+    assert!(refused.starts_with("HTTP/1.1 429 "), "{refused}");
+    assert!(refused.contains("too_many_connections"), "{refused}");
+
+    drop(first);
+    let mut served = false;
+    for _ in 0..100 {
+        let mut again = TcpStream::connect(router.addr).await.unwrap();
+        if ask(&mut again).await.starts_with("HTTP/1.1 404 ") {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        served,
+        "a connection given back frees a slot for the client"
+    );
+    drop(second);
+}
+
 #[tokio::test]
 async fn shutdown_lets_in_flight_requests_finish_and_stops_accepting() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

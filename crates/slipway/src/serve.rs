@@ -140,6 +140,10 @@ pub struct ServeArgs {
     /// included; more wait in the listen backlog [default: 10000].
     #[arg(long, env = "SLIPWAY_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
+    /// Of those, how many one client address (an IPv6 /64) may hold; 0: no limit. Behind a
+    /// load balancer, raise it or set 0 [default: 256].
+    #[arg(long, env = "SLIPWAY_MAX_CONNECTIONS_PER_CLIENT", value_name = "N")]
+    pub max_connections_per_client: Option<usize>,
     /// Preview runs each agent keeps ready; a new one beyond it stops the agent's oldest
     /// (never one serving production). 0: no limit [default: 10].
     #[arg(long, env = "SLIPWAY_MAX_READY_PREVIEWS", value_name = "N")]
@@ -168,6 +172,7 @@ pub struct FileConfig {
     pub max_snapshot_mib: Option<u64>,
     pub max_snapshot_files: Option<u64>,
     pub max_connections: Option<usize>,
+    pub max_connections_per_client: Option<usize>,
     pub max_ready_previews: Option<usize>,
 }
 
@@ -214,6 +219,8 @@ pub struct ServeConfig {
     pub max_snapshot_files: u64,
     /// Client connections each listener serves at once.
     pub max_connections: usize,
+    /// Of those, how many one client may hold (0: no limit).
+    pub max_connections_per_client: usize,
     /// Preview runs each agent keeps ready (0: no limit).
     pub max_ready_previews: usize,
 }
@@ -364,6 +371,10 @@ impl ServeConfig {
             max_snapshot_bytes: max_snapshot_mib << 20,
             max_snapshot_files,
             max_connections,
+            max_connections_per_client: args
+                .max_connections_per_client
+                .or(file.max_connections_per_client)
+                .unwrap_or(256),
             max_ready_previews: args
                 .max_ready_previews
                 .or(file.max_ready_previews)
@@ -461,6 +472,7 @@ pub async fn build_server(config: ServeConfig) -> anyhow::Result<Server> {
     api_config.base_domain = config.base_domain.clone();
     let router = Arc::new(Router::new(RouterConfig {
         max_connections: config.max_connections,
+        max_connections_per_client: config.max_connections_per_client,
         ..RouterConfig::default()
     }));
 
@@ -550,6 +562,7 @@ impl Server {
                 self.api_listener,
                 RouterConfig {
                     max_connections: self.config.max_connections,
+                    max_connections_per_client: self.config.max_connections_per_client,
                     ..RouterConfig::default()
                 },
                 hyper_util::service::TowerToHyperService::new(api),
@@ -758,6 +771,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_snapshot_mib = config.max_snapshot_bytes >> 20,
         max_snapshot_files = config.max_snapshot_files,
         max_connections = config.max_connections,
+        max_connections_per_client = config.max_connections_per_client,
         max_ready_previews = config.max_ready_previews,
         "configuration"
     );
