@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -13,7 +14,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub(crate) struct Gate {
     pub(crate) permits: Arc<Semaphore>,
     per_client: Option<PerClient>,
+    /// When a refusal was last logged, so a flood of them logs once per [`WARN_EVERY`].
+    last_warned: Arc<Mutex<Option<Instant>>>,
 }
+
+/// How often refusals are logged at most.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// A connection's place under the limits, held until it (and anything spliced from it) ends.
 pub(crate) struct Admission {
@@ -30,7 +36,19 @@ impl Gate {
                 limit: per_client,
                 counts: Arc::new(Mutex::new(HashMap::new())),
             }),
+            last_warned: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Whether a refusal should be logged now (at most once per [`WARN_EVERY`]).
+    pub(crate) fn should_warn(&self) -> bool {
+        let mut last = lock(&self.last_warned);
+        let now = Instant::now();
+        if last.is_some_and(|at| now.duration_since(at) < WARN_EVERY) {
+            return false;
+        }
+        *last = Some(now);
+        true
     }
 
     /// Admits a connection from `ip` that holds `permit`, unless its client is at its limit
@@ -147,6 +165,16 @@ mod tests {
         let _held = gate.admit(permit(), one).unwrap();
         assert!(gate.admit(permit(), same_64).is_err());
         assert!(gate.admit(permit(), other_64).is_ok());
+    }
+
+    #[test]
+    fn refusals_are_logged_once_per_period() {
+        let gate = Gate::new(10, 1);
+        assert!(gate.should_warn());
+        assert!(
+            !gate.should_warn(),
+            "a second refusal right after is not logged"
+        );
     }
 
     #[test]

@@ -217,7 +217,12 @@ async fn accept(
                     return Some((stream, peer, admission));
                 }
                 Err(slot) => {
-                    debug!(%peer, "client at its connection limit: refused");
+                    if gate.should_warn() {
+                        warn!(
+                            %peer,
+                            "a client reached max_connections_per_client: its new connections are refused (behind a proxy or load balancer, raise the limit or set it to 0)"
+                        );
+                    }
                     // Best effort: the socket buffer takes it at once or not at all.
                     let _ = stream.try_write(TOO_MANY_CONNECTIONS);
                     permit = Some(slot);
