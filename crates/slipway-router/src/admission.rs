@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::lock;
+
 /// The limits of one listener.
 #[derive(Clone)]
 pub(crate) struct Gate {
@@ -122,13 +124,6 @@ fn client_key(ip: IpAddr) -> IpAddr {
         }
         v4 => v4,
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The counts stay consistent under a panic: every change is one statement.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::task::AtomicWaker;
 
+use crate::lock;
+
 /// One connection's side: what it started, and the sweeper's request to close.
 #[derive(Default)]
 pub(crate) struct Watch {
@@ -155,11 +157,4 @@ where
         }
     })
     .await
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding the lock leaves at worst a connection watched too long.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -64,3 +64,12 @@ pub use error_page::{ErrorCode, ERROR_HEADER};
 pub use server::{serve, serve_service, ConnectionSlot};
 pub use static_files::{CacheBudget, StaticSite, StaticSiteError};
 pub use table::{Drain, Route, RouteError, Router, Unavailable, UnavailableKind, Upstream};
+
+/// Locks one of the router's mutexes, whether or not a thread panicked while holding it: every
+/// critical section here is a single update (a list push or pop, a count), so the data stays
+/// usable, and a panic in one connection must not take the listener down with it.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -20,6 +20,7 @@ use tracing::{debug, warn};
 use crate::body::{BodyTooLarge, LimitedBody, Overflow, RouterBody};
 use crate::config::RouterConfig;
 use crate::error_page::{error_response, ErrorCode};
+use crate::lock;
 use crate::shard::{self, Padded, SHARDS};
 use crate::table::{InFlightGuard, Upstream};
 use crate::timer::CoarseSleep;
@@ -198,13 +199,6 @@ impl PoolInner {
             idle.push(IdleConnection { sender, since: now });
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding the lock leaves at worst a connection too many or too few.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A connection lent to one response; handed back to its pool when the response body has

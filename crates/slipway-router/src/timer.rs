@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::task::AtomicWaker;
 
+use crate::lock;
+
 /// How often armed deadlines are checked, and so how late one may fire.
 pub(crate) const TICK: Duration = Duration::from_millis(50);
 
@@ -178,13 +180,6 @@ fn tick() {
     for shared in expired {
         shared.waker.wake();
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding the lock leaves at worst a stale weak reference.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
