@@ -12,12 +12,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::lock;
 
 /// The limits of one listener.
-#[derive(Clone)]
 pub(crate) struct Gate {
     pub(crate) permits: Arc<Semaphore>,
     per_client: Option<PerClient>,
     /// When a refusal was last logged, so a flood of them logs once per [`WARN_EVERY`].
-    last_warned: Arc<Mutex<Option<Instant>>>,
+    last_warned: Mutex<Option<Instant>>,
 }
 
 /// How often refusals are logged at most.
@@ -38,7 +37,7 @@ impl Gate {
                 limit: per_client,
                 counts: Arc::new(Mutex::new(HashMap::new())),
             }),
-            last_warned: Arc::new(Mutex::new(None)),
+            last_warned: Mutex::new(None),
         }
     }
 
@@ -74,7 +73,6 @@ impl Gate {
     }
 }
 
-#[derive(Clone)]
 struct PerClient {
     limit: usize,
     counts: Arc<Mutex<HashMap<IpAddr, usize>>>,

@@ -85,8 +85,8 @@ impl Sweeper {
         watch
     }
 
-    /// Sweeps until dropped (run it as a task of the connections' runtime), often enough
-    /// that a connection closes within a quarter of its timeout after it expired.
+    /// Sweeps until its task is aborted (run it on the connections' runtime), four times per
+    /// shortest timeout, so a connection is asked to close soon after its timeout expired.
     pub(crate) async fn run(&self) {
         let period =
             (self.first.min(self.idle) / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));

@@ -232,8 +232,9 @@ pub async fn put_snapshot(
     Ok((StatusCode::CREATED, Json(record.into())))
 }
 
-/// After refusing an upload part-way (an entry broke a rule, the limit was crossed, the disk
-/// filled up), reads and discards what the client is still sending, within
+/// After refusing an upload part-way (its size crossed the limit, the disk filled up, while
+/// staging it; entries are checked only once it is all staged), reads and discards what the
+/// client is still sending, within
 /// [`REFUSED_DRAIN_BYTES`] and [`REFUSED_DRAIN_TIME`], before the error is answered. Closing
 /// with unread bytes would make the kernel reset the connection, and a client still writing
 /// would see a broken pipe instead of the answer that says what was wrong.
