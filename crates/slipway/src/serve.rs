@@ -249,6 +249,16 @@ fn parse_egress_pin(raw: &str) -> anyhow::Result<(String, std::net::IpAddr)> {
 }
 
 impl ServeConfig {
+    /// The settings both listeners (API, app traffic) share; the rest are the router's
+    /// defaults.
+    pub fn listener_config(&self) -> RouterConfig {
+        RouterConfig {
+            max_connections: self.max_connections,
+            max_connections_per_client: self.max_connections_per_client,
+            ..RouterConfig::default()
+        }
+    }
+
     /// Merges file < environment < flags (clap already put the environment under the flags).
     ///
     /// # Errors
@@ -470,11 +480,7 @@ pub async fn build_server(config: ServeConfig) -> anyhow::Result<Server> {
     let mut api_config = ApiConfig::new(config.agent_root.clone());
     api_config.spec_policy.allowed_roots = config.allowed_roots.clone();
     api_config.base_domain = config.base_domain.clone();
-    let router = Arc::new(Router::new(RouterConfig {
-        max_connections: config.max_connections,
-        max_connections_per_client: config.max_connections_per_client,
-        ..RouterConfig::default()
-    }));
+    let router = Arc::new(Router::new(config.listener_config()));
 
     let api_listener = TcpListener::bind(&config.api_addr)
         .await
@@ -534,10 +540,7 @@ pub async fn build_server(config: ServeConfig) -> anyhow::Result<Server> {
 
 impl Server {
     /// Serves the API and app traffic until `shutdown` is cancelled, then lets both drain.
-    ///
-    /// # Errors
-    /// The API listener failed.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(self, shutdown: CancellationToken) {
         info!(api = %self.api_addr, app = %self.app_addr, data_dir = %self.config.data_dir.display(), "serving");
         let api = slipway_api::app(self.state.clone());
         // Long-lived streams (WebSocket events, SSE logs) end when the bus closes, so that the
@@ -554,24 +557,15 @@ impl Server {
                 shutdown.clone(),
             ));
         }
-        let api_shutdown = shutdown.clone();
-        let api_server = async move {
-            // The app listener's connection guards (connection limit, request-head and idle
-            // timeouts), which `axum::serve` does not have: API clients are untrusted too.
-            slipway_router::serve_service(
-                self.api_listener,
-                RouterConfig {
-                    max_connections: self.config.max_connections,
-                    max_connections_per_client: self.config.max_connections_per_client,
-                    ..RouterConfig::default()
-                },
-                hyper_util::service::TowerToHyperService::new(api),
-                api_shutdown.clone().cancelled_owned(),
-            )
-            .await;
-            // If the API stops on its own, stop app traffic too rather than half-running.
-            api_shutdown.cancel();
-        };
+        // The app listener's connection guards (connection limits, request-head and idle
+        // timeouts), which `axum::serve` does not have: API clients are untrusted too. It
+        // ends only at `shutdown` (a failed accept is retried).
+        let api_server = slipway_router::serve_service(
+            self.api_listener,
+            self.config.listener_config(),
+            hyper_util::service::TowerToHyperService::new(api),
+            shutdown.clone().cancelled_owned(),
+        );
         let app_server = slipway_router::serve(
             self.app_listener,
             Arc::clone(&self.router),
@@ -580,7 +574,6 @@ impl Server {
         tokio::join!(api_server, app_server);
         // Stop every app and destroy every sandbox; the next start-up settles the runs.
         self.engine.shutdown().await;
-        Ok(())
     }
 }
 
@@ -784,7 +777,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone())?;
         print_ready(&server)?;
-        server.run(shutdown).await?;
+        server.run(shutdown).await;
         info!("stopped");
         Ok(())
     })
