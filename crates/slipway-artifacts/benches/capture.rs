@@ -2,7 +2,8 @@
 //! --bench capture`. Results and how to read them: docs/bench-snapshots.md.
 //!
 //! Generates deterministic trees, then prints, from one run on one machine:
-//! - capture time of slipway vs the reference pipeline `tar -cf - DIR | zstd -1 -T0 | sha256sum`;
+//! - capture time of slipway (the store's flushed capture, and the CLI's upload capture, not
+//!   flushed) vs the reference pipeline `tar -cf - DIR | zstd -1 -T0 | sha256sum`;
 //! - re-capture time of an unchanged 10,000-file tree with the stat cache;
 //! - peak memory (VmHWM) of a capture, measured in a child process per tree.
 //!
